@@ -1,0 +1,180 @@
+// CPU kernels of the LoRA ops.
+//
+// Short segments (decode: one or a few tokens per adapter) run a per-token
+// shrink/expand in parallel over slots; long segments (prefill, training) run as
+// per-segment matrix products through ATen's BLAS.  The intermediate A_s x_t is
+// accumulated and scaled in float32 (float64 for float64 inputs) and never rounded.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "../backend.h"
+
+namespace minlora::cpu {
+namespace {
+
+// Segments at least this long go through matrix products; shorter ones through the token loop.
+constexpr int64_t kGemmMinTokens = 8;
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Operands of one shrink-then-expand pass: y[t] += scale_s * E_s (S_s x[t]), where row j of
+// S_s is shrink_pool[shrink_pages[s, j]] and column j of E_s is expand_pool[expand_pages[s, j]].
+// The forward is (x, a_pool, b_pool); grad_x is the same pass on (grad_y, b_pool, a_pool).
+struct ShrinkExpand {
+  at::Tensor x, shrink_pool, shrink_pages, expand_pool, expand_pages;
+};
+
+template <typename scalar_t>
+void token_shrink_expand(const scalar_t* x_row, scalar_t* y_row, const scalar_t* shrink_pool,
+                         const int32_t* shrink_pages, const scalar_t* expand_pool, const int32_t* expand_pages,
+                         int64_t in, int64_t out, int64_t rank, acc_type<scalar_t> scale,
+                         acc_type<scalar_t>* h, acc_type<scalar_t>* y_acc) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t j = 0; j < rank; ++j) {
+    const scalar_t* page = shrink_pool + static_cast<int64_t>(shrink_pages[j]) * in;
+    acc_t acc = 0;
+    for (int64_t k = 0; k < in; ++k) acc += static_cast<acc_t>(x_row[k]) * static_cast<acc_t>(page[k]);
+    h[j] = acc * scale;
+  }
+  for (int64_t c = 0; c < out; ++c) y_acc[c] = static_cast<acc_t>(y_row[c]);
+  for (int64_t j = 0; j < rank; ++j) {
+    const scalar_t* page = expand_pool + static_cast<int64_t>(expand_pages[j]) * out;
+    const acc_t hj = h[j];
+    for (int64_t c = 0; c < out; ++c) y_acc[c] += hj * static_cast<acc_t>(page[c]);
+  }
+  for (int64_t c = 0; c < out; ++c) y_row[c] = static_cast<scalar_t>(y_acc[c]);
+}
+
+// y[order[beg:end]] += scale * (x[rows] S^T) E^T as two matrix products in acc precision.
+void segment_gemm(at::Tensor& y, const ShrinkExpand& op, const at::Tensor& rows, int64_t s, int64_t rank,
+                  double scale) {
+  const auto acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto sp = op.shrink_pages.select(0, s).narrow(0, 0, rank).to(at::kLong);
+  const auto ep = op.expand_pages.select(0, s).narrow(0, 0, rank).to(at::kLong);
+  const auto xs = op.x.index_select(0, rows).to(acc);
+  const auto h = at::mm(xs, op.shrink_pool.index_select(0, sp).to(acc).t()).mul_(scale);
+  auto ys = y.index_select(0, rows).to(acc);
+  ys.addmm_(h, op.expand_pool.index_select(0, ep).to(acc));
+  y.index_copy_(0, rows, ys.to(y.scalar_type()));
+}
+
+void shrink_expand_add(at::Tensor& y, const ShrinkExpand& op, const at::Tensor& ranks, const at::Tensor& scales,
+                       const Plan& plan) {
+  const int64_t S = ranks.size(0);
+  const int64_t in = op.x.size(1), out = y.size(1), R = op.shrink_pages.size(1);
+  const int32_t* rk = ranks.data_ptr<int32_t>();
+  const float* sc = scales.data_ptr<float>();
+  const int32_t* seg = plan.seg_offsets.data_ptr<int32_t>();
+  const int32_t* order = plan.order.data_ptr<int32_t>();
+
+  std::vector<int64_t> short_slots;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = seg[s + 1] - seg[s];
+    if (n == 0 || rk[s] == 0) continue;
+    if (n >= kGemmMinTokens) {
+      const auto rows = plan.order.narrow(0, seg[s], n).to(at::kLong);
+      segment_gemm(y, op, rows, s, rk[s], sc[s]);
+    } else {
+      short_slots.push_back(s);
+    }
+  }
+  if (short_slots.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "minlora_shrink_expand", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* x = op.x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* shrink_pool = op.shrink_pool.data_ptr<scalar_t>();
+    const scalar_t* expand_pool = op.expand_pool.data_ptr<scalar_t>();
+    const int32_t* shrink_pages = op.shrink_pages.data_ptr<int32_t>();
+    const int32_t* expand_pages = op.expand_pages.data_ptr<int32_t>();
+    // Grain 1: the work per slot (r * (in + out) per token) is already large.
+    at::parallel_for(0, static_cast<int64_t>(short_slots.size()), 1, [&](int64_t lo, int64_t hi) {
+      std::vector<acc_t> h(R), y_acc(out);
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t s = short_slots[i];
+        for (int64_t p = seg[s]; p < seg[s + 1]; ++p) {
+          const int64_t t = order[p];
+          token_shrink_expand<scalar_t>(x + t * in, yp + t * out, shrink_pool, shrink_pages + s * R, expand_pool,
+                                        expand_pages + s * R, in, out, rk[s], static_cast<acc_t>(sc[s]), h.data(),
+                                        y_acc.data());
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+Plan build_plan(const at::Tensor& token_slot, int64_t num_slots) {
+  const int64_t T = token_slot.size(0);
+  auto order = at::empty({T}, token_slot.options());
+  auto seg = at::zeros({num_slots + 1}, token_slot.options());
+  const int32_t* ts = token_slot.data_ptr<int32_t>();
+  int32_t* od = order.data_ptr<int32_t>();
+  int32_t* sg = seg.data_ptr<int32_t>();
+  // Counting sort, stable; slot -1 (and, defensively, anything out of range) goes last.
+  std::vector<int32_t> cursor(num_slots + 2, 0);
+  auto key = [&](int32_t s) { return (s >= 0 && s < num_slots) ? s : static_cast<int32_t>(num_slots); };
+  for (int64_t t = 0; t < T; ++t) ++cursor[key(ts[t]) + 1];
+  for (int64_t s = 0; s <= num_slots; ++s) cursor[s + 1] += cursor[s];
+  for (int64_t s = 0; s <= num_slots; ++s) sg[s] = cursor[s];
+  for (int64_t t = 0; t < T; ++t) od[cursor[key(ts[t])]++] = static_cast<int32_t>(t);
+  return Plan{order, seg};
+}
+
+void lora_forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {
+  const Plan built = plan ? *plan : build_plan(args.token_slot, args.num_slots());
+  shrink_expand_add(y, ShrinkExpand{args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages}, args.ranks,
+                    args.scales, built);
+}
+
+Grads lora_backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan,
+                    std::array<bool, 3> output_mask) {
+  const Plan built = plan ? *plan : build_plan(args.token_slot, args.num_slots());
+  const auto g = grad_y.contiguous();
+  at::Tensor grad_x, grad_a, grad_b;
+  if (output_mask[0]) {
+    grad_x = at::zeros_like(args.x);
+    shrink_expand_add(grad_x, ShrinkExpand{g, args.b_pool, args.b_pages, args.a_pool, args.a_pages}, args.ranks,
+                      args.scales, built);
+  } else {
+    grad_x = at::empty({0}, args.x.options());
+  }
+  if (!output_mask[1] && !output_mask[2]) {
+    return {grad_x, at::empty({0}, args.x.options()), at::empty({0}, args.x.options())};
+  }
+  const auto acc = args.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // Accumulate in acc precision: a page may be shared by several slots or rank indices.
+  auto grad_a_acc = at::zeros(args.a_pool.sizes(), args.x.options().dtype(acc));
+  auto grad_b_acc = at::zeros(args.b_pool.sizes(), args.x.options().dtype(acc));
+  const int32_t* rk = args.ranks.data_ptr<int32_t>();
+  const float* sc = args.scales.data_ptr<float>();
+  const int32_t* seg = built.seg_offsets.data_ptr<int32_t>();
+  for (int64_t s = 0; s < args.num_slots(); ++s) {
+    const int64_t n = seg[s + 1] - seg[s], r = rk[s];
+    if (n == 0 || r == 0) continue;
+    const auto rows = built.order.narrow(0, seg[s], n).to(at::kLong);
+    const auto ap = args.a_pages.select(0, s).narrow(0, 0, r).to(at::kLong);
+    const auto bp = args.b_pages.select(0, s).narrow(0, 0, r).to(at::kLong);
+    const auto xs = args.x.index_select(0, rows).to(acc);
+    const auto gs = g.index_select(0, rows).to(acc);
+    const auto a = args.a_pool.index_select(0, ap).to(acc);   // [r, in]
+    const auto bt = args.b_pool.index_select(0, bp).to(acc);  // [r, out] = B_s^T
+    if (output_mask[1]) {
+      const auto u = at::mm(gs, bt.t());  // [n, r] = B_s^T g_t
+      grad_a_acc.index_add_(0, ap, at::mm(u.t(), xs).mul_(sc[s]));
+    }
+    if (output_mask[2]) {
+      const auto h = at::mm(xs, a.t());  // [n, r] = A_s x_t
+      grad_b_acc.index_add_(0, bp, at::mm(h.t(), gs).mul_(sc[s]));
+    }
+  }
+  grad_a = output_mask[1] ? grad_a_acc.to(args.x.scalar_type()) : at::empty({0}, args.x.options());
+  grad_b = output_mask[2] ? grad_b_acc.to(args.x.scalar_type()) : at::empty({0}, args.x.options());
+  return {grad_x, grad_a, grad_b};
+}
+
+}  // namespace minlora::cpu

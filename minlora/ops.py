@@ -1,0 +1,151 @@
+"""Typed wrappers over torch.ops.minlora.*, with their fake kernels and autograd.
+
+Shapes (DESIGN.md, "The op contract"): x [T, in]; a_pool [Pa, in]; b_pool [Pb, out];
+a_pages, b_pages [S, R] int32; ranks [S] int32; scales [S] float32; token_slot [T] int32
+(-1 = no adapter).  The result is the LoRA delta [T, out]: y_t = scale_s B_s (A_s x_t).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .plan import BatchPlan
+
+__all__ = ["lora", "lora_add_", "lora_backward"]
+
+_ops = torch.ops.minlora
+Tensor = torch.Tensor
+
+
+def lora(
+    x: Tensor,
+    a_pool: Tensor,
+    b_pool: Tensor,
+    a_pages: Tensor,
+    b_pages: Tensor,
+    ranks: Tensor,
+    scales: Tensor,
+    token_slot: Tensor,
+    plan: Optional[BatchPlan] = None,
+) -> Tensor:
+    """The LoRA delta [T, out]; differentiable with respect to x, a_pool and b_pool.
+
+    `plan` (from minlora.build_plan(token_slot, S)) saves rebuilding it in every layer.
+    """
+    if plan is None:
+        return _ops.lora_forward(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot)
+    return _ops.lora_forward_planned(
+        x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, plan.order, plan.seg_offsets
+    )
+
+
+def lora_add_(
+    y: Tensor,
+    x: Tensor,
+    a_pool: Tensor,
+    b_pool: Tensor,
+    a_pages: Tensor,
+    b_pages: Tensor,
+    ranks: Tensor,
+    scales: Tensor,
+    token_slot: Tensor,
+    plan: Optional[BatchPlan] = None,
+) -> Tensor:
+    """y [T, out] += the LoRA delta, in place (no autograd); returns y."""
+    if plan is None:
+        _ops.lora_forward_add_(y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot)
+    else:
+        _ops.lora_forward_planned_add_(
+            y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, plan.order, plan.seg_offsets
+        )
+    return y
+
+
+def lora_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    a_pool: Tensor,
+    b_pool: Tensor,
+    a_pages: Tensor,
+    b_pages: Tensor,
+    ranks: Tensor,
+    scales: Tensor,
+    token_slot: Tensor,
+    plan: Optional[BatchPlan] = None,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(grad_x [T, in], grad_a_pool [Pa, in], grad_b_pool [Pb, out]); None where output_mask is False.
+
+    Only the pool pages the batch uses are non-zero.
+    """
+    order, seg = (plan.order, plan.seg_offsets) if plan is not None else (None, None)
+    grads = _ops.lora_backward(
+        grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, list(output_mask)
+    )
+    return tuple(g if want else None for g, want in zip(grads, output_mask))  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- fake kernels (shape only)
+
+
+@torch.library.register_fake("minlora::build_plan")
+def _build_plan_fake(token_slot: Tensor, num_slots: int) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(token_slot), token_slot.new_empty(num_slots + 1)
+
+
+def _delta_fake(x: Tensor, b_pool: Tensor) -> Tensor:
+    torch._check(x.dim() == 2 and b_pool.dim() == 2, lambda: "x and b_pool must be 2-D")
+    return x.new_empty(x.shape[0], b_pool.shape[1])
+
+
+@torch.library.register_fake("minlora::lora_forward")
+def _lora_forward_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot):
+    return _delta_fake(x, b_pool)
+
+
+@torch.library.register_fake("minlora::lora_forward_planned")
+def _lora_forward_planned_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg):
+    return _delta_fake(x, b_pool)
+
+
+@torch.library.register_fake("minlora::lora_forward_add_")
+def _lora_forward_add_fake(y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot):
+    return None
+
+
+@torch.library.register_fake("minlora::lora_forward_planned_add_")
+def _lora_forward_planned_add_fake(y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg):
+    return None
+
+
+@torch.library.register_fake("minlora::lora_backward")
+def _lora_backward_fake(grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, mask):
+    def grad(want: bool, like: Tensor) -> Tensor:
+        return torch.empty_like(like, memory_format=torch.contiguous_format) if want else x.new_empty(0)
+
+    return grad(mask[0], x), grad(mask[1], a_pool), grad(mask[2], b_pool)
+
+
+# ---------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, *plan = inputs
+    ctx.has_plan = bool(plan)
+    ctx.save_for_backward(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, *plan)
+
+
+def _backward(ctx, grad_y: Tensor):
+    x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, *plan = ctx.saved_tensors
+    mask = [bool(n) for n in ctx.needs_input_grad[:3]]
+    order, seg = plan if ctx.has_plan else (None, None)
+    gx, ga, gb = _ops.lora_backward(
+        grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, mask
+    )
+    grads = [gx if mask[0] else None, ga if mask[1] else None, gb if mask[2] else None]
+    return tuple(grads + [None] * (len(ctx.needs_input_grad) - 3))
+
+
+torch.library.register_autograd("minlora::lora_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd("minlora::lora_forward_planned", _backward, setup_context=_setup_context)

@@ -1,0 +1,119 @@
+"""Float64 pure-PyTorch reference of every minlora op: the oracle for all tests.
+
+Notation (see DESIGN.md): T tokens, S slots, R page-table width.
+
+    x          [T, in]        activations
+    a_pool     [Pa, in]       row j of A_s is a_pool[a_pages[s, j]]
+    b_pool     [Pb, out]      column j of B_s is b_pool[b_pages[s, j]]
+    a_pages    [S, R] int32   page tables; entries at j >= ranks[s] are ignored
+    b_pages    [S, R] int32
+    ranks      [S] int32
+    scales     [S] float32
+    token_slot [T] int32      -1 = no adapter
+
+Everything here is computed in float64 on the CPU, one slot at a time, with no
+cleverness, so that it is obviously right.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "lora_forward_ref",
+    "lora_backward_ref",
+    "build_plan_ref",
+    "slot_matrices",
+]
+
+
+def slot_matrices(
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    a_pages: torch.Tensor,
+    b_pages: torch.Tensor,
+    ranks: torch.Tensor,
+    s: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense float64 A_s [r, in] and B_s [out, r] of slot s, plus their page indices [r]."""
+    r = int(ranks[s])
+    a_idx = a_pages[s, :r].long().cpu()
+    b_idx = b_pages[s, :r].long().cpu()
+    a = a_pool.detach().cpu().double()[a_idx]
+    b = b_pool.detach().cpu().double()[b_idx].t()
+    return a, b, a_idx, b_idx
+
+
+def lora_forward_ref(
+    x: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    a_pages: torch.Tensor,
+    b_pages: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slot: torch.Tensor,
+) -> torch.Tensor:
+    """The LoRA delta [T, out] in float64: y_t = scale_s * B_s (A_s x_t); rows with slot -1 are 0."""
+    xd = x.detach().cpu().double()
+    slots = token_slot.detach().cpu().long()
+    y = torch.zeros(x.shape[0], b_pool.shape[1], dtype=torch.float64)
+    for s in range(ranks.shape[0]):
+        rows = (slots == s).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        a, b, _, _ = slot_matrices(a_pool, b_pool, a_pages, b_pages, ranks, s)
+        y[rows] = float(scales[s]) * (xd[rows] @ a.t()) @ b.t()
+    return y
+
+
+def lora_backward_ref(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    a_pages: torch.Tensor,
+    b_pages: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slot: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 (grad_x [T, in], grad_a_pool [Pa, in], grad_b_pool [Pb, out]).
+
+    dx_t = scale_s A_s^T (B_s^T g_t);  dB_s = scale_s sum_t g_t (A_s x_t)^T;
+    dA_s = scale_s sum_t (B_s^T g_t) x_t^T.  Pages shared by several slots or
+    rank indices accumulate.
+    """
+    g = grad_y.detach().cpu().double()
+    xd = x.detach().cpu().double()
+    slots = token_slot.detach().cpu().long()
+    grad_x = torch.zeros_like(xd)
+    grad_a = torch.zeros(a_pool.shape, dtype=torch.float64)
+    grad_b = torch.zeros(b_pool.shape, dtype=torch.float64)
+    for s in range(ranks.shape[0]):
+        rows = (slots == s).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        a, b, a_idx, b_idx = slot_matrices(a_pool, b_pool, a_pages, b_pages, ranks, s)
+        scale = float(scales[s])
+        gs, xs = g[rows], xd[rows]
+        u = gs @ b  # [n, r] = B_s^T g_t
+        h = xs @ a.t()  # [n, r] = A_s x_t
+        grad_x[rows] += scale * u @ a
+        grad_a.index_add_(0, a_idx, scale * u.t() @ xs)
+        grad_b.index_add_(0, b_idx, scale * h.t() @ gs)
+    return grad_x, grad_a, grad_b
+
+
+def build_plan_ref(token_slot: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [T] int32, seg_offsets [S + 1] int32): a stable counting sort of tokens by slot.
+
+    Tokens of slot s are order[seg_offsets[s]:seg_offsets[s + 1]] in their
+    original order; tokens with slot -1 follow seg_offsets[S].
+    """
+    slots = token_slot.detach().cpu().long()
+    key = torch.where(slots < 0, torch.full_like(slots, num_slots), slots)
+    order = torch.sort(key, stable=True).indices.to(torch.int32)
+    counts = torch.bincount(key, minlength=num_slots + 1)[:num_slots]
+    seg = torch.zeros(num_slots + 1, dtype=torch.int32)
+    seg[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return order, seg

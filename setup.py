@@ -1,0 +1,92 @@
+"""Build of minlora and its extension minlora._C (torch.utils.cpp_extension, ninja).
+
+The CPU sources are always built.  The CUDA sources are built when torch has CUDA and a
+CUDA toolkit is found, for the architectures in MINLORA_CUDA_ARCHS (default "80;90a");
+MINLORA_FORCE_CPU=1 skips them.  CUTLASS headers come from the nvidia-cutlass wheel
+(CUTLASS_DIR overrides); see third_party/README.md.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "third_party"))
+
+import find_deps  # noqa: E402  (third_party/find_deps.py: where the toolkit and headers are)
+
+CUDA_HOME = find_deps.cuda_home()
+if CUDA_HOME and "CUDA_HOME" not in os.environ:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def rel(paths: list[str]) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def want_cuda() -> bool:
+    if os.environ.get("MINLORA_FORCE_CPU", "0") == "1":
+        return False
+    if torch.version.cuda is None:
+        print("minlora: torch has no CUDA; building the CPU kernels only")
+        return False
+    if CUDA_HOME is None:
+        print("minlora: no CUDA toolkit found (set CUDA_HOME); building the CPU kernels only")
+        return False
+    return True
+
+
+def cuda_arch_flags() -> list[str]:
+    archs = [a.strip() for a in os.environ.get("MINLORA_CUDA_ARCHS", "80;90a").split(";") if a.strip()]
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+
+
+cxx_flags = ["-O3", "-std=c++20"]  # torch >= 2.13 headers need C++20
+common_sources = rel(
+    glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
+    + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    + glob.glob(os.path.join(ROOT, "csrc", "pool", "*.cpp"))
+)
+
+if want_cuda():
+    sources = common_sources + rel(
+        glob.glob(os.path.join(ROOT, "csrc", "cuda", "lora_cuda*.cpp"))
+        + glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cu"))
+    )
+    include_dirs = find_deps.cuda_include_dirs() + find_deps.cutlass_include_dirs()
+    nvcc_flags = [
+        "-O3",
+        "-std=c++17",
+        "--expt-relaxed-constexpr",
+        "--use_fast_math",
+        "-lineinfo",
+        f"--threads={os.environ.get('MINLORA_NVCC_THREADS', '2')}",
+    ] + cuda_arch_flags()
+    ext = CUDAExtension(
+        "minlora._C",
+        sources,
+        include_dirs=include_dirs,
+        define_macros=[("MINLORA_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+else:
+    sources = common_sources + ["csrc/cuda/no_cuda.cpp"]
+    ext = CppExtension("minlora._C", sources, extra_compile_args={"cxx": cxx_flags})
+
+setup(
+    name="minlora",
+    version="0.1.0",
+    packages=find_packages(include=["minlora", "minlora.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    entry_points={"console_scripts": ["minlora = minlora.cli:main"]},
+    python_requires=">=3.10",
+)
