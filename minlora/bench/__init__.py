@@ -1,0 +1,1 @@
+"""Benchmark drivers behind `minlora bench` and the scripts in bench/."""
