@@ -94,29 +94,38 @@ def _build_plan_fake(token_slot: Tensor, num_slots: int) -> tuple[Tensor, Tensor
     return torch.empty_like(token_slot), token_slot.new_empty(num_slots + 1)
 
 
-def _delta_fake(x: Tensor, b_pool: Tensor) -> Tensor:
-    torch._check(x.dim() == 2 and b_pool.dim() == 2, lambda: "x and b_pool must be 2-D")
+_ARG_NAMES = ("x", "a_pool", "b_pool", "a_pages", "b_pages", "ranks", "scales", "token_slot", "order", "seg_offsets")
+
+
+def _delta_fake(*args: Tensor) -> Tensor:
+    """Shape of the delta, after the checks that need no values (the real kernels check the rest)."""
+    x, b_pool = args[0], args[2]
+    for name, t in zip(_ARG_NAMES, args):
+        if t.device != x.device:
+            raise RuntimeError(f"{name} must be on {x.device} like x, got {t.device}")
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D [T, in] (flatten leading dims), got shape {tuple(x.shape)}")
+    torch._check(b_pool.dim() == 2, lambda: f"b_pool must be 2-D [num_pages, row_length], got {tuple(b_pool.shape)}")
     return x.new_empty(x.shape[0], b_pool.shape[1])
 
 
 @torch.library.register_fake("minlora::lora_forward")
 def _lora_forward_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot):
-    return _delta_fake(x, b_pool)
+    return _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot)
 
 
 @torch.library.register_fake("minlora::lora_forward_planned")
 def _lora_forward_planned_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg):
-    return _delta_fake(x, b_pool)
+    return _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg)
 
 
 @torch.library.register_fake("minlora::lora_forward_add_")
 def _lora_forward_add_fake(y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot):
-    return None
+    _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot)
 
 
 @torch.library.register_fake("minlora::lora_forward_planned_add_")
 def _lora_forward_planned_add_fake(y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg):
-    return None
+    _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg)
 
 
 @torch.library.register_fake("minlora::lora_backward")

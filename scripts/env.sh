@@ -21,8 +21,11 @@ mkdir -p "$_cache"
     echo "minlora: creating the environment $MINLORA_VENV (first run only; torch is large)" >&2
     rm -rf "$MINLORA_VENV"
     "$_py" -m venv "$MINLORA_VENV"
-    "$MINLORA_VENV/bin/pip" install --quiet --upgrade pip >&2
-    "$MINLORA_VENV/bin/pip" install --quiet -r "$MINLORA_ROOT/requirements.txt" >&2
+    if ! "$MINLORA_VENV/bin/pip" install -r "$MINLORA_ROOT/requirements.txt" >"$MINLORA_VENV.log" 2>&1; then
+      tail -n 40 "$MINLORA_VENV.log" >&2
+      echo "minlora: installing requirements.txt failed (log: $MINLORA_VENV.log)" >&2
+      exit 1
+    fi
     touch "$MINLORA_VENV/.complete"
   fi
 ) 9>"$MINLORA_VENV.lock"

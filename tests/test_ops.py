@@ -1,0 +1,280 @@
+"""The LoRA ops on CPU (and, marked `cuda`, on a GPU) against the float64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minlora
+from lora_cases import TOLERANCE, make_case, mixed_ranks, rel_error
+from minlora.reference import build_plan_ref, lora_backward_ref, lora_forward_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Long and short segments in one batch, so both CPU paths (matrix products, token loop) run.
+SLOT_WEIGHTS = [20, 1, 10, 1, 1, 5, 1, 10, 0.5, 1, 3, 1]
+VARIANTS = ["functional", "add", "planned", "planned_add"]
+
+
+def run_forward(case, variant: str, y0: torch.Tensor | None = None) -> torch.Tensor:
+    """The op's delta through one of its four variants (add variants start from y0)."""
+    args = case.args()
+    plan = minlora.build_plan(case.token_slot, case.ranks.shape[0]) if variant.startswith("planned") else None
+    if variant in ("functional", "planned"):
+        return minlora.lora(*args, plan=plan)
+    y = y0.clone()
+    minlora.ops.lora_add_(y, *args, plan=plan)
+    return y
+
+
+def check_forward(case, variant: str) -> None:
+    want = lora_forward_ref(*case.args())
+    if variant.endswith("add"):
+        y0 = torch.randn(want.shape, dtype=torch.float64).to(case.x.dtype).to(case.x.device)
+        got = run_forward(case, variant, y0)
+        # Rows without an adapter are untouched, bit for bit.
+        none = (case.token_slot == -1) | (case.ranks.to(torch.long)[case.token_slot.long().clamp(min=0)] == 0)
+        assert torch.equal(got[none], y0[none])
+        got = got.double() - y0.double()
+        tol = 2 * TOLERANCE[case.x.dtype] + (1e-2 if case.x.dtype == torch.bfloat16 else 0)
+    else:
+        got = run_forward(case, variant)
+        tol = TOLERANCE[case.x.dtype]
+        assert torch.all(got[case.token_slot == -1] == 0)
+    assert got.shape == want.shape
+    assert torch.isfinite(got).all(), "a NaN page (unused) was read"
+    assert rel_error(got, want) <= tol
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_forward_mixed_ranks(dtype, variant):
+    case = make_case(300, 96, 72, mixed_ranks(), dtype, slot_weights=SLOT_WEIGHTS)
+    check_forward(case, variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_decode_one_token_per_adapter(variant):
+    ranks = [int(r) for r in torch.randint(1, 33, (40,))]
+    case = make_case(40, 64, 48, ranks, torch.float32)
+    case.token_slot = torch.randperm(40).to(torch.int32)  # each adapter once, unsorted
+    check_forward(case, variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_repeated_slot_same_pages(variant):
+    """Two slots may point at the same pages (one adapter resident once, used twice)."""
+    case = make_case(50, 40, 30, [4, 4, 2], torch.float32, slot_weights=[1, 5, 1])
+    case.a_pages[1] = case.a_pages[0]
+    case.b_pages[1] = case.b_pages[0]
+    check_forward(case, variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_empty_batch_and_no_slots(variant):
+    for case in (make_case(0, 32, 16, [4, 2]), make_case(9, 32, 16, [])):
+        got = run_forward(case, variant, torch.ones(case.x.shape[0], 16))
+        want = lora_forward_ref(*case.args())
+        if variant.endswith("add"):
+            want = want + 1
+        assert got.shape == (case.x.shape[0], 16)
+        assert torch.equal(got.double(), want)
+
+
+def test_all_tokens_without_adapter_give_zero():
+    case = make_case(20, 32, 16, [4, 2])
+    case.token_slot.fill_(-1)
+    assert torch.equal(minlora.lora(*case.args()), torch.zeros(20, 16))
+
+
+def test_x_need_not_be_contiguous():
+    case = make_case(30, 32, 24, [3, 5], torch.float32)
+    x_t = case.x.t().contiguous().t()  # same values, column-major
+    got = minlora.lora(x_t, *case.args()[1:])
+    assert rel_error(got, lora_forward_ref(*case.args())) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_backward_matches_reference(dtype):
+    case = make_case(200, 48, 40, [8, 1, 32, 0, 4, 16, 2], dtype, slot_weights=[10, 1, 5, 1, 1, 8, 0.3])
+    grad_y = torch.randn(200, 40, dtype=torch.float64).to(dtype)
+    got = minlora.ops.lora_backward(grad_y, *case.args())
+    want = lora_backward_ref(grad_y, *case.args())
+    tol = TOLERANCE[dtype] * (3 if dtype != torch.float64 else 1)
+    for name, g, w in zip(("grad_x", "grad_a_pool", "grad_b_pool"), got, want):
+        assert g.shape == w.shape and g.dtype == dtype, name
+        assert torch.isfinite(g).all(), f"{name}: a NaN page (unused) was read"
+        assert rel_error(g, w) <= tol, name
+    # Pages the batch does not use get exactly zero gradient.
+    assert torch.all(got[1][~case.used_a_pages] == 0)
+    assert torch.all(got[2][~case.used_b_pages] == 0)
+
+
+def test_backward_with_plan_and_mask():
+    case = make_case(60, 32, 24, [4, 8, 2], torch.float32, slot_weights=[5, 1, 2])
+    grad_y = torch.randn(60, 24)
+    plan = minlora.build_plan(case.token_slot, 3)
+    gx, ga, gb = minlora.ops.lora_backward(grad_y, *case.args(), plan=plan, output_mask=(False, True, False))
+    assert gx is None and gb is None
+    want = lora_backward_ref(grad_y, *case.args())
+    assert rel_error(ga, want[1]) <= 3e-5
+
+
+@pytest.mark.parametrize("planned", [False, True])
+def test_autograd_matches_reference(planned):
+    case = make_case(80, 32, 24, [4, 8, 1, 0], torch.float32, slot_weights=[5, 1, 2, 1])
+    x = case.x.clone().requires_grad_()
+    a_pool = case.a_pool.clone().requires_grad_()
+    b_pool = case.b_pool.clone().requires_grad_()
+    plan = minlora.build_plan(case.token_slot, 4) if planned else None
+    y = minlora.lora(x, a_pool, b_pool, *case.args()[3:], plan=plan)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    want = lora_backward_ref(grad_y, *case.args())
+    for got, w in zip((x.grad, a_pool.grad, b_pool.grad), want):
+        assert rel_error(got, w) <= 3e-5
+
+
+def test_gradcheck_float64():
+    case = make_case(14, 6, 5, [2, 1, 3, 0], torch.float64, nan_unused=False, slot_weights=[3, 1, 2, 1])
+    x, a_pool, b_pool = (t.clone().requires_grad_() for t in case.args()[:3])
+    rest = case.args()[3:]
+    assert torch.autograd.gradcheck(lambda x, a, b: minlora.lora(x, a, b, *rest), (x, a_pool, b_pool))
+    plan = minlora.build_plan(case.token_slot, 4)
+    assert torch.autograd.gradcheck(lambda x, a, b: minlora.lora(x, a, b, *rest, plan=plan), (x, a_pool, b_pool))
+
+
+def test_build_plan_matches_reference():
+    for t, s in ((0, 3), (50, 0), (300, 7), (1000, 64)):
+        token_slot = torch.randint(-1, max(s, 1), (t,), dtype=torch.int32) if s else torch.full((t,), -1, dtype=torch.int32)
+        plan = minlora.build_plan(token_slot, s)
+        order, seg = build_plan_ref(token_slot, s)
+        assert plan.order.dtype == torch.int32 and plan.seg_offsets.dtype == torch.int32
+        assert torch.equal(plan.order, order) and torch.equal(plan.seg_offsets, seg)
+
+
+def _opcheck_cases():
+    case = make_case(24, 16, 12, [3, 1, 4, 0], torch.float32, nan_unused=False, slot_weights=[9, 1, 2, 1])
+    plan = minlora.build_plan(case.token_slot, 4)
+    y = torch.randn(24, 12)
+    grad_y = torch.randn(24, 12)
+    a = case.args()
+    (x, ap, bp), rest = (t.clone().requires_grad_() for t in a[:3]), a[3:]
+    ops = torch.ops.minlora
+    return [
+        (ops.build_plan, (case.token_slot, 4)),
+        (ops.lora_forward, (x, ap, bp, *rest)),
+        (ops.lora_forward_add_, (y, *a)),
+        (ops.lora_forward_planned, (x, ap, bp, *rest, plan.order, plan.seg_offsets)),
+        (ops.lora_forward_planned_add_, (y.clone(), *a, plan.order, plan.seg_offsets)),
+        (ops.lora_backward, (grad_y, *a, None, None, [True, True, True])),
+        (ops.lora_backward, (grad_y, *a, plan.order, plan.seg_offsets, [True, False, True])),
+    ]
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_opcheck(index):
+    op, args = _opcheck_cases()[index]
+    torch.library.opcheck(op, args)
+
+
+class _LoraLayer(torch.nn.Module):
+    def __init__(self, case):
+        super().__init__()
+        self.base = torch.nn.Linear(case.x.shape[1], case.b_pool.shape[1])
+        self.pools = case.args()[1:3]
+        self.tables = case.args()[3:7]
+
+    def forward(self, x, token_slot, plan_order, plan_seg):
+        plan = minlora.BatchPlan(plan_order, plan_seg)
+        y = self.base(x)
+        minlora.ops.lora_add_(y, x, *self.pools, *self.tables, token_slot, plan=plan)
+        return y + minlora.lora(x, *self.pools, *self.tables, token_slot)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    case = make_case(40, 32, 24, [4, 8, 2], torch.float32, slot_weights=[5, 1, 2])
+    layer = _LoraLayer(case)
+    compiled = torch.compile(layer, fullgraph=True)
+    for _ in range(2):  # a new assignment of the same shape
+        token_slot = torch.randint(-1, 3, (40,), dtype=torch.int32)
+        plan = minlora.build_plan(token_slot, 3)
+        with torch.no_grad():
+            want = layer(case.x, token_slot, plan.order, plan.seg_offsets)
+            got = compiled(case.x, token_slot, plan.order, plan.seg_offsets)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_tokens=st.integers(0, 40),
+    in_features=st.integers(1, 48),
+    out_features=st.integers(1, 48),
+    ranks=st.lists(st.integers(0, 12), min_size=0, max_size=6),
+    extra=st.integers(0, 3),
+)
+def test_hypothesis_shapes(num_tokens, in_features, out_features, ranks, extra):
+    case = make_case(num_tokens, in_features, out_features, ranks, torch.float32, extra_rank_columns=extra)
+    want = lora_forward_ref(*case.args())
+    got = minlora.lora(*case.args())
+    assert got.shape == want.shape
+    assert rel_error(got, want) <= TOLERANCE[torch.float32]
+    grad_y = torch.randn(num_tokens, out_features)
+    for g, w in zip(minlora.ops.lora_backward(grad_y, *case.args()), lora_backward_ref(grad_y, *case.args())):
+        assert rel_error(g, w) <= 3e-5
+
+
+# ---------------------------------------------------------------- CUDA (skipped without a GPU)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_forward_mixed_ranks(dtype, variant):
+    case = make_case(300, 96, 72, mixed_ranks(), dtype, slot_weights=SLOT_WEIGHTS).to("cuda")
+    check_forward(case, variant)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_backward_matches_reference(dtype):
+    case = make_case(200, 48, 40, [8, 1, 32, 0, 4, 16, 2], dtype, slot_weights=[10, 1, 5, 1, 1, 8, 0.3]).to("cuda")
+    grad_y = torch.randn(200, 40, device="cuda").to(dtype)
+    got = minlora.ops.lora_backward(grad_y, *case.args())
+    want = lora_backward_ref(grad_y, *case.args())
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert rel_error(g, w) <= 3 * TOLERANCE[dtype]
+
+
+@pytest.mark.cuda
+def test_cuda_empty_and_plan():
+    case = make_case(0, 32, 16, [4, 2]).to("cuda")
+    assert minlora.lora(*case.args()).shape == (0, 16)
+    token_slot = torch.randint(-1, 5, (500,), dtype=torch.int32, device="cuda")
+    plan = minlora.build_plan(token_slot, 5)
+    order, seg = build_plan_ref(token_slot, 5)
+    assert torch.equal(plan.order.cpu(), order) and torch.equal(plan.seg_offsets.cpu(), seg)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_with_new_assignment():
+    case = make_case(64, 64, 48, [4, 16, 1, 8], torch.float16, nan_unused=False).to("cuda")
+    token_slot = case.token_slot.clone()
+    plan = minlora.build_plan(token_slot, 4)
+    y = torch.zeros(64, 48, dtype=torch.float16, device="cuda")
+    args = list(case.args())
+    args[-1] = token_slot
+    minlora.ops.lora_add_(y, *args, plan=plan)  # warm-up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y.zero_()
+        minlora.ops.lora_add_(y, *args, plan=plan)
+    for _ in range(3):
+        new_slot = torch.randint(-1, 4, (64,), dtype=torch.int32, device="cuda")
+        token_slot.copy_(new_slot)
+        plan.copy_(minlora.build_plan(new_slot, 4))
+        graph.replay()
+        args[-1] = new_slot
+        assert rel_error(y, lora_forward_ref(*args)) <= TOLERANCE[torch.float16]
