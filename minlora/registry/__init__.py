@@ -1,0 +1,51 @@
+"""minlora's adapter registry: identity, revisions, provenance, evaluations and residency.
+
+    from minlora.registry import Registry, Gate
+    reg = Registry()                      # ~/.minlora: SQLite + content-addressed blobs
+    rev = reg.commit("alice", adapter, message="first", provenance={"base_model": fp})
+    reg.record_evaluation("alice", rev.number, "helpfulness", {"score": 0.8})
+    reg.promote("alice", rev.number)
+
+The command line is `minlora adapters ...` (minlora.registry.cli).
+"""
+from __future__ import annotations
+
+from .errors import (
+    AdapterNotFoundError,
+    AmbiguousRevisionError,
+    CorruptBlobError,
+    InvalidIdError,
+    PromotionRefusedError,
+    RegistryError,
+    RevisionNotFoundError,
+    TagExistsError,
+)
+from .fingerprint import fingerprint_base_model
+from .ids import normalize_adapter_id, normalize_tag
+from .registry import Registry, default_actor, default_root
+from .types import Diff, Evaluation, GcReport, Gate, Promotion, Revision, TensorChange, VerifyReport
+
+__all__ = [
+    "Registry",
+    "Gate",
+    "Revision",
+    "Promotion",
+    "Evaluation",
+    "Diff",
+    "TensorChange",
+    "VerifyReport",
+    "GcReport",
+    "fingerprint_base_model",
+    "normalize_adapter_id",
+    "normalize_tag",
+    "default_root",
+    "default_actor",
+    "RegistryError",
+    "InvalidIdError",
+    "AdapterNotFoundError",
+    "RevisionNotFoundError",
+    "AmbiguousRevisionError",
+    "CorruptBlobError",
+    "PromotionRefusedError",
+    "TagExistsError",
+]

@@ -1,0 +1,118 @@
+"""Content-addressed blob storage through fsspec: a local directory or an object store.
+
+Blobs are named by their content hash (`<root>/<h[:2]>/<h>.safetensors`), so a blob is
+written once and never modified, and identical weights are stored once however many
+revisions use them.
+
+Atomicity: on a local filesystem a blob is written to a temporary file in the same
+directory, fsync'd, renamed over the final name and the directory fsync'd, so a reader (or
+a crash) never sees a half-written blob under its final name.  Object stores (s3://, gs://,
+...) publish an object only when its upload completes, so there a plain put is already
+atomic; both go through the same `put` call.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+__all__ = ["BlobStore", "BlobFile"]
+
+_SUFFIX = ".safetensors"
+_TMP_MARK = ".tmp-"
+
+
+@dataclass
+class BlobFile:
+    """One file found under the blob root (used by gc)."""
+
+    path: str
+    content_hash: str | None  # None for temporary files
+    size: int
+    mtime: float  # seconds since the epoch; 0 when the store does not say
+
+
+class BlobStore:
+    """Blobs under `url` (a local path or any fsspec URL)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = str(url)
+        self.fs, root = fsspec.core.url_to_fs(self.url)
+        self.root = root.rstrip("/") if root not in ("/", "") else root
+        self.local = isinstance(self.fs, LocalFileSystem)
+        if self.local:
+            os.makedirs(self.root, exist_ok=True)
+
+    def path(self, content_hash: str) -> str:
+        return f"{self.root}/{content_hash[:2]}/{content_hash}{_SUFFIX}"
+
+    def exists(self, content_hash: str) -> bool:
+        return self.fs.exists(self.path(content_hash))
+
+    def put(self, content_hash: str, data: bytes) -> None:
+        """Store `data` under `content_hash` atomically (see the module docstring)."""
+        final = self.path(content_hash)
+        if self.local:
+            self._put_local(final, data)
+        else:
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(final, data)
+
+    @staticmethod
+    def _put_local(final: str, data: bytes) -> None:
+        directory = os.path.dirname(final)
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{final}{_TMP_MARK}{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        # os.replace is atomic on POSIX: readers see the old name, or the whole new file.
+        os.replace(tmp, final)
+        # fsync the directory so the rename itself survives a power cut.
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def get(self, content_hash: str) -> bytes:
+        """The blob's bytes. Raises FileNotFoundError when it is absent."""
+        return self.fs.cat_file(self.path(content_hash))
+
+    def delete(self, path: str) -> None:
+        self.fs.rm_file(path)
+
+    def walk(self) -> Iterator[BlobFile]:
+        """Every blob and temporary file under the root."""
+        if not self.fs.exists(self.root):
+            return
+        for path, info in self.fs.find(self.root, detail=True).items():
+            name = path.rsplit("/", 1)[-1]
+            if _TMP_MARK in name:
+                h = None
+            elif name.endswith(_SUFFIX):
+                h = name[: -len(_SUFFIX)]
+            else:
+                continue  # not ours: leave it alone
+            mtime = info.get("mtime") or info.get("created") or 0
+            if hasattr(mtime, "timestamp"):
+                mtime = mtime.timestamp()
+            yield BlobFile(path=path, content_hash=h, size=int(info.get("size") or 0), mtime=float(mtime))
+
+    @staticmethod
+    def now() -> float:
+        return time.time()

@@ -1,0 +1,124 @@
+"""The registry's tables (SQLAlchemy Core).  The migrations in migrations/versions create
+exactly these; tests/test_registry.py checks that the two agree.
+
+Design notes:
+- `revisions` is append-only: rows are inserted, never updated or deleted.  The movable
+  things (the serving pointer, tags) live in their own small tables, and every move of the
+  serving pointer is logged in `serving_events`, so "who served what, when, and why" is
+  itself append-only history.
+- `blobs` lists the content hashes that have a stored blob; a revision row and (when new)
+  its blob row are inserted in one transaction, after the blob file is durably written.
+- Timestamps are UTC; SQLite stores them without a zone and the registry re-attaches UTC.
+"""
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+__all__ = [
+    "metadata",
+    "adapters",
+    "blobs",
+    "revisions",
+    "tags",
+    "serving",
+    "serving_events",
+    "evaluations",
+    "gates",
+]
+
+metadata = sa.MetaData()
+
+adapters = sa.Table(
+    "adapters",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("adapter_id", sa.String(128), nullable=False, unique=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+blobs = sa.Table(
+    "blobs",
+    metadata,
+    sa.Column("content_hash", sa.String(64), primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+revisions = sa.Table(
+    "revisions",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("adapter_pk", sa.Integer, sa.ForeignKey("adapters.pk"), nullable=False),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("content_hash", sa.String(64), sa.ForeignKey("blobs.content_hash"), nullable=False, index=True),
+    sa.Column("parent_pk", sa.Integer, sa.ForeignKey("revisions.pk"), nullable=True),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("author", sa.String(256), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # provenance
+    sa.Column("base_model", sa.String(64), nullable=True),
+    sa.Column("training_data", sa.Text, nullable=True),
+    sa.Column("training_config", sa.JSON, nullable=True),
+    sa.Column("minlora_version", sa.String(32), nullable=False),
+    sa.Column("torch_version", sa.String(64), nullable=False),
+    sa.Column("extra", sa.JSON, nullable=True),
+    sa.UniqueConstraint("adapter_pk", "number", name="uq_revisions_adapter_number"),
+)
+
+tags = sa.Table(
+    "tags",
+    metadata,
+    sa.Column("adapter_pk", sa.Integer, sa.ForeignKey("adapters.pk"), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("revision_pk", sa.Integer, sa.ForeignKey("revisions.pk"), nullable=False),
+    sa.Column("author", sa.String(256), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+serving = sa.Table(
+    "serving",
+    metadata,
+    sa.Column("adapter_pk", sa.Integer, sa.ForeignKey("adapters.pk"), primary_key=True),
+    sa.Column("revision_pk", sa.Integer, sa.ForeignKey("revisions.pk"), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+serving_events = sa.Table(
+    "serving_events",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("adapter_pk", sa.Integer, sa.ForeignKey("adapters.pk"), nullable=False),
+    sa.Column("from_revision_pk", sa.Integer, sa.ForeignKey("revisions.pk"), nullable=True),
+    sa.Column("to_revision_pk", sa.Integer, sa.ForeignKey("revisions.pk"), nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),  # "promote" | "rollback"
+    sa.Column("forced", sa.Boolean, nullable=False),
+    sa.Column("actor", sa.String(256), nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("gate_report", sa.JSON, nullable=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_serving_events_adapter", "adapter_pk", "pk"),
+)
+
+evaluations = sa.Table(
+    "evaluations",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("revision_pk", sa.Integer, sa.ForeignKey("revisions.pk"), nullable=False),
+    sa.Column("suite", sa.String(128), nullable=False),
+    sa.Column("metric", sa.String(128), nullable=False),
+    sa.Column("value", sa.Float, nullable=False),
+    sa.Column("author", sa.String(256), nullable=False),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("details", sa.JSON, nullable=True),
+    sa.Index("ix_evaluations_revision", "revision_pk", "suite", "metric"),
+)
+
+gates = sa.Table(
+    "gates",
+    metadata,
+    sa.Column("adapter_pk", sa.Integer, sa.ForeignKey("adapters.pk"), primary_key=True),
+    sa.Column("suite", sa.String(128), primary_key=True),
+    sa.Column("metric", sa.String(128), primary_key=True),
+    sa.Column("higher_is_better", sa.Boolean, nullable=False),
+    sa.Column("tolerance", sa.Float, nullable=False),
+)
