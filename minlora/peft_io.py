@@ -1,0 +1,330 @@
+"""Read and write the PEFT LoRA adapter format (adapter_config.json + adapter_model.safetensors).
+
+`load_peft(path)` gives an `Adapter` keyed by the model's module names
+("model.layers.0.self_attn.q_proj"), each with its final scale (alpha / r, or alpha / sqrt(r)
+for rsLoRA, after `rank_pattern` / `alpha_pattern`).  `save_peft(adapter, path)` writes one that
+PEFT's `PeftModel.from_pretrained` loads with the same per-module ranks and scales.
+
+Only safetensors is read: a pickled `adapter_model.bin` is refused, never unpickled.
+Variants whose forward is not plain `y += scale * B A x` (DoRA, LoRA bias, modules_to_save,
+embedding LoRA, bias != "none", ...) are refused with a `ValueError` naming the field.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .adapter import Adapter, LoraWeights
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "UnsupportedAdapterError",
+    "check_supported",
+    "load_peft",
+    "module_scale",
+    "read_config",
+    "save_peft",
+    "targets_module",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+# PeftModel saves its state dict from PeftModel -> LoraModel -> the wrapped model.
+_KEY_PREFIX = "base_model.model."
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class UnsupportedAdapterError(ValueError):
+    """The adapter uses a PEFT feature minlora does not implement; the message names the field."""
+
+
+# field -> predicate on its value that means "this adapter needs a forward minlora does not have".
+# Fields not listed are either inference no-ops (lora_dropout, inference_mode) or only steer
+# initialisation (init_lora_weights, loftq/eva/corda/lora_ga configs), which the saved weights already hold.
+def _truthy(v: Any) -> bool:
+    return bool(v)
+
+
+_REFUSED_FIELDS: dict[str, tuple[Any, str]] = {
+    "use_dora": (_truthy, "DoRA (weight-decomposed LoRA) is not supported"),
+    "lora_bias": (_truthy, "a bias on lora_B is not supported"),
+    "modules_to_save": (_truthy, "fully trained extra modules are not supported"),
+    "bias": (lambda v: v not in (None, "none"), "training the base layers' biases is not supported"),
+    "target_parameters": (_truthy, "LoRA on bare parameters is not supported"),
+    "trainable_token_indices": (_truthy, "trainable token embeddings are not supported"),
+    "alora_invocation_tokens": (_truthy, "activated LoRA (aLoRA) is not supported"),
+    "use_qalora": (_truthy, "QA-LoRA is not supported"),
+    "layer_replication": (_truthy, "layer replication is not supported"),
+    "use_bdlora": (_truthy, "block-diagonal LoRA is not supported"),
+    "arrow_config": (_truthy, "Arrow routing is not supported"),
+    "kasa_config": (_truthy, "KaSA is not supported"),
+    "velora_config": (_truthy, "VeLoRA is not supported"),
+    "monteclora_config": (_truthy, "MonteCLoRA is not supported"),
+}
+
+
+def check_supported(config: Mapping[str, Any]) -> None:
+    """Raises UnsupportedAdapterError naming the first config field minlora cannot honour."""
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise UnsupportedAdapterError(f"peft_type={peft_type!r}: only LORA adapters are supported")
+    for name, (bad, why) in _REFUSED_FIELDS.items():
+        if name in config and bad(config[name]):
+            raise UnsupportedAdapterError(f"{name}={config[name]!r}: {why}")
+
+
+def read_config(path: PathLike) -> dict[str, Any]:
+    """The adapter's adapter_config.json as a dict (not yet checked)."""
+    file = os.path.join(os.fspath(path), CONFIG_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in the PEFT adapter directory {os.fspath(path)!r}")
+    with open(file, encoding="utf-8") as f:
+        config = json.load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"{CONFIG_NAME} must hold a JSON object")
+    return config
+
+
+def _as_list(v: Any) -> list:
+    return [v] if isinstance(v, (str, int)) else list(v)
+
+
+def _layer_index(config: Mapping[str, Any], name: str) -> Optional[int]:
+    """The layer number in `name` the way PEFT finds it: the first number after `layers_pattern`
+    (or after any second-level component when no pattern is given)."""
+    patterns = config.get("layers_pattern")
+    if not patterns:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        m = None
+        for p in _as_list(patterns):
+            m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+            if m:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def targets_module(config: Mapping[str, Any], name: str) -> bool:
+    """Whether PEFT would put this adapter on the module called `name` (its full name in the model).
+
+    target_modules: a list matches a name exactly or as a dotted suffix; a string is a regex that
+    must match the whole name.  exclude_modules wins over target_modules (same two forms).
+    layers_to_transform / layers_pattern restrict list targets to the given layer numbers.
+    """
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, name):
+                return False
+        elif name in exclude or any(name.endswith("." + e) for e in exclude):
+            return False
+    targets = config.get("target_modules")
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        # An exact name is taken as given, even with layers_to_transform (PEFT does the same).
+        return True
+    if not any(name.endswith("." + t) for t in targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    idx = _layer_index(config, name)
+    return idx is not None and idx in _as_list(layers)
+
+
+def _pattern_value(patterns: Optional[Mapping[str, Any]], name: str, default: Any) -> Any:
+    # PEFT's rule: the first pattern key that matches a dotted suffix of the name, as a regex.
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def module_rank(config: Mapping[str, Any], name: str) -> int:
+    """r for this module: `rank_pattern` if a key matches, else `r`."""
+    return int(_pattern_value(config.get("rank_pattern"), name, config.get("r", 8)))
+
+
+def module_scale(config: Mapping[str, Any], name: str, rank: Optional[int] = None) -> float:
+    """The final scale of this module: alpha / r, or alpha / sqrt(r) with use_rslora.
+
+    alpha comes from `alpha_pattern` if a key matches, else `lora_alpha`; r from `rank`
+    (the stored tensors' rank) or the config.
+    """
+    r = module_rank(config, name) if rank is None else rank
+    alpha = float(_pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
+    return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """'base_model.model.<module>.lora_A.weight' -> ('<module>', 'lora_A.weight')."""
+    if not key.startswith(_KEY_PREFIX):
+        raise ValueError(f"unexpected tensor {key!r}: PEFT keys start with {_KEY_PREFIX!r}")
+    rest = key[len(_KEY_PREFIX):]
+    if ".modules_to_save." in rest or rest.endswith(".modules_to_save"):
+        raise UnsupportedAdapterError(f"modules_to_save: tensor {key!r} is a fully trained module copy")
+    for part, field in (
+        ("lora_embedding_A", "embedding LoRA (target is an nn.Embedding)"),
+        ("lora_embedding_B", "embedding LoRA (target is an nn.Embedding)"),
+        ("lora_magnitude_vector", "use_dora"),
+    ):
+        if f".{part}" in rest:
+            raise UnsupportedAdapterError(f"{field}: tensor {key!r} is not supported")
+    m = re.fullmatch(r"(?P<module>.+)\.(?P<kind>lora_[AB])\.(?P<param>weight|bias)", rest)
+    if m is None:
+        raise ValueError(f"unexpected tensor {key!r} in a PEFT LoRA adapter")
+    if m["param"] == "bias":
+        raise UnsupportedAdapterError(f"lora_bias: tensor {key!r} is a bias on {m['kind']}")
+    return m["module"], m["kind"]
+
+
+def load_peft(
+    path: PathLike, *, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu"
+) -> Adapter:
+    """Reads a PEFT LoRA adapter directory into an `Adapter`.
+
+    Each module's LoraWeights holds a [r, in] (PEFT's lora_A.weight), b [out, r] (lora_B.weight)
+    and the final scale.  `fan_in_fan_out` (GPT-2's Conv1D) changes only how PEFT merges the
+    delta into the transposed base weight, not the stored factors, so a and b are read as they are.
+    The config is kept in `Adapter.config`.
+    """
+    path = os.fspath(path)
+    config = read_config(path)
+    check_supported(config)
+    weights_file = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights_file):
+        pickled = [n for n in _PICKLED_NAMES if os.path.isfile(os.path.join(path, n))]
+        if pickled:
+            raise ValueError(
+                f"{pickled[0]} is a pickle; minlora reads only {WEIGHTS_NAME} and never unpickles "
+                "(convert it with safetensors first)"
+            )
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in the PEFT adapter directory {path!r}")
+    tensors = load_file(weights_file, device=str(device))
+
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        module, kind = _split_key(key)
+        if t.dim() != 2:
+            raise UnsupportedAdapterError(
+                f"target_modules: {module!r} has a {t.dim()}-D {kind} (convolution LoRA is not supported)"
+            )
+        factors.setdefault(module, {})[kind] = t if dtype is None else t.to(dtype)
+
+    targets = config.get("target_modules")
+    check_targets = targets is not None and targets != "all-linear"
+    modules: dict[str, LoraWeights] = {}
+    for module in sorted(factors):
+        pair = factors[module]
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"module {module!r} has {sorted(pair)} but needs both lora_A and lora_B")
+        a, b = pair["lora_A"], pair["lora_B"]
+        if a.shape[0] != b.shape[1]:
+            raise ValueError(f"module {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} differ in rank")
+        rank = a.shape[0]
+        want = module_rank(config, module)
+        if rank != want:
+            raise ValueError(
+                f"r / rank_pattern: module {module!r} stores rank {rank} but the config gives {want}"
+            )
+        if check_targets and not targets_module(config, module):
+            raise ValueError(
+                f"target_modules / exclude_modules / layers_to_transform: the file holds {module!r}, "
+                "which the config does not target"
+            )
+        modules[module] = LoraWeights(a=a.contiguous(), b=b.contiguous(), scale=module_scale(config, module, rank))
+    if not modules:
+        raise ValueError(f"{weights_file!r} holds no LoRA weights")
+    return Adapter(modules=modules, config=config)
+
+
+def _round_alpha(alpha: float) -> Union[int, float]:
+    # alpha = scale * r comes back with rounding noise; PEFT's configs carry integers as a rule.
+    near = round(alpha)
+    return int(near) if abs(alpha - near) <= 1e-9 * max(1.0, abs(alpha)) else alpha
+
+
+# Fields of the source config that describe the model and task, not the weights; kept on write.
+_KEPT_FIELDS = ("base_model_name_or_path", "task_type", "revision", "auto_mapping", "fan_in_fan_out")
+
+
+def save_peft(adapter: Adapter, path: PathLike, *, config: Optional[Mapping[str, Any]] = None) -> None:
+    """Writes `adapter` as a PEFT LoRA adapter directory (created if missing).
+
+    The written config targets exactly the adapter's modules (by full name) and reproduces each
+    module's rank and scale through r / lora_alpha plus rank_pattern / alpha_pattern.  `config`
+    (default: `adapter.config`) supplies use_rslora and the descriptive fields (base model name,
+    task type, fan_in_fan_out for Conv1D models).
+    """
+    source = dict(adapter.config if config is None else config)
+    if not adapter.modules:
+        raise ValueError("the adapter has no modules")
+    rslora = bool(source.get("use_rslora", False))
+    names = sorted(adapter.modules)
+
+    def alpha_of(w: LoraWeights) -> float:
+        return w.scale * (math.sqrt(w.rank) if rslora else w.rank)
+
+    r = Counter(adapter.modules[n].rank for n in names).most_common(1)[0][0]
+    lora_alpha = _round_alpha(Counter(alpha_of(adapter.modules[n]) for n in names).most_common(1)[0][0])
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, Union[int, float]] = {}
+    for n in names:
+        w = adapter.modules[n]
+        key = re.escape(n)  # pattern keys are regexes matched against the full name
+        if w.rank != r:
+            rank_pattern[key] = w.rank
+        alpha = _round_alpha(alpha_of(w))
+        if alpha != lora_alpha:
+            alpha_pattern[key] = alpha
+
+    out: dict[str, Any] = {k: source[k] for k in _KEPT_FIELDS if k in source}
+    out.update(
+        peft_type="LORA",
+        r=r,
+        lora_alpha=lora_alpha,
+        use_rslora=rslora,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        target_modules=names,
+        exclude_modules=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+        lora_dropout=0.0,
+        bias="none",
+        use_dora=False,
+        lora_bias=False,
+        modules_to_save=None,
+        init_lora_weights=True,
+        inference_mode=True,
+    )
+    out.setdefault("fan_in_fan_out", False)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for n in names:
+        w = adapter.modules[n]
+        tensors[f"{_KEY_PREFIX}{n}.lora_A.weight"] = w.a.detach().to("cpu").contiguous()
+        tensors[f"{_KEY_PREFIX}{n}.lora_B.weight"] = w.b.detach().to("cpu").contiguous()
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=2, sort_keys=True)
+
+
+def target_names(adapters: Iterable[Adapter]) -> list[str]:
+    """The union of the module names the adapters hold, sorted."""
+    return sorted({n for a in adapters for n in a.modules})
