@@ -36,6 +36,8 @@ void token_shrink_expand(const scalar_t* x_row, scalar_t* y_row, const scalar_t*
   for (int64_t j = 0; j < rank; ++j) {
     const scalar_t* page = shrink_pool + static_cast<int64_t>(shrink_pages[j]) * in;
     acc_t acc = 0;
+    // simd reduction: without it the compiler keeps the float sum sequential (no reassociation).
+#pragma omp simd reduction(+ : acc)
     for (int64_t k = 0; k < in; ++k) acc += static_cast<acc_t>(x_row[k]) * static_cast<acc_t>(page[k]);
     h[j] = acc * scale;
   }
@@ -43,6 +45,7 @@ void token_shrink_expand(const scalar_t* x_row, scalar_t* y_row, const scalar_t*
   for (int64_t j = 0; j < rank; ++j) {
     const scalar_t* page = expand_pool + static_cast<int64_t>(expand_pages[j]) * out;
     const acc_t hj = h[j];
+#pragma omp simd
     for (int64_t c = 0; c < out; ++c) y_acc[c] += hj * static_cast<acc_t>(page[c]);
   }
   for (int64_t c = 0; c < out; ++c) y_row[c] = static_cast<scalar_t>(y_acc[c]);

@@ -1,0 +1,254 @@
+"""`minlora bench ops`: the LoRA op against the baselines, side by side, in one run.
+
+Baselines (each computes the same delta y [T, out] from the same adapters):
+  loop        PEFT's mixed-batch method: one masked matmul pair per adapter.
+  gather_bmm  tokens grouped by adapter, padded to the longest group, two batched matmuls
+              over dense per-adapter stacks (the Punica-style "gather + bmm").
+  grouped_mm  torch.nn.functional.grouped_mm over tokens sorted by adapter (where available).
+  minlora     the op, reading paged pools in place; the BatchPlan is built inside the timing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+import minlora
+
+from .common import copy_bandwidth, progress, time_call
+
+# Hidden, key/value and intermediate sizes of real model configs.
+PRESETS: dict[str, dict[str, int]] = {
+    "llama3-8b": {"hidden": 4096, "kv": 1024, "intermediate": 14336},
+    "llama3-70b": {"hidden": 8192, "kv": 1024, "intermediate": 28672},
+    "qwen2-7b": {"hidden": 3584, "kv": 512, "intermediate": 18944},
+    "mixtral-8x7b": {"hidden": 4096, "kv": 1024, "intermediate": 14336},
+}
+# projection -> (in, out) in terms of the preset's sizes.
+PROJECTIONS: dict[str, tuple[str, str]] = {
+    "q": ("hidden", "hidden"),
+    "k": ("hidden", "kv"),
+    "v": ("hidden", "kv"),
+    "o": ("hidden", "hidden"),
+    "gate": ("hidden", "intermediate"),
+    "up": ("hidden", "intermediate"),
+    "down": ("intermediate", "hidden"),
+}
+METHODS = ("minlora", "loop", "gather_bmm", "grouped_mm")
+
+
+def projection_shape(preset: str, projection: str) -> tuple[int, int]:
+    sizes = PRESETS[preset]
+    src, dst = PROJECTIONS[projection]
+    return sizes[src], sizes[dst]
+
+
+@dataclass(frozen=True)
+class OpsConfig:
+    in_features: int
+    out_features: int
+    rank: int
+    adapters: int
+    tokens_per_adapter: int
+    dtype: str = "float32"
+    device: str = "cpu"
+    backward: bool = False
+    label: str = ""
+
+
+class Problem:
+    """One benchmark case in every representation the methods need.
+
+    x [T, in]; dense per-adapter a [N, r, in], b [N, out, r]; the same weights in paged
+    pools a_pool [N*r, in], b_pool [N*r, out] with shuffled pages; token_slot [T] unsorted.
+    """
+
+    def __init__(self, cfg: OpsConfig, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        dev, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
+        n, r, i, o = cfg.adapters, cfg.rank, cfg.in_features, cfg.out_features
+        t = n * cfg.tokens_per_adapter
+        self.a = (torch.randn(n, r, i, generator=g) / math.sqrt(i)).to(dev, dtype)
+        self.b = (torch.randn(n, o, r, generator=g) / math.sqrt(r)).to(dev, dtype)
+        self.scales = (torch.rand(n, generator=g) + 0.5).to(dev)
+        self.x = torch.randn(t, i, generator=g).to(dev, dtype)
+        self.token_slot = torch.arange(n, dtype=torch.int32).repeat_interleave(cfg.tokens_per_adapter)
+        self.token_slot = self.token_slot[torch.randperm(t, generator=g)].to(dev)
+        perm_a = torch.randperm(n * r, generator=g)
+        perm_b = torch.randperm(n * r, generator=g)
+        self.a_pages = perm_a.view(n, r).to(torch.int32).to(dev)
+        self.b_pages = perm_b.view(n, r).to(torch.int32).to(dev)
+        self.a_pool = torch.empty(n * r, i, device=dev, dtype=dtype)
+        self.b_pool = torch.empty(n * r, o, device=dev, dtype=dtype)
+        self.a_pool[perm_a.to(dev)] = self.a.reshape(n * r, i)
+        self.b_pool[perm_b.to(dev)] = self.b.transpose(1, 2).reshape(n * r, o)
+        self.ranks = torch.full((n,), r, dtype=torch.int32, device=dev)
+
+    def weights(self) -> list[torch.Tensor]:
+        return [self.a, self.b, self.a_pool, self.b_pool]
+
+    def bytes_moved(self, backward: bool) -> int:
+        """Bytes a kernel must move at least: x, the pages used (each once) and y."""
+        e = self.x.element_size()
+        n = self.x.shape[0] * (self.x.shape[1] + self.b.shape[1]) + self.a_pool.numel() + self.b_pool.numel()
+        return n * e * (2 if backward else 1)
+
+
+def run_minlora(p: Problem) -> torch.Tensor:
+    plan = minlora.build_plan(p.token_slot, p.ranks.shape[0])
+    return minlora.lora(p.x, p.a_pool, p.b_pool, p.a_pages, p.b_pages, p.ranks, p.scales, p.token_slot, plan=plan)
+
+
+def run_loop(p: Problem) -> torch.Tensor:
+    y = p.x.new_zeros(p.x.shape[0], p.b.shape[1])
+    for s in torch.unique(p.token_slot).tolist():
+        rows = (p.token_slot == s).nonzero().flatten()
+        y = y.index_add(0, rows, (p.x[rows] @ p.a[s].t()) @ p.b[s].t() * p.scales[s].to(p.x.dtype))
+    return y
+
+
+def run_gather_bmm(p: Problem) -> torch.Tensor:
+    n = p.a.shape[0]
+    slots = p.token_slot.long()
+    order = torch.argsort(slots, stable=True)
+    counts = torch.bincount(slots, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(slots.shape[0], device=slots.device) - starts[slots[order]]
+    longest = int(counts.max())
+    x_pad = p.x.new_zeros(n, longest, p.x.shape[1])
+    x_pad[slots[order], position] = p.x[order]
+    h = torch.bmm(x_pad, p.a.transpose(1, 2)) * p.scales.to(p.x.dtype)[:, None, None]
+    y_pad = torch.bmm(h, p.b.transpose(1, 2))
+    y = p.x.new_empty(p.x.shape[0], p.b.shape[1])
+    y[order] = y_pad[slots[order], position]
+    return y
+
+
+def run_grouped_mm(p: Problem) -> torch.Tensor:
+    slots = p.token_slot.long()
+    order = torch.argsort(slots, stable=True)
+    offs = torch.cumsum(torch.bincount(slots, minlength=p.a.shape[0]), 0).to(torch.int32)
+    xs = p.x[order]
+    h = torch.nn.functional.grouped_mm(xs, p.a.transpose(1, 2), offs=offs)
+    h = h * p.scales.to(p.x.dtype)[slots[order]][:, None]
+    ys = torch.nn.functional.grouped_mm(h, p.b.transpose(1, 2), offs=offs)
+    y = torch.empty_like(ys)
+    y[order] = ys
+    return y
+
+
+RUNNERS: dict[str, Callable[[Problem], torch.Tensor]] = {
+    "minlora": run_minlora,
+    "loop": run_loop,
+    "gather_bmm": run_gather_bmm,
+    "grouped_mm": run_grouped_mm,
+}
+
+
+def _grad_inputs(p: Problem) -> None:
+    for t in [p.x, *p.weights()]:
+        t.requires_grad_(True)
+
+
+def _timed_fn(method: str, problems: Sequence[Problem], backward: bool) -> Callable[[int], Any]:
+    run = RUNNERS[method]
+    grads = [torch.randn(p.x.shape[0], p.b.shape[1], device=p.x.device, dtype=p.x.dtype) for p in problems]
+
+    def fn(i: int) -> Any:
+        k = i % len(problems)
+        if not backward:
+            with torch.no_grad():
+                return run(problems[k])
+        p = problems[k]
+        for t in [p.x, *p.weights()]:
+            t.grad = None
+        run(p).backward(grads[k])
+
+    return fn
+
+
+def _copies(cfg: OpsConfig, problem_bytes: int) -> int:
+    """How many independent copies to rotate through so caches do not flatter (at most 4)."""
+    cache = 64 << 20 if cfg.device == "cpu" else 128 << 20
+    return max(1, min(4, math.ceil(2 * cache / max(problem_bytes, 1))))
+
+
+def _available(method: str, problem: Problem) -> Optional[str]:
+    """None when `method` runs on this problem, else why not."""
+    if method == "grouped_mm":
+        if not hasattr(torch.nn.functional, "grouped_mm"):
+            return "torch has no grouped_mm"
+        try:
+            with torch.no_grad():
+                run_grouped_mm(problem)
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            return f"grouped_mm unavailable here: {str(exc).splitlines()[0][:80]}"
+    return None
+
+
+def bench_config(cfg: OpsConfig, *, repeats: int, seed: int = 0, bandwidth: Optional[float] = None) -> dict[str, Any]:
+    """Times every method on one configuration; returns one row (times in microseconds)."""
+    device = torch.device(cfg.device)
+    first = Problem(cfg, seed)
+    problems = [first] + [Problem(cfg, seed + k) for k in range(1, _copies(cfg, first.bytes_moved(False)))]
+    if cfg.backward:
+        for p in problems:
+            _grad_inputs(p)
+    row: dict[str, Any] = {"config": asdict(cfg), "tokens": first.x.shape[0]}
+    with torch.no_grad():
+        want = run_minlora(first).double()
+    for method in METHODS:
+        why = _available(method, first)
+        if why is not None:
+            row[f"{method}_us"] = None
+            row[f"{method}_note"] = why
+            continue
+        with torch.no_grad():
+            err = ((RUNNERS[method](first).double() - want).norm() / want.norm()).item()
+        tol = 1e-4 if cfg.dtype == "float32" else 3e-2
+        if not err <= tol:
+            raise AssertionError(f"{method} disagrees with minlora on {cfg}: relative error {err:.2e}")
+        seconds = time_call(_timed_fn(method, problems, cfg.backward), device, repeats=repeats)
+        row[f"{method}_us"] = seconds * 1e6
+    mine = row["minlora_us"]
+    for method in METHODS[1:]:
+        other = row.get(f"{method}_us")
+        row[f"x_{method}"] = other / mine if other else None  # speed-up of minlora over the baseline
+    moved = first.bytes_moved(cfg.backward)
+    row["GB/s"] = moved / (mine * 1e-6) / 1e9
+    if bandwidth:
+        row["copy_GB/s"] = bandwidth / 1e9
+        row["frac_copy"] = moved / (mine * 1e-6) / bandwidth
+    return row
+
+
+def run(configs: Sequence[OpsConfig], *, repeats: int = 10, show_progress: bool = True) -> list[dict[str, Any]]:
+    """Every config, in one process, with a copy bandwidth measured on the same device first."""
+    devices = {c.device for c in configs}
+    bandwidth = {d: copy_bandwidth(torch.device(d)) for d in devices}
+    rows = []
+    for cfg in progress(configs, len(configs), "bench ops", show_progress):
+        rows.append(bench_config(cfg, repeats=repeats, bandwidth=bandwidth[cfg.device]))
+    return rows
+
+
+TABLE_COLUMNS = ["label", "in", "out", "r", "adapters", "tok/ad", "minlora_us", "loop_us", "gather_bmm_us",
+                 "grouped_mm_us", "x_loop", "x_gather_bmm", "x_grouped_mm", "GB/s", "frac_copy"]
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        c = r["config"]
+        out.append({
+            **r,
+            "label": c["label"] + (" +bwd" if c["backward"] else ""),
+            "in": c["in_features"],
+            "out": c["out_features"],
+            "r": c["rank"],
+            "adapters": c["adapters"],
+            "tok/ad": c["tokens_per_adapter"],
+        })
+    return out
