@@ -89,6 +89,23 @@ def target_shapes(
     return shapes
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _pad(t: torch.Tensor, rows: int, cols: Optional[int] = None) -> torch.Tensor:
+    """t ([S] or [S, R]) zero-padded to [rows] or [rows, cols]; t itself when already that size."""
+    shape = (rows,) if cols is None else (rows, cols)
+    if tuple(t.shape) == shape:
+        return t
+    out = t.new_zeros(shape)
+    if t.dim() == 1:
+        out[: t.shape[0]] = t
+    else:
+        out[: t.shape[0], : t.shape[1]] = t
+    return out
+
+
 @dataclass
 class _Tables:
     """The op arguments of one module for the current step."""
@@ -117,19 +134,43 @@ class _State:
     plans: dict = field(default_factory=dict)
     # Steps opened by the forward keyword, to close when that forward ends.
     keyword_steps: list = field(default_factory=list)
+    # High-water marks of the padded page-table sizes (see activate).
+    slot_capacity: int = 1
+    rank_capacity: dict = field(default_factory=dict)
     depth: int = 0  # nesting of the model's forward calls (hooks see the outermost too)
 
     def activate(self, step: Any) -> None:
         self.step = step
         device = None
         tables: dict[str, _Tables] = {}
-        for name in self.layers:
+        # Pad every page table to sizes that only grow (powers of two, slots at most the pool's
+        # max_slots): a compiled model then sees the same shapes for every assignment and does
+        # not recompile; padded slots have rank 0 and scale 0, padded columns are never read.
+        num_slots = int(step.num_slots)
+        s_pad = max(self.slot_capacity, _pow2(num_slots))
+        max_slots = getattr(self.pool, "max_slots", None)
+        if max_slots is not None:
+            s_pad = min(s_pad, max(int(max_slots), num_slots))
+        self.slot_capacity = s_pad
+        for name, layer in self.layers.items():
             t = step.tables(name)
-            tables[name] = _Tables(t.a_pool, t.b_pool, t.a_pages, t.b_pages, t.ranks, t.scales)
+            fin, fout = _linear_shape(layer)
+            if t.a_pool.shape[-1] != fin or t.b_pool.shape[-1] != fout:
+                raise ValueError(
+                    f"minlora: {name!r} is (in, out) = {(fin, fout)} but the pool's pages are "
+                    f"{(t.a_pool.shape[-1], t.b_pool.shape[-1])} long"
+                )
+            r = int(t.a_pages.shape[1])
+            r_pad = max(self.rank_capacity.get(name, 1), _pow2(r))
+            self.rank_capacity[name] = r_pad
+            tables[name] = _Tables(
+                t.a_pool, t.b_pool, _pad(t.a_pages, s_pad, r_pad), _pad(t.b_pages, s_pad, r_pad),
+                _pad(t.ranks, s_pad), _pad(t.scales, s_pad),
+            )
             device = t.a_pool.device
         slots = step.request_slot
         self.request_slot = slots.to(device=device, dtype=torch.int32) if device is not None else slots
-        self.num_slots = int(step.num_slots)
+        self.num_slots = s_pad
         self.tables = tables
         self.plans = {}
 
