@@ -169,20 +169,34 @@ def module_scale(config: Mapping[str, Any], name: str, rank: Optional[int] = Non
     return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
 
 
+# Tensor name parts that mark a variant, checked over the whole file first so the refusal names
+# the feature rather than whatever odd tensor comes first.
+_REFUSED_TENSORS = (
+    ("lora_embedding_A", "embedding LoRA (a target is an nn.Embedding)"),
+    ("lora_embedding_B", "embedding LoRA (a target is an nn.Embedding)"),
+    ("lora_magnitude_vector", "use_dora"),
+    ("modules_to_save", "modules_to_save"),
+)
+
+
+def _check_tensor_names(keys: Iterable[str]) -> None:
+    keys = list(keys)
+    for part, what in _REFUSED_TENSORS:
+        hit = next((k for k in keys if f".{part}." in k or k.endswith(f".{part}")), None)
+        if hit is not None:
+            raise UnsupportedAdapterError(f"{what}: tensor {hit!r} is not supported")
+    hit = next((k for k in keys if ".base_layer." in k), None)
+    if hit is not None:
+        raise UnsupportedAdapterError(
+            f"save_embedding_layers: tensor {hit!r} is a base-model weight saved with the adapter"
+        )
+
+
 def _split_key(key: str) -> tuple[str, str]:
-    """'base_model.model.<module>.lora_A.weight' -> ('<module>', 'lora_A.weight')."""
+    """'base_model.model.<module>.lora_A.weight' -> ('<module>', 'lora_A')."""
     if not key.startswith(_KEY_PREFIX):
         raise ValueError(f"unexpected tensor {key!r}: PEFT keys start with {_KEY_PREFIX!r}")
     rest = key[len(_KEY_PREFIX):]
-    if ".modules_to_save." in rest or rest.endswith(".modules_to_save"):
-        raise UnsupportedAdapterError(f"modules_to_save: tensor {key!r} is a fully trained module copy")
-    for part, field in (
-        ("lora_embedding_A", "embedding LoRA (target is an nn.Embedding)"),
-        ("lora_embedding_B", "embedding LoRA (target is an nn.Embedding)"),
-        ("lora_magnitude_vector", "use_dora"),
-    ):
-        if f".{part}" in rest:
-            raise UnsupportedAdapterError(f"{field}: tensor {key!r} is not supported")
     m = re.fullmatch(r"(?P<module>.+)\.(?P<kind>lora_[AB])\.(?P<param>weight|bias)", rest)
     if m is None:
         raise ValueError(f"unexpected tensor {key!r} in a PEFT LoRA adapter")
@@ -215,6 +229,7 @@ def load_peft(
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in the PEFT adapter directory {path!r}")
     tensors = load_file(weights_file, device=str(device))
 
+    _check_tensor_names(tensors)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         module, kind = _split_key(key)
