@@ -691,13 +691,23 @@ class AdapterPool:
         self._drop_resident(e)
         self._stats["evictions"] += 1
 
-    def _promote(self, ids: list[str], protect: set[str], strict: bool) -> list[str]:
-        """Allocates pages for `ids` (all have a host copy), evicting LRU adapters outside
-        `protect` as needed, and starts their copies.  All or nothing: when they cannot fit,
-        raises PoolExhaustedError (strict) or returns [] with nothing changed."""
-        hosts = [self._host_get(a) for a in ids]
-        requests = [r for h in hosts for r in self._requests_of(h)]
-        need = sum(h.nbytes for h in hosts)
+    def _known_requests(self, adapter_id: str) -> Optional[list[tuple[int, int]]]:
+        """The allocator requests of an adapter when known without reading its source."""
+        h = self._host_get(adapter_id)
+        if h is not None:
+            return self._requests_of(h)
+        src = self._reg[adapter_id]
+        if isinstance(src, Adapter):
+            req = []
+            for name, w in src.modules.items():
+                if w.rank > 0:
+                    pa, pb = self._mod_pools[self._index[name]]
+                    req += [(pa, w.rank), (pb, w.rank)]
+            return req
+        return None
+
+    def _fit(self, requests: list[tuple[int, int]], protect: set[str], strict: bool, what: str) -> int:
+        """The number of LRU victims to evict for `requests` (-1: impossible, when not strict)."""
         k = self._plan(requests, protect)
         if k < 0 and strict and self._loading - protect:
             # Adapters still being copied cannot be evicted yet; they finish soon.
@@ -705,18 +715,28 @@ class AdapterPool:
                 self._res[a].pending.wait()
             self._reap()
             k = self._plan(requests, protect)
-        if k < 0:
-            if not strict:
-                return []
+        if k < 0 and strict:
+            need = sum(n * self._alloc.pool_info(p)["row_bytes"] for p, n in requests)
             pinned = sum(e.nbytes for e in self._res.values() if e.id in self._pinned)
             busy = sum(e.nbytes for e in self._res.values() if e.refs > 0)
             raise PoolExhaustedError(
-                f"the fast tier cannot hold this step's adapters: {len(ids)} to load need {need} bytes of pages; "
+                f"the fast tier cannot hold this step's adapters: {what} need {need} bytes of pages; "
                 f"capacity {self._alloc.arena_bytes} bytes, {self._alloc.used_bytes()} in use "
                 f"({pinned} pinned, {busy} used by {self._steps_in_flight} unreleased steps, "
                 f"{self._lru_bytes} evictable).  Release steps, unpin adapters, use fewer distinct "
-                f"adapters per step, or raise capacity_bytes.  Nothing was changed."
+                f"adapters per step, or raise capacity_bytes.  The fast tier was not changed."
             )
+        return k
+
+    def _promote(self, ids: list[str], protect: set[str], strict: bool) -> list[str]:
+        """Allocates pages for `ids` (all have a host copy), evicting LRU adapters outside
+        `protect` as needed, and starts their copies.  All or nothing: when they cannot fit,
+        raises PoolExhaustedError (strict) or returns [] with nothing changed."""
+        hosts = [self._host_get(a) for a in ids]
+        requests = [r for h in hosts for r in self._requests_of(h)]
+        k = self._fit(requests, protect, strict, f"the {len(ids)} adapter(s) to load")
+        if k < 0:
+            return []
         victims = [a for a in self._lru if a not in protect][:k]
         for v in victims:
             self._evict(v)
@@ -804,6 +824,12 @@ class AdapterPool:
             protect = set(distinct)
             was_ready = {a for a in distinct if a in self._res and self._res[a].ready}
 
+            missing = [a for a in distinct if a not in self._res]
+            if missing:
+                known = [self._known_requests(a) for a in missing]
+                if all(r is not None for r in known):
+                    # Refuse before any fetch when the sizes are known: nothing changes.
+                    self._fit([r for rs in known for r in rs], protect, True, f"the {len(missing)} adapter(s) to load")
             if wait:
                 while True:
                     todo = [a for a in distinct if a not in self._res and self._host_get(a) is None]
