@@ -1,0 +1,245 @@
+"""Fixtures of the registry tests: the two database backends, a throwaway PostgreSQL server,
+small adapters, and worker processes for the crash and concurrency tests.
+
+The PostgreSQL server is real: initdb + postgres from Debian's package (scripts/postgres.sh
+installs it), in a temporary data directory, listening on a free loopback port, started
+once per test session and stopped at its end.  Each test gets its own database.  Without
+the binaries the PostgreSQL tests skip, except under CI (the CI variable set), where they
+fail: CI must exercise them.
+"""
+from __future__ import annotations
+
+import glob
+import multiprocessing
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from typing import Iterator, Optional
+
+import pytest
+import torch
+
+from minlora.adapter import Adapter, LoraWeights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+# ---------------------------------------------------------------------- adapters
+
+
+def make_adapter(
+    seed: int,
+    *,
+    modules: tuple[str, ...] = ("layers.0.q_proj", "layers.0.v_proj"),
+    rank: int = 2,
+    features: int = 16,
+    dtype: torch.dtype = torch.float32,
+    scale: float = 0.5,
+    config: Optional[dict] = None,
+) -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    mods = {
+        name: LoraWeights(
+            a=torch.randn(rank, features, generator=g).to(dtype),
+            b=torch.randn(features, rank, generator=g).to(dtype),
+            scale=scale,
+        )
+        for name in modules
+    }
+    return Adapter(modules=mods, config=dict(config if config is not None else {"r": rank, "lora_alpha": rank * scale}))
+
+
+def assert_same_adapter(x: Adapter, y: Adapter) -> None:
+    assert sorted(x.modules) == sorted(y.modules)
+    for name in x.modules:
+        a, b = x.modules[name], y.modules[name]
+        assert a.a.dtype == b.a.dtype and a.b.dtype == b.b.dtype
+        assert torch.equal(a.a, b.a) and torch.equal(a.b, b.b), name
+        assert a.scale == b.scale
+    assert x.config == y.config
+
+
+# ---------------------------------------------------------------------- PostgreSQL
+
+
+def _pg_bindir() -> Optional[str]:
+    initdb = shutil.which("initdb")
+    if initdb:
+        return os.path.dirname(os.path.realpath(initdb))
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[-3]))
+    return os.path.dirname(found[-1]) if found else None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PostgresServer:
+    """A PostgreSQL server in a temporary directory, on 127.0.0.1:<free port>, trust auth
+    (loopback only, throwaway data).  initdb and postgres refuse to run as root, so as root
+    they run as the `postgres` system user (the Debian package creates it)."""
+
+    USER = "minlora"
+
+    def __init__(self, bindir: str) -> None:
+        self.bindir = bindir
+        self.tmp = tempfile.mkdtemp(prefix="minlora-pg-")
+        self.data = os.path.join(self.tmp, "data")
+        self.log = os.path.join(self.tmp, "server.log")
+        self.port = 0
+        self.proc: Optional[subprocess.Popen] = None
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError("running as root and there is no 'postgres' user to run the server as") from None
+            os.chown(self.tmp, pw.pw_uid, pw.pw_gid)
+            self.prefix = ["runuser", "-u", "postgres", "--"]
+
+    def start(self) -> None:
+        subprocess.run(
+            [*self.prefix, os.path.join(self.bindir, "initdb"), "-D", self.data, "-U", self.USER,
+             "--auth=trust", "--encoding=UTF8", "--no-sync", "--no-instructions"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        for _attempt in range(5):  # another process may grab the port between probe and bind
+            self.port = _free_port()
+            logf = open(self.log, "ab")
+            # fsync/full_page_writes off: the data is thrown away, and these tests kill
+            # clients, never the server, so server-side durability is not what they measure.
+            self.proc = subprocess.Popen(
+                [*self.prefix, os.path.join(self.bindir, "postgres"), "-D", self.data,
+                 "-c", "listen_addresses=127.0.0.1", "-p", str(self.port), "-k", self.tmp,
+                 "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=100"],
+                stdout=logf, stderr=subprocess.STDOUT,
+            )
+            logf.close()
+            if self._wait_ready():
+                return
+            self.stop()
+        raise RuntimeError(f"PostgreSQL did not start; log:\n{self.tail()}")
+
+    def _wait_ready(self) -> bool:
+        import psycopg
+
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                return False
+            try:
+                psycopg.connect(self.dsn("postgres"), connect_timeout=2).close()
+                return True
+            except psycopg.OperationalError:
+                time.sleep(0.1)
+        return False
+
+    def tail(self) -> str:
+        try:
+            with open(self.log, encoding="utf-8", errors="replace") as f:
+                return f.read()[-3000:]
+        except OSError:
+            return "(no log)"
+
+    def dsn(self, db: str) -> str:
+        return f"postgresql://{self.USER}@127.0.0.1:{self.port}/{db}"
+
+    def url(self, db: str) -> str:
+        return f"postgresql+psycopg://{self.USER}@127.0.0.1:{self.port}/{db}"
+
+    def create_database(self) -> str:
+        import psycopg
+
+        name = "t_" + uuid.uuid4().hex[:16]
+        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return name
+
+    def drop_database(self, name: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM to runuser is relayed; postgres does a smart shutdown
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    bindir = _pg_bindir()
+    if bindir is None:
+        why = "PostgreSQL server binaries (initdb, postgres) not found; run scripts/postgres.sh to install them"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why} (CI is set, so the PostgreSQL tests must run)", pytrace=False)
+        pytest.skip(why)
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+    except Exception as exc:
+        server.cleanup()
+        pytest.fail(f"could not start PostgreSQL from {bindir}: {exc}", pytrace=False)
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def registry_location(backend: str, tmp_path, request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """(database url, blob root) of an empty registry on the test's backend."""
+    blobs = str(tmp_path / "blobs")
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'registry.db'}", blobs
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    db = server.create_database()
+    try:
+        yield server.url(db), blobs
+    finally:
+        server.drop_database(db)
+
+
+@pytest.fixture
+def reg(registry_location):
+    from minlora.registry import Registry
+
+    url, blobs = registry_location
+    r = Registry(url, blobs)
+    yield r
+    r.close()
+
+
+# ---------------------------------------------------------------------- worker processes
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Processes forked from a server that has already imported minlora and torch: a real
+    separate process per worker (killable with SIGKILL) without paying the ~4 s import of
+    torch for each of the many processes the crash test starts."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["registry_worker"])
+    return ctx
