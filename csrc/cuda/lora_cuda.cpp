@@ -1,11 +1,17 @@
-// CUDA side of the minlora ops: turns validated tensors into kernel parameters and launches
-// on the current stream.  Nothing here synchronises the host, so the ops can be captured
-// into CUDA graphs.
+// CUDA side of the minlora ops: turns validated tensors into kernel parameters, chooses
+// the kernels (kernels/dispatch.h) and launches them on the current stream.  Nothing here
+// synchronises the host (no reads of device memory, no blocking calls), so the ops can be
+// captured into CUDA graphs; workspaces come from the caching allocator.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
+
 #include "../backend.h"
+#include "../kernels/dispatch.h"
+#include "../kernels/lora_gather.cuh"
+#include "../kernels/lora_grouped.cuh"
 #include "../kernels/lora_simple.cuh"
 
 namespace minlora::cuda {
@@ -29,10 +35,14 @@ void check_rank_width(const LoraArgs& args) {
                     " columns; the CUDA kernels take at most ", kernels::kSimpleMaxRank);
 }
 
+int sm_count(const at::Tensor& t) { return at::cuda::getDeviceProperties(t.get_device())->multiProcessorCount; }
+
+// ---- the foundation's simple kernels (MINLORA_CUDA_KERNELS=simple, and R > 1024) ----
+
 // y += scale_s * E_s (S_s x) on the current stream (see kernels::ShrinkExpandParams).
-void shrink_expand_add(at::Tensor& y, const at::Tensor& x, const at::Tensor& shrink_pool,
-                       const at::Tensor& shrink_pages, const at::Tensor& expand_pool, const at::Tensor& expand_pages,
-                       const LoraArgs& args) {
+void simple_shrink_expand_add(at::Tensor& y, const at::Tensor& x, const at::Tensor& shrink_pool,
+                              const at::Tensor& shrink_pages, const at::Tensor& expand_pool,
+                              const at::Tensor& expand_pages, const LoraArgs& args) {
   kernels::ShrinkExpandParams p{};
   p.x = x.data_ptr();
   p.y = y.data_ptr();
@@ -55,30 +65,12 @@ void shrink_expand_add(at::Tensor& y, const at::Tensor& x, const at::Tensor& shr
                "the LoRA shrink/expand kernel");
 }
 
-}  // namespace
-
-bool available() { return true; }
-
-bool stream_is_capturing() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-}
-
-void lora_forward_add(at::Tensor& y, const LoraArgs& args, const Plan* /*plan: unused by the simple kernel*/) {
-  check_rank_width(args);
-  const c10::cuda::CUDAGuard guard(args.x.device());
-  shrink_expand_add(y, args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages, args);
-}
-
-Grads lora_backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* /*plan*/,
-                    std::array<bool, 3> output_mask) {
-  check_rank_width(args);
-  const c10::cuda::CUDAGuard guard(args.x.device());
-  const auto g = grad_y.contiguous();
+Grads simple_backward(const at::Tensor& g, const LoraArgs& args, std::array<bool, 3> output_mask) {
   const auto empty = at::empty({0}, args.x.options());
   at::Tensor grad_x = empty, grad_a = empty, grad_b = empty;
   if (output_mask[0]) {
     grad_x = at::zeros_like(args.x);
-    shrink_expand_add(grad_x, g, args.b_pool, args.b_pages, args.a_pool, args.a_pages, args);
+    simple_shrink_expand_add(grad_x, g, args.b_pool, args.b_pages, args.a_pool, args.a_pages, args);
   }
   if (output_mask[1] || output_mask[2]) {
     const auto f32 = args.x.options().dtype(at::kFloat);
@@ -112,11 +104,206 @@ Grads lora_backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* 
   return {grad_x, grad_a, grad_b};
 }
 
+// ---- the fast paths ----
+
+bool aligned16(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    const int64_t row_bytes = t->size(1) * static_cast<int64_t>(t->element_size());
+    const void* ptr = t->data_ptr();
+    if (!kernels::rows_are_16b_aligned(&ptr, 1, &row_bytes, 1)) return false;
+  }
+  return true;
+}
+
+// One gather launch (see kernels::GatherParams).  `plan` may be null (one token per block).
+void gather(const at::Tensor* y, const at::Tensor& x, const float* h_in, float* h_out, const at::Tensor& shrink_pool,
+            const at::Tensor& shrink_pages, const at::Tensor& expand_pool, const at::Tensor& expand_pages,
+            const LoraArgs& args, const Plan* plan, int64_t skip_segments_from) {
+  kernels::GatherParams p{};
+  p.x = x.data_ptr();
+  p.y = y != nullptr ? y->data_ptr() : nullptr;
+  p.h_in = h_in;
+  p.h_out = h_out;
+  p.shrink_pool = shrink_pool.data_ptr();
+  p.expand_pool = expand_pool.data_ptr();
+  p.shrink_pages = shrink_pages.data_ptr<int32_t>();
+  p.expand_pages = expand_pages.data_ptr<int32_t>();
+  p.ranks = args.ranks.data_ptr<int32_t>();
+  p.scales = args.scales.data_ptr<float>();
+  p.token_slot = args.token_slot.data_ptr<int32_t>();
+  p.order = plan != nullptr ? plan->order.data_ptr<int32_t>() : nullptr;
+  p.seg_offsets = plan != nullptr ? plan->seg_offsets.data_ptr<int32_t>() : nullptr;
+  p.num_tokens = args.num_tokens();
+  p.num_slots = args.num_slots();
+  p.max_rank = args.max_rank();
+  p.in_features = x.size(1);
+  p.out_features = expand_pool.size(1);
+  p.num_shrink_pages = shrink_pool.size(0);
+  p.num_expand_pages = expand_pool.size(0);
+  p.skip_segments_from = skip_segments_from;
+  std::vector<const at::Tensor*> rows = {&x, &shrink_pool, &expand_pool};
+  if (y != nullptr) rows.push_back(y);
+  bool vec = true;
+  for (const at::Tensor* t : rows) vec = vec && aligned16({t});
+  check_launch(kernels::launch_gather(p, kernel_dtype(x.scalar_type()), vec, at::cuda::getCurrentCUDAStream()),
+               "the LoRA gather kernel");
+}
+
+kernels::GroupedParams grouped_params(const at::Tensor& y, const LoraArgs& args, const Plan& plan,
+                                      int64_t min_segment) {
+  kernels::GroupedParams p{};
+  p.x = args.x.data_ptr();
+  p.y = y.data_ptr();
+  p.shrink_pool = args.a_pool.data_ptr();
+  p.expand_pool = args.b_pool.data_ptr();
+  p.shrink_pages = args.a_pages.data_ptr<int32_t>();
+  p.expand_pages = args.b_pages.data_ptr<int32_t>();
+  p.ranks = args.ranks.data_ptr<int32_t>();
+  p.scales = args.scales.data_ptr<float>();
+  p.token_slot = args.token_slot.data_ptr<int32_t>();
+  p.order = plan.order.data_ptr<int32_t>();
+  p.seg_offsets = plan.seg_offsets.data_ptr<int32_t>();
+  p.num_tokens = args.num_tokens();
+  p.num_slots = args.num_slots();
+  p.max_rank = args.max_rank();
+  p.in_features = args.in_features();
+  p.out_features = args.out_features();
+  p.num_shrink_pages = args.a_pool.size(0);
+  p.num_expand_pages = args.b_pool.size(0);
+  p.min_segment = min_segment;
+  return p;
+}
+
+kernels::Choice choose(const LoraArgs& args, const at::Tensor& y, const Plan* plan) {
+  kernels::OpShape s{};
+  s.num_tokens = args.num_tokens();
+  s.num_slots = args.num_slots();
+  s.max_rank = args.max_rank();
+  s.in_features = args.in_features();
+  s.out_features = args.out_features();
+  s.half_precision = args.x.scalar_type() == at::kHalf || args.x.scalar_type() == at::kBFloat16;
+  s.has_plan = plan != nullptr;
+  s.grouped_compiled = kernels::grouped_compiled();
+  if (s.grouped_compiled && s.half_precision) {
+    // Alignment does not depend on the plan's contents; any plan will do for the check.
+    const Plan none{args.token_slot, args.token_slot};
+    s.grouped_aligned = kernels::grouped_aligned(grouped_params(y, args, plan ? *plan : none, 1));
+  }
+  return kernels::choose_kernels(s, kernels::kernel_mode_from_env());
+}
+
+}  // namespace
+
+bool available() { return true; }
+
+bool stream_is_capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+void lora_forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {
+  check_rank_width(args);
+  const c10::cuda::CUDAGuard guard(args.x.device());
+  const kernels::Choice c = choose(args, y, plan);
+  if (c.simple) {
+    simple_shrink_expand_add(y, args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages, args);
+    return;
+  }
+  Plan built;
+  if (c.build_plan) {
+    built = build_plan(args.token_slot, args.num_slots());
+    plan = &built;
+  }
+  if (c.grouped) {
+    const auto p = grouped_params(y, args, *plan, c.grouped_min_segment);
+    const auto ws = at::empty({static_cast<int64_t>(kernels::grouped_workspace_bytes(
+                                   args.num_tokens(), args.num_slots(), args.max_rank()))},
+                              args.x.options().dtype(at::kByte));
+    check_launch(kernels::launch_grouped(p, kernel_dtype(args.x.scalar_type()), ws.data_ptr(), sm_count(args.x),
+                                         at::cuda::getCurrentCUDAStream()),
+                 "the LoRA grouped GEMM");
+  }
+  if (c.gather) {
+    gather(&y, args.x, nullptr, nullptr, args.a_pool, args.a_pages, args.b_pool, args.b_pages, args,
+           c.gather_planned ? plan : nullptr, c.grouped ? c.grouped_min_segment : 0);
+  }
+}
+
+Grads lora_backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan,
+                    std::array<bool, 3> output_mask) {
+  check_rank_width(args);
+  const c10::cuda::CUDAGuard guard(args.x.device());
+  const auto g = grad_y.contiguous();
+  const kernels::KernelMode mode = kernels::kernel_mode_from_env();
+  if (mode == kernels::KernelMode::kSimple || args.max_rank() > kernels::kGatherMaxRank)
+    return simple_backward(g, args, output_mask);
+  // The pool gradients sum over each slot's tokens: they need the plan's segments.
+  Plan built;
+  if (plan == nullptr) {
+    built = build_plan(args.token_slot, args.num_slots());
+    plan = &built;
+  }
+  const int64_t T = args.num_tokens(), R = args.max_rank();
+  const auto f32 = args.x.options().dtype(at::kFloat);
+  const auto empty = at::empty({0}, args.x.options());
+  at::Tensor grad_x = empty, grad_a = empty, grad_b = empty;
+  // u[t] = scale_s B_s^T g_t feeds grad_x and grad_a; h[t] = scale_s A_s x_t feeds grad_b.
+  // Both stay float32 ([T, R]); rows of tokens without an adapter are never read.
+  at::Tensor u, h;
+  if (output_mask[0] || output_mask[1]) {
+    u = at::empty({T, R}, f32);
+    gather(nullptr, g, nullptr, u.data_ptr<float>(), args.b_pool, args.b_pages, args.a_pool, args.a_pages, args,
+           plan, 0);
+  }
+  if (output_mask[2]) {
+    h = at::empty({T, R}, f32);
+    gather(nullptr, args.x, nullptr, h.data_ptr<float>(), args.a_pool, args.a_pages, args.b_pool, args.b_pages,
+           args, plan, 0);
+  }
+  if (output_mask[0]) {
+    grad_x = at::zeros_like(args.x);
+    gather(&grad_x, g, u.data_ptr<float>(), nullptr, args.b_pool, args.b_pages, args.a_pool, args.a_pages, args,
+           plan, 0);
+  }
+  // Split each segment's tokens among a few blocks when slots average many tokens, so long
+  // segments keep the GPU busy; each split adds once into the (dtype) gradient, so keep it small.
+  const int64_t avg = T / std::max<int64_t>(1, args.num_slots());
+  const int32_t splits = static_cast<int32_t>(std::clamp<int64_t>(avg / 256, 1, 4));
+  auto segment_grad = [&](const at::Tensor& v, const at::Tensor& coef, const at::Tensor& pages,
+                          const at::Tensor& pool) {
+    at::Tensor grad = at::zeros_like(pool);
+    kernels::SegmentGradParams p{};
+    p.v = v.data_ptr();
+    p.coef = coef.data_ptr<float>();
+    p.grad_pool = grad.data_ptr();
+    p.pages = pages.data_ptr<int32_t>();
+    p.ranks = args.ranks.data_ptr<int32_t>();
+    p.token_slot = args.token_slot.data_ptr<int32_t>();
+    p.order = plan->order.data_ptr<int32_t>();
+    p.seg_offsets = plan->seg_offsets.data_ptr<int32_t>();
+    p.num_tokens = T;
+    p.num_slots = args.num_slots();
+    p.max_rank = R;
+    p.len = pool.size(1);
+    p.num_pages = pool.size(0);
+    p.token_splits = splits;
+    const bool vec = aligned16({&v, &grad});
+    check_launch(kernels::launch_segment_grad(p, kernel_dtype(args.x.scalar_type()), vec,
+                                              at::cuda::getCurrentCUDAStream()),
+                 "the LoRA segment-gradient kernel");
+    return grad;
+  };
+  if (output_mask[1]) grad_a = segment_grad(args.x, u, args.a_pages, args.a_pool);
+  if (output_mask[2]) grad_b = segment_grad(g, h, args.b_pages, args.b_pool);
+  return {grad_x, grad_a, grad_b};
+}
+
 Plan build_plan(const at::Tensor& token_slot, int64_t num_slots) {
   const c10::cuda::CUDAGuard guard(token_slot.device());
   // A stable sort by slot (slot -1 last) and segment offsets from per-slot counts, all on
   // the device with fixed output sizes: no host synchronisation.
-  const auto key = token_slot.masked_fill(token_slot.lt(0), num_slots).to(at::kLong);
+  // Slots outside 0..S-1 (only possible unchecked, during capture) are treated as -1.
+  const auto key = token_slot.masked_fill(token_slot.lt(0).logical_or(token_slot.ge(num_slots)), num_slots)
+                       .to(at::kLong);
   const auto order = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false)).to(at::kInt);
   auto counts = at::zeros({num_slots + 1}, key.options());
   counts.scatter_add_(0, key, at::ones_like(key));

@@ -1,0 +1,73 @@
+// Which kernels a minlora CUDA op launches: plain C++ (no CUDA, no torch) so the decision
+// is one readable function.  Only what the host knows without reading device memory goes
+// in (sizes, dtype, alignment, whether a plan was given); per-segment choices happen on
+// the device (the gather kernels skip segments the grouped path takes, and vice versa).
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace minlora::kernels {
+
+// MINLORA_CUDA_KERNELS (read on every call, so benchmarks can switch it):
+//   auto (default) | simple (the foundation's one-block-per-token kernels) |
+//   gather (gather kernels only) | grouped (grouped GEMM for every segment it can take).
+enum class KernelMode { kAuto, kSimple, kGather, kGrouped };
+
+inline KernelMode kernel_mode_from_env() {
+  const char* v = std::getenv("MINLORA_CUDA_KERNELS");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return KernelMode::kAuto;
+  if (std::strcmp(v, "simple") == 0) return KernelMode::kSimple;
+  if (std::strcmp(v, "gather") == 0) return KernelMode::kGather;
+  if (std::strcmp(v, "grouped") == 0) return KernelMode::kGrouped;
+  return KernelMode::kAuto;
+}
+
+struct OpShape {
+  int64_t num_tokens, num_slots, max_rank, in_features, out_features;
+  bool half_precision;      // float16 / bfloat16 (the grouped GEMM path's dtypes)
+  bool has_plan;            // the caller passed a BatchPlan
+  bool grouped_compiled;    // the grouped GEMM kernels are in this build
+  bool grouped_aligned;     // operands meet the grouped path's alignment (see lora_grouped.cuh)
+};
+
+struct Choice {
+  bool simple = false;          // the foundation's kernels, nothing else
+  bool build_plan = false;      // build a plan on the device first
+  bool gather = false;          // launch the gather kernel
+  bool gather_planned = false;  // ... with the plan (several tokens of one slot per block)
+  bool grouped = false;         // launch the grouped GEMM for long segments
+  int64_t grouped_min_segment = 0;  // segments of at least this many tokens go to the grouped GEMM
+};
+
+// Segments at least this long are worth the grouped GEMM's tiles (its M tile is 64 or 128 rows;
+// shorter segments leave most of a tile idle and the gather kernel's reuse of 4 tokens wins).
+constexpr int64_t kGroupedMinSegment = 32;
+// Largest page-table width of the gather kernels (lora_gather.cuh kGatherMaxRank).
+constexpr int64_t kDispatchGatherMaxRank = 1024;
+
+inline Choice choose_kernels(const OpShape& s, KernelMode mode) {
+  Choice c;
+  if (mode == KernelMode::kSimple || s.max_rank > kDispatchGatherMaxRank) {
+    c.simple = true;
+    return c;
+  }
+  const bool grouped_ok = s.half_precision && s.grouped_compiled && s.grouped_aligned;
+  // Average tokens per slot: without reading the plan this bounds what can be long.
+  const int64_t avg = s.num_slots > 0 ? s.num_tokens / s.num_slots : 0;
+  if (grouped_ok && mode != KernelMode::kGather &&
+      (mode == KernelMode::kGrouped || s.num_tokens >= kGroupedMinSegment)) {
+    c.grouped = true;
+    c.grouped_min_segment = mode == KernelMode::kGrouped ? 1 : kGroupedMinSegment;
+  }
+  // The gather kernel runs whenever some segment may be shorter than the grouped threshold.
+  c.gather = !(c.grouped && c.grouped_min_segment <= 1);
+  // A plan lets a gather block take several tokens of one slot; without one, build it only
+  // when slots average a few tokens each (a device sort costs a few launches).
+  c.build_plan = !s.has_plan && (c.grouped || avg >= 4);
+  c.gather_planned = c.gather && (s.has_plan || c.build_plan);
+  return c;
+}
+
+}  // namespace minlora::kernels
