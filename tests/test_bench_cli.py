@@ -1,0 +1,68 @@
+"""`minlora bench ...` runs end to end at a tiny size and writes its table, JSON and PNG."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from minlora.bench import ops
+from minlora.cli import main
+
+
+def test_bench_ops_tiny(tmp_path, capsys):
+    out_json, out_png = tmp_path / "ops.json", tmp_path / "ops.png"
+    code = main(["bench", "ops", "--device", "cpu", "--in", "64", "--out", "48", "--ranks", "4", "8",
+                 "--adapters", "2", "4", "--tokens-per-adapter", "1", "9", "--repeats", "2", "--no-progress",
+                 "--json", str(out_json), "--plot", str(out_png)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "minlora_us" in printed and "x_loop" in printed
+    data = json.loads(out_json.read_text())
+    assert data["benchmark"] == "ops"
+    assert data["machine"]["torch"] and data["machine"]["cpu_count"] >= 1
+    rows = data["results"]
+    assert len(rows) == 2 * 2 * 2
+    for row in rows:
+        assert row["minlora_us"] > 0 and row["loop_us"] > 0 and row["gather_bmm_us"] > 0
+        assert row["x_loop"] == pytest.approx(row["loop_us"] / row["minlora_us"])
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_ops_backward_tiny(capsys):
+    assert main(["bench", "ops", "--device", "cpu", "--in", "32", "--out", "16", "--ranks", "4",
+                 "--adapters", "3", "--tokens-per-adapter", "5", "--repeats", "2", "--backward",
+                 "--no-progress"]) == 0
+    assert "+bwd" in capsys.readouterr().out
+
+
+def test_baselines_agree_with_reference():
+    """Every baseline computes the same delta as the float64 reference (they are only useful if right)."""
+    from minlora.reference import lora_forward_ref
+
+    cfg = ops.OpsConfig(40, 24, 6, 5, 3)
+    p = ops.Problem(cfg, seed=3)
+    want = lora_forward_ref(p.x, p.a_pool, p.b_pool, p.a_pages, p.b_pages, p.ranks, p.scales, p.token_slot)
+    checked = []
+    for name, run in ops.RUNNERS.items():
+        if ops._available(name, p) is not None:  # grouped_mm needs 16-byte strides (rank 6 has none)
+            continue
+        checked.append(name)
+        got = run(p).double()
+        assert ((got - want).norm() / want.norm()).item() < 1e-5, name
+    assert {"minlora", "loop", "gather_bmm"} <= set(checked)
+
+
+def test_bench_ops_bad_arguments():
+    with pytest.raises(SystemExit, match="unknown preset"):
+        main(["bench", "ops", "--device", "cpu", "--preset", "nope"])
+    with pytest.raises(SystemExit, match="unknown projection"):
+        main(["bench", "ops", "--device", "cpu", "--proj", "qq"])
+    with pytest.raises(SystemExit, match="--in and --out go together"):
+        main(["bench", "ops", "--device", "cpu", "--in", "64"])
+
+
+def test_cli_help_runs():
+    done = subprocess.run([sys.executable, "-m", "minlora", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "bench" in done.stdout and "adapters" in done.stdout
