@@ -28,6 +28,7 @@ entry covers k consecutive rows; the tokens of a row are assumed contiguous ([B,
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -130,7 +131,7 @@ class _State:
     request_slot: Optional[torch.Tensor] = None  # [B] int32, -1 = none
     num_slots: int = 0
     tables: dict[str, _Tables] = field(default_factory=dict)
-    # Per forward: token count -> (token_slot [T] int32, BatchPlan); emptied before each forward.
+    # Per forward: leading shape of x -> (token_slot [T] int32, BatchPlan); emptied before each forward.
     plans: dict = field(default_factory=dict)
     # Steps opened by the forward keyword, to close when that forward ends.
     keyword_steps: list = field(default_factory=list)
@@ -200,22 +201,25 @@ class PatchedLayer:
         return _add_lora(state, self._minlora_name, x, y)
 
 
-def _token_plan(state: _State, num_tokens: int) -> tuple[torch.Tensor, Any]:
-    """token_slot [T] and its BatchPlan for this forward; built by the first layer that asks."""
-    hit = state.plans.get(num_tokens)
+def _token_plan(state: _State, lead: tuple[int, ...]) -> tuple[torch.Tensor, Any]:
+    """token_slot [T] and its BatchPlan for activations of leading shape `lead` ([B, L] or [T]);
+    built by the first patched layer of a forward, reused by the others."""
+    hit = state.plans.get(lead)
     if hit is not None:
         return hit
     requests = state.request_slot.shape[0]
-    if requests == 0 or num_tokens % requests != 0:
+    rows = lead[0] if lead else 1
+    if requests == 0 or rows % requests != 0:
         raise ValueError(
-            f"minlora: this forward has {num_tokens} tokens, which do not split evenly over the "
+            f"minlora: this forward has {rows} batch rows, which do not split evenly over the "
             f"{requests} adapter assignments of the step (one per batch row)"
         )
-    # Rows are [B, L] row-major and generate's expansion repeats each row in place, so the
-    # tokens of one assignment are contiguous: repeat each slot T / B times.
+    # Rows are row-major [B, L] and generate's expansion repeats each row in place, so the
+    # tokens of one assignment are contiguous: repeat each slot T / (number of assignments) times.
+    num_tokens = math.prod(lead)
     token_slot = state.request_slot.repeat_interleave(num_tokens // requests)
     plan = build_plan(token_slot, state.num_slots)
-    state.plans[num_tokens] = (token_slot, plan)
+    state.plans[lead] = (token_slot, plan)
     return token_slot, plan
 
 
@@ -227,8 +231,9 @@ def _add_lora(state: _State, name: str, x: torch.Tensor, y: torch.Tensor) -> tor
         return y
     in_features = x.shape[-1]
     out_features = y.shape[-1]
-    num_tokens = x.numel() // in_features if in_features else 0
-    token_slot, plan = _token_plan(state, num_tokens)
+    lead = tuple(x.shape[:-1])
+    num_tokens = math.prod(lead)
+    token_slot, plan = _token_plan(state, lead)
     x2 = x.reshape(num_tokens, in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
@@ -315,8 +320,26 @@ def patch(model: nn.Module, pool: Any, target_modules: Union[None, str, Sequence
         module.__class__ = _patched_class(type(module))
     state.hooks.append(model.register_forward_pre_hook(_pre_forward, with_kwargs=True))
     state.hooks.append(model.register_forward_hook(_post_forward, with_kwargs=True, always_call=True))
+    generate = getattr(model, "generate", None)
+    if callable(generate):
+        # generate() refuses keywords its model's forward does not declare, so the `adapters=`
+        # keyword is taken here: one step for the whole generation, as with `adapters(...)`.
+        @functools.wraps(generate)
+        def generate_with_adapters(*args: Any, **kwargs: Any) -> Any:
+            if _FORWARD_KEYWORD not in kwargs:
+                return generate(*args, **kwargs)
+            ids = kwargs.pop(_FORWARD_KEYWORD)
+            with adapters(model, [None] * _batch_rows(args, kwargs) if ids is None else ids):
+                return generate(*args, **kwargs)
+
+        model.__dict__["generate"] = generate_with_adapters
     model.__dict__[_STATE] = state
     return model
+
+
+def _batch_rows(args: tuple, kwargs: dict) -> int:
+    x = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) else 1
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -335,6 +358,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         module.__dict__.pop("_minlora_name", None)
         module.__dict__.pop("_minlora_state", None)
     state.restore((None, None, 0, {}))
+    model.__dict__.pop("generate", None)
     del model.__dict__[_STATE]
     return model
 
