@@ -510,6 +510,11 @@ class AdapterPool:
             if e is not None and e.ready and e.refs == 0:
                 self._lru_add(e)
 
+    def poll(self) -> None:
+        """Takes in loads that finished (prepare and residency do this too)."""
+        with self._lock:
+            self._reap()
+
     def is_pinned(self, adapter_id: str) -> bool:
         return adapter_id in self._pinned
 
@@ -517,6 +522,7 @@ class AdapterPool:
         """Counters and gauges.  hits/misses count requests (a request whose adapter was ready in
         the fast tier when prepare was called is a hit); bytes_* count bytes moved between tiers."""
         with self._lock:
+            self._reap()
             s = dict(self._stats)
             looked = s["hits"] + s["misses"]
             used = self._alloc.used_bytes()
