@@ -241,5 +241,20 @@ def worker_context() -> multiprocessing.context.BaseContext:
     separate process per worker (killable with SIGKILL) without paying the ~4 s import of
     torch for each of the many processes the crash test starts."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["registry_worker"])
+    ctx.set_forkserver_preload(["minlora.registry", "registry_worker"])
+    # Python 3.11's forkserver ignores the parent's sys.path, so a preload that is not on
+    # PYTHONPATH fails silently (and each worker would import torch itself): start the server
+    # with this checkout and tests/ on PYTHONPATH.
+    from multiprocessing import forkserver
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, here, old) if p)
+    try:
+        forkserver.ensure_running()
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
     return ctx

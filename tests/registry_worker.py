@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import torch
 
@@ -64,3 +63,4 @@ def concurrent_committer(url: str, blobs: str, name: str, n: int, barrier, resul
     out.append(("bulk", reg.commit_many([(f"bulk-{name}-{j % 7}", _weights(rng, features=8, modules=1)) for j in range(30)], batch_size=8), "", None))
     results.put((name, out))
     reg.close()
+
