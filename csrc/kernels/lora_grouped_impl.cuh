@@ -1,0 +1,185 @@
+// The grouped GEMM kernels of the segment path, composed from CUTLASS 2.x pieces: the
+// gather-capable threadblock MMA and epilogue of DefaultGemm (as in CUTLASS example 36)
+// driven by the grouped problem visitor of GemmGrouped (example 24), so that each problem
+// (one BatchPlan segment) reads its operands through its own index arrays:
+//   shrink  hs[pos, n]    = scale_s * sum_k x[order[b + m], k] * S_pool[S_pages[s, n], k]
+//           A = x rows gathered by order (row-major), B = pages as the gathered columns of a
+//           column-major [K = in, N = r] operand, D = hs (row-major, plan order).
+//   expand  y[order[b + m], c] += sum_k hs[b + m, k] * E_pool[E_pages[s, k], c]
+//           A = hs (row-major), B = pages as the gathered rows of a row-major [K = r, N = out]
+//           operand, C = D = y with rows scattered by order.
+// CUTLASS gathers the strided coordinate of each operand and reads an index only for
+// coordinates inside the problem's extent, so the index arrays need no padding.
+// Included only by lora_grouped_f16.cu / lora_grouped_bf16.cu (one dtype each, so the two
+// heavy instantiations compile in parallel).  No torch headers.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/thread/linear_combination.h"
+#include "cutlass/gemm/gemm.h"
+#include "cutlass/gemm/kernel/default_gemm.h"
+#include "cutlass/gemm/kernel/gemm_grouped_problem_visitor.h"
+#include "cutlass/gemm/threadblock/threadblock_swizzle.h"
+#include "lora_grouped_problems.h"
+
+namespace minlora::kernels::grouped {
+
+// One tile configuration for both GEMMs and both archs (the sm_80 path runs on sm_90a):
+// 128 x 64 x 32 tiles, 4 warps of 64 x 32, 3 stages = 36 KB of shared memory (under the
+// 48 KB a launch gets without opting in).  Shrink: N = r <= 64 in one tile for ranks up to
+// 64; expand: K = r is a few k-tiles, the epilogue (y read and written) dominates.
+template <typename Element, bool kShrink>
+struct Traits {
+  using ThreadblockShape = cutlass::gemm::GemmShape<128, 64, 32>;
+  using WarpShape = cutlass::gemm::GemmShape<64, 32, 32>;
+  using InstructionShape = cutlass::gemm::GemmShape<16, 8, 16>;
+  static constexpr int kStages = 3;
+  static constexpr int kAlignment = 8;  // 16 bytes of 16-bit elements
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = std::conditional_t<kShrink, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  using LayoutC = cutlass::layout::RowMajor;
+  // kZfill: every predicated-off access zero-fills its shared memory, in the prologue and in
+  // the main loop alike, so the columns n >= r of the shrink accumulate exact zeros (a stale
+  // stage could hold NaN bits) and the padding columns of hs stay 0 for the expand.
+  // D = alpha * acc + beta * C computed in float32: alpha = scale_s (shrink) or 1 (expand).
+  using OutputOp = cutlass::epilogue::thread::LinearCombination<Element, kAlignment, float, float>;
+  using Default = typename cutlass::gemm::kernel::DefaultGemm<
+      Element, LayoutA, kAlignment, Element, LayoutB, kAlignment, Element, LayoutC, float,
+      cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, ThreadblockShape, WarpShape, InstructionShape, OutputOp,
+      cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, kStages, /*SplitKSerial=*/false,
+      cutlass::arch::OpMultiplyAdd, cutlass::gemm::SharedMemoryClearOption::kZfill,
+      /*GatherA=*/kShrink, /*GatherB=*/true, /*ScatterD=*/!kShrink>;
+  using Mma = typename Default::Mma;
+  using Epilogue = typename Default::Epilogue;
+  static constexpr int kThreads = 32 * Mma::WarpCount::kCount;
+  using ProblemVisitor = cutlass::gemm::kernel::GemmGroupedProblemVisitor<
+      ThreadblockShape, cutlass::gemm::kernel::GroupScheduleMode::kDeviceOnly, kThreads, kThreads>;
+  struct SharedStorage {
+    union {
+      typename Mma::SharedStorage main_loop;
+      typename Epilogue::SharedStorage epilogue;
+    } kernel;
+    typename ProblemVisitor::SharedStorage problem_visitor;
+  };
+};
+
+template <typename Element, bool kShrink>
+__global__ void __launch_bounds__(Traits<Element, kShrink>::kThreads)
+    lora_grouped_kernel(GroupedKernelParams p) {
+  using Tr = Traits<Element, kShrink>;
+  using Mma = typename Tr::Mma;
+  using Epilogue = typename Tr::Epilogue;
+  using OutputOp = typename Tr::OutputOp;
+  using ProblemVisitor = typename Tr::ProblemVisitor;
+  extern __shared__ int4 shared_raw[];
+  auto& shared = *reinterpret_cast<typename Tr::SharedStorage*>(shared_raw);
+
+  const cutlass::gemm::GemmCoord* sizes = kShrink ? p.shrink_sizes : p.expand_sizes;
+  ProblemVisitor visitor(typename ProblemVisitor::Params(sizes, static_cast<int32_t>(p.num_slots)),
+                         shared.problem_visitor, blockIdx.x);
+  const int thread_idx = threadIdx.x;
+  const int warp_idx = cutlass::canonical_warp_idx_sync();
+  const int lane_idx = threadIdx.x % 32;
+
+  while (visitor.next_tile()) {
+    const cutlass::gemm::GemmCoord size = visitor.problem_size();
+    const int32_t s = visitor.problem_index();
+    const int32_t tile = static_cast<int32_t>(visitor.threadblock_idx());
+    const cutlass::gemm::GemmCoord grid = visitor.grid_shape(size);
+    const cutlass::MatrixCoord tile_offset(int(tile / grid.n()) * Mma::Shape::kM, int(tile % grid.n()) * Mma::Shape::kN);
+    // Segment start, validated (clamped, checked against the pages and order) by the prep kernel.
+    const int64_t begin = p.seg_begin[s];
+    const int* tokens = p.order + begin;  // the segment's token rows, in plan order
+
+    const Element* ptr_A;
+    int64_t ld_A;
+    const int* idx_A;
+    const Element* ptr_B;
+    int64_t ld_B;
+    const int* idx_B;
+    Element* ptr_D;
+    int64_t ld_D;
+    const int* idx_D;
+    float alpha, beta;
+    if constexpr (kShrink) {
+      ptr_A = static_cast<const Element*>(p.x);
+      ld_A = p.in_features;
+      idx_A = tokens;
+      ptr_B = static_cast<const Element*>(p.shrink_pool);
+      ld_B = p.in_features;  // column n of B is page S_pages[s, n], a row of length in
+      idx_B = p.shrink_pages + static_cast<int64_t>(s) * p.max_rank;
+      ptr_D = static_cast<Element*>(p.hs) + begin * p.ldh;
+      ld_D = p.ldh;
+      idx_D = nullptr;
+      alpha = p.scales[s];
+      beta = 0.f;
+    } else {
+      ptr_A = static_cast<const Element*>(p.hs) + begin * p.ldh;
+      ld_A = p.ldh;
+      idx_A = nullptr;
+      ptr_B = static_cast<const Element*>(p.expand_pool);
+      ld_B = p.out_features;  // row k of B is page E_pages[s, k], of length out
+      idx_B = p.expand_pages + static_cast<int64_t>(s) * p.max_rank;
+      ptr_D = static_cast<Element*>(p.y);
+      ld_D = p.out_features;
+      idx_D = tokens;
+      alpha = 1.f;
+      beta = 1.f;
+    }
+
+    typename Mma::IteratorA iterator_A(typename Mma::IteratorA::Params(typename Tr::LayoutA(ld_A)),
+                                       const_cast<Element*>(ptr_A), {size.m(), size.k()}, thread_idx,
+                                       cutlass::MatrixCoord(tile_offset.row(), 0), idx_A);
+    typename Mma::IteratorB iterator_B(typename Mma::IteratorB::Params(typename Tr::LayoutB(ld_B)),
+                                       const_cast<Element*>(ptr_B), {size.k(), size.n()}, thread_idx,
+                                       cutlass::MatrixCoord(0, tile_offset.column()), idx_B);
+    typename Mma::FragmentC accumulators;
+    accumulators.clear();
+    Mma mma(shared.kernel.main_loop, thread_idx, warp_idx, lane_idx);
+    const int k_iterations = (size.k() + Mma::Shape::kK - 1) / Mma::Shape::kK;
+    // The previous tile's epilogue may still be reading the shared memory the main loop reuses.
+    __syncthreads();
+    mma(k_iterations, accumulators, iterator_A, iterator_B, accumulators);
+
+    OutputOp output_op(typename OutputOp::Params(alpha, beta));
+    const typename Epilogue::OutputTileIterator::Params params_D{typename Tr::LayoutC(ld_D)};
+    typename Epilogue::OutputTileIterator iterator_C(params_D, ptr_D, size.mn(), thread_idx, tile_offset, idx_D);
+    typename Epilogue::OutputTileIterator iterator_D(params_D, ptr_D, size.mn(), thread_idx, tile_offset, idx_D);
+    Epilogue epilogue(shared.kernel.epilogue, thread_idx, warp_idx, lane_idx);
+    epilogue(output_op, iterator_D, accumulators, iterator_C);
+
+    visitor.advance(gridDim.x);
+  }
+}
+
+// Persistent grid: as many blocks as fit on the device at once (each loops over tiles).
+template <typename Element, bool kShrink>
+cudaError_t launch_one(const GroupedKernelParams& p, int sm_count, cudaStream_t stream) {
+  using Tr = Traits<Element, kShrink>;
+  constexpr int smem = static_cast<int>(sizeof(typename Tr::SharedStorage));
+  static_assert(smem <= 48 * 1024, "the tile configuration must fit the default shared memory of a launch");
+  static const int per_sm = [] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lora_grouped_kernel<Element, kShrink>, Tr::kThreads,
+                                                      smem) != cudaSuccess)
+      n = 1;
+    return n > 0 ? n : 1;
+  }();
+  const int blocks = (sm_count > 0 ? sm_count : 1) * per_sm;
+  lora_grouped_kernel<Element, kShrink><<<blocks, Tr::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename Element>
+cudaError_t launch_shrink_expand(const GroupedKernelParams& p, int sm_count, cudaStream_t stream) {
+  cudaError_t err = launch_one<Element, true>(p, sm_count, stream);
+  if (err != cudaSuccess) return err;
+  return launch_one<Element, false>(p, sm_count, stream);
+}
+
+}  // namespace minlora::kernels::grouped

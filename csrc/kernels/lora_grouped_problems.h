@@ -1,0 +1,38 @@
+// The device-side problem table of the grouped GEMM path, shared by the prep kernel
+// (lora_grouped.cu) and the CUTLASS kernels (lora_grouped_impl.cuh).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace cutlass::gemm {
+struct GemmCoord;
+}
+
+namespace minlora::kernels::grouped {
+
+// Pointers into the workspace and the op's operands.  Problem s is slot s's segment; the
+// prep kernel gives it size 0 when the segment is shorter than min_segment or its indices
+// are invalid (then the slot's tokens get nothing from this path).
+struct GroupedKernelParams {
+  const cutlass::gemm::GemmCoord* shrink_sizes;  // [S]: (seg len, r, in)
+  const cutlass::gemm::GemmCoord* expand_sizes;  // [S]: (seg len, out, r)
+  const int32_t* seg_begin;                      // [S]: clamped segment start
+  const void* x;
+  void* y;
+  void* hs;  // [T, ldh] operand dtype, zeroed before the shrink (columns r..ldh-1 stay 0)
+  int64_t ldh;
+  const void* shrink_pool;
+  const void* expand_pool;
+  const int32_t* shrink_pages;
+  const int32_t* expand_pages;
+  const float* scales;
+  const int32_t* order;
+  int64_t num_slots, max_rank, in_features, out_features;
+};
+
+cudaError_t launch_grouped_f16(const GroupedKernelParams& p, int sm_count, cudaStream_t stream);
+cudaError_t launch_grouped_bf16(const GroupedKernelParams& p, int sm_count, cudaStream_t stream);
+
+}  // namespace minlora::kernels::grouped
