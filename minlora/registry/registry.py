@@ -971,6 +971,13 @@ class Registry:
         if key is not None:
             self._pool_key = key
 
+    def pool_source(self, adapter_id: str, rev: RevRef = "serving") -> Callable[[], Adapter]:
+        """A loader to hand to AdapterPool.register: the revision is resolved now (so the pool
+        holds exactly that revision even if the serving pointer moves later) and its weights
+        are read and verified when the pool fetches them."""
+        info = self.show(adapter_id, rev)
+        return lambda: self._load_blob(info.adapter_id, info.number, info.content_hash)
+
     def residency(self, adapter_id: str) -> str:
         """Where the adapter's serving revision lives now: "gpu", "host" or "disk" (or what
         the pool says, e.g. "unregistered").  "none" when no revision is serving.  Without an
