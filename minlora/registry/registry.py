@@ -453,6 +453,7 @@ class Registry:
                 conn.execute(sa.select(S.adapters.c.adapter_id, S.adapters.c.pk).where(S.adapters.c.adapter_id.in_(part))).all()
             )
         new = [aid for aid in ids if aid not in existing]
+        new_set = set(new)
         if new:
             conn.execute(S.adapters.insert(), [{"adapter_id": aid, "created_at": now} for aid in new])
             for chunk in range(0, len(new), 900):
@@ -461,7 +462,7 @@ class Registry:
                     conn.execute(sa.select(S.adapters.c.adapter_id, S.adapters.c.pk).where(S.adapters.c.adapter_id.in_(part))).all()
                 )
         heads: dict[int, tuple[int, int]] = {}  # adapter pk -> (newest number, its pk)
-        old = [existing[aid] for aid in ids if aid not in new]
+        old = [existing[aid] for aid in ids if aid not in new_set]
         for chunk in range(0, len(old), 900):
             part = old[chunk : chunk + 900]
             r = S.revisions
