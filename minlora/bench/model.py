@@ -1,0 +1,229 @@
+"""`minlora bench model`: a patched HuggingFace Llama vs PEFT's mixed-batch forward vs the base model.
+
+Default shape (issue 5): Llama with hidden 1024, intermediate 2816, 4 layers; 32 rank-16 PEFT
+adapters on all seven projections; a batch of 32 requests x 1 token, every request its own
+adapter.  All three run in one process on the same weights; the figures are median forward
+times and their ratios to the base model (the target: patched <= 1.3x base).
+
+The adapters are made by PEFT (init_lora_weights=False, so B is not zero), saved with
+save_pretrained, and read by the pool through minlora.peft_io, the path a user takes.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import copy
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+
+import minlora
+
+from .common import format_table, time_call
+
+__all__ = ["ModelBenchConfig", "add_arguments", "bench_model", "run_from_args"]
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelBenchConfig:
+    hidden: int = 1024
+    intermediate: int = 2816
+    layers: int = 4
+    heads: int = 16
+    kv_heads: int = 16
+    vocab: int = 32000
+    adapters: int = 32
+    rank: int = 16
+    batch: int = 32
+    tokens: int = 1  # tokens per request (1 = one decode-sized forward, no KV cache)
+    dtype: str = "float32"
+    device: str = "cpu"
+    repeats: int = 20
+    warmup: int = 3
+    seed: int = 0
+    profile: bool = False
+
+
+def _build(cfg: ModelBenchConfig, workdir: str):
+    """(base model, PEFT model holding every adapter, patched model, pool, adapter ids)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..patch import target_shapes
+    from ..pool import AdapterPool
+
+    dtype = getattr(torch, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    llama = LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
+                        num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, vocab_size=cfg.vocab,
+                        max_position_embeddings=max(128, cfg.tokens))
+    base = LlamaForCausalLM(llama).to(device=cfg.device, dtype=dtype).eval()
+
+    ids = [f"u{i}" for i in range(cfg.adapters)]
+    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=PROJECTIONS, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(copy.deepcopy(base), lora, adapter_name=ids[0])
+        for aid in ids[1:]:
+            peft_model.add_adapter(aid, lora)
+        # PEFT draws B like A; shrink so the adapted logits stay of the base's order.
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_" in n:
+                    p.mul_(0.1)
+        peft_model.save_pretrained(workdir, selected_adapters=ids)
+    peft_model.eval()
+    # save_pretrained puts an adapter not named "default" in workdir/<name>.
+    dirs = {aid: f"{workdir}/{aid}" for aid in ids}
+
+    patched = copy.deepcopy(base)
+    shapes = target_shapes(patched, list(dirs.values()))
+    per_adapter = sum(cfg.rank * (i + o) for i, o in shapes.values()) * torch.empty((), dtype=dtype).element_size()
+    pool = AdapterPool(shapes, dtype=dtype, device=cfg.device, capacity_bytes=int(per_adapter * cfg.adapters * 1.25) + (8 << 20),
+                       max_slots=max(cfg.adapters, 1))
+    for aid, d in dirs.items():
+        pool.register(aid, d)
+    minlora.patch(patched, pool)
+    return base, peft_model, patched, pool, ids
+
+
+def bench_model(cfg: Optional[ModelBenchConfig] = None, *, show_progress: bool = False) -> dict[str, Any]:
+    """Runs the benchmark; returns the configuration, times (seconds), ratios and a text table."""
+    cfg = cfg or ModelBenchConfig()
+    device = torch.device(cfg.device)
+    with tempfile.TemporaryDirectory(prefix="minlora-bench-model-") as workdir:
+        t0 = time.perf_counter()
+        base, peft_model, patched, pool, ids = _build(cfg, workdir)
+        build_s = time.perf_counter() - t0
+        assign = [ids[i % len(ids)] for i in range(cfg.batch)]
+        x = torch.randint(3, cfg.vocab, (cfg.batch, cfg.tokens), device=device,
+                          generator=torch.Generator(device=device).manual_seed(cfg.seed))
+
+        def log(msg: str) -> None:
+            if show_progress:
+                print(msg, flush=True)
+
+        times: dict[str, float] = {}
+        with torch.inference_mode():
+            # Agreement first (one forward each): the benchmark times the right thing.
+            want = peft_model(x, adapter_names=assign).logits
+            with minlora.adapters(patched, assign):
+                got = patched(x).logits
+            rel = float(((got.double() - want.double()).norm() / want.double().norm()).item())
+
+            def with_prepare() -> Any:
+                # What a server pays per step: the pool's prepare and page tables, then the forward.
+                with minlora.adapters(patched, assign):
+                    return patched(x)
+
+            calls = {
+                "base": lambda: base(x),
+                "peft_mixed": lambda: peft_model(x, adapter_names=assign),
+                "minlora": lambda: patched(x),  # inside the step opened below
+                "minlora_with_prepare": with_prepare,  # a nested step, closed after each call
+            }
+            log(f"timing {', '.join(calls)}, interleaved, {cfg.repeats} rounds")
+            with minlora.adapters(patched, assign):
+                times, best = _interleaved(calls, device, cfg.warmup, cfg.repeats)
+
+            profile_rows = None
+            if cfg.profile:
+                profile_rows = _profile(patched, assign, x)
+
+    ratios = {k: v / times["base"] for k, v in times.items()}
+    ratios_best = {k: v / best["base"] for k, v in best.items()}
+    rows = [
+        {"method": k, "median_ms": 1e3 * v, "x_base": ratios[k], "min_ms": 1e3 * best[k], "x_base_min": ratios_best[k],
+         "peft_over_this": times["peft_mixed"] / v}
+        for k, v in times.items()
+    ]
+    table = format_table(rows, ["method", "median_ms", "x_base", "min_ms", "x_base_min", "peft_over_this"])
+    table += (
+        f"\nLlama hidden {cfg.hidden}, intermediate {cfg.intermediate}, {cfg.layers} layers, vocab {cfg.vocab}; "
+        f"{cfg.adapters} rank-{cfg.rank} adapters on all 7 projections; batch {cfg.batch} x {cfg.tokens} token(s); "
+        f"{cfg.dtype} on {cfg.device}, {torch.get_num_threads()} threads"
+        f"\nx_base = median time / the base model's; x_base_min the same with minimum times; minlora vs PEFT logits: relative error {rel:.2e}"
+    )
+    if profile_rows:
+        table += "\n\nprofile of the patched forward (self CPU time):\n" + format_table(
+            profile_rows, ["op", "calls", "self_ms", "share"]
+        )
+    return {
+        "config": asdict(cfg),
+        "device": cfg.device,
+        "times_s": times,
+        "ratios_to_base": ratios,
+        "min_times_s": best,
+        "min_ratios_to_base": ratios_best,
+        "peft_over_minlora": times["peft_mixed"] / times["minlora"],
+        "rel_err_vs_peft": rel,
+        "setup_s": build_s,
+        "profile": profile_rows,
+        "table": table,
+    }
+
+
+def _interleaved(
+    calls: dict[str, Any], device: torch.device, warmup: int, repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(median, minimum) seconds per call of each method, timed round-robin so that a shared machine's load
+    drifts over all methods alike rather than penalising whichever ran during a busy spell."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, fn in calls.items():
+            samples[k].append(time_call(lambda i: fn(), device, warmup=0, repeats=1))
+    return {k: statistics.median(v) for k, v in samples.items()}, {k: min(v) for k, v in samples.items()}
+
+
+def _profile(patched: torch.nn.Module, assign: list, x: torch.Tensor, iters: int = 10) -> list[dict[str, Any]]:
+    """Self time per op of the patched forward (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with minlora.adapters(patched, assign):
+        patched(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(iters):
+                patched(x)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    rows = [
+        {"op": e.key, "calls": e.count // iters, "self_ms": e.self_cpu_time_total / 1e3 / iters,
+         "share": e.self_cpu_time_total / total}
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
+    ]
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ModelBenchConfig()
+    parser.add_argument("--hidden", type=int, default=d.hidden)
+    parser.add_argument("--intermediate", type=int, default=d.intermediate)
+    parser.add_argument("--layers", type=int, default=d.layers)
+    parser.add_argument("--heads", type=int, default=d.heads)
+    parser.add_argument("--kv-heads", type=int, default=d.kv_heads)
+    parser.add_argument("--vocab", type=int, default=d.vocab)
+    parser.add_argument("--adapters", type=int, default=d.adapters, help="distinct adapters (rows cycle through them)")
+    parser.add_argument("--rank", type=int, default=d.rank)
+    parser.add_argument("--batch", type=int, default=d.batch)
+    parser.add_argument("--tokens", type=int, default=d.tokens, help="tokens per request")
+    parser.add_argument("--dtype", default=d.dtype, help="float32 / bfloat16 / float16")
+    parser.add_argument("--device", default=d.device, help="cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=d.repeats)
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of the patched forward")
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = ModelBenchConfig(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
+                           kv_heads=args.kv_heads, vocab=args.vocab, adapters=args.adapters, rank=args.rank,
+                           batch=args.batch, tokens=args.tokens, dtype=args.dtype, device=args.device,
+                           repeats=args.repeats, profile=args.profile)
+    return bench_model(cfg, show_progress=not getattr(args, "no_progress", False))
