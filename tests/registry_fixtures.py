@@ -70,6 +70,11 @@ def assert_same_adapter(x: Adapter, y: Adapter) -> None:
 
 
 def _pg_bindir() -> Optional[str]:
+    # MINLORA_PG_BINDIR chooses the binaries (and, pointing nowhere, simulates a machine
+    # without them: the test of the skip / fail-under-CI rule uses that).
+    forced = os.environ.get("MINLORA_PG_BINDIR")
+    if forced is not None:
+        return forced if os.path.isfile(os.path.join(forced, "initdb")) else None
     initdb = shutil.which("initdb")
     if initdb:
         return os.path.dirname(os.path.realpath(initdb))
@@ -185,14 +190,20 @@ class PostgresServer:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
+def require_postgres_bindir() -> str:
+    """The directory of initdb/postgres; without them: skip, or fail when CI is set."""
     bindir = _pg_bindir()
     if bindir is None:
         why = "PostgreSQL server binaries (initdb, postgres) not found; run scripts/postgres.sh to install them"
         if os.environ.get("CI"):
             pytest.fail(f"{why} (CI is set, so the PostgreSQL tests must run)", pytrace=False)
         pytest.skip(why)
+    return bindir
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    bindir = require_postgres_bindir()
     server = PostgresServer(bindir)
     try:
         server.start()

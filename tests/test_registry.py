@@ -476,3 +476,24 @@ def test_blobs_on_an_fsspec_object_store(registry_location):
         assert_same_adapter(r.load("obj"), x)
         r.blobs.fs.pipe_file(r.blobs.path(rev.content_hash), b"garbage")
         assert not r.verify().ok
+
+
+# ---------------------------------------------------------------------- the PostgreSQL rule
+
+
+def test_postgres_tests_skip_without_server_but_fail_under_ci(tmp_path, monkeypatch):
+    """Without PostgreSQL binaries the postgres tests skip on a developer machine, and fail
+    (never silently skip) when CI is set: the decision the postgres_server fixture makes."""
+    from registry_fixtures import require_postgres_bindir
+
+    under_ci = bool(os.environ.get("CI"))
+    monkeypatch.setenv("MINLORA_PG_BINDIR", str(tmp_path / "no-such-dir"))
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="initdb, postgres.*not found"):
+        require_postgres_bindir()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set, so the PostgreSQL tests must run"):
+        require_postgres_bindir()
+    monkeypatch.delenv("MINLORA_PG_BINDIR")
+    if under_ci:
+        assert require_postgres_bindir()  # under CI the real binaries are there

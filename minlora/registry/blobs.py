@@ -108,7 +108,16 @@ class BlobStore:
                 h = name[: -len(_SUFFIX)]
             else:
                 continue  # not ours: leave it alone
-            mtime = info.get("mtime") or info.get("created") or 0
+            # Each fsspec backend names the modification time its own way (local: mtime,
+            # s3: LastModified, gcs: updated, memory: created).
+            mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created") or 0
+            if isinstance(mtime, str):
+                from datetime import datetime
+
+                try:
+                    mtime = datetime.fromisoformat(mtime.replace("Z", "+00:00"))
+                except ValueError:
+                    mtime = 0
             if hasattr(mtime, "timestamp"):
                 mtime = mtime.timestamp()
             yield BlobFile(path=path, content_hash=h, size=int(info.get("size") or 0), mtime=float(mtime))
