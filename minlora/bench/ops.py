@@ -5,12 +5,17 @@ Baselines (each computes the same delta y [T, out] from the same adapters):
   gather_bmm  tokens grouped by adapter, padded to the longest group, two batched matmuls
               over dense per-adapter stacks (the Punica-style "gather + bmm").
   grouped_mm  torch.nn.functional.grouped_mm over tokens sorted by adapter (where available).
+  simple      (CUDA) the op forced onto the foundation's one-block-per-token kernels.
   minlora     the op, reading paged pools in place; the BatchPlan is built inside the timing.
+
+On CUDA the op's kernels can be chosen with MINLORA_CUDA_KERNELS (auto, gather, grouped,
+simple; read on every call); `minlora` runs with the caller's setting, `simple` forces it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -36,7 +41,7 @@ PROJECTIONS: dict[str, tuple[str, str]] = {
     "up": ("hidden", "intermediate"),
     "down": ("intermediate", "hidden"),
 }
-METHODS = ("minlora", "loop", "gather_bmm", "grouped_mm")
+METHODS = ("minlora", "loop", "gather_bmm", "grouped_mm", "simple")
 
 
 def projection_shape(preset: str, projection: str) -> tuple[int, int]:
@@ -139,11 +144,38 @@ def run_grouped_mm(p: Problem) -> torch.Tensor:
     return y
 
 
+def run_simple(p: Problem) -> torch.Tensor:
+    """The op on the foundation's simple CUDA kernels (MINLORA_CUDA_KERNELS=simple for this call).
+
+    The variable is read by the extension at each call, forward and backward, so the
+    autograd backward this output feeds must also run under it: see _timed_fn."""
+    with kernels("simple"):
+        return run_minlora(p)
+
+
+class kernels:
+    """Context manager: MINLORA_CUDA_KERNELS=<choice> inside, the previous value after."""
+
+    def __init__(self, choice: str):
+        self.choice = choice
+
+    def __enter__(self) -> None:
+        self.saved = os.environ.get("MINLORA_CUDA_KERNELS")
+        os.environ["MINLORA_CUDA_KERNELS"] = self.choice
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is None:
+            os.environ.pop("MINLORA_CUDA_KERNELS", None)
+        else:
+            os.environ["MINLORA_CUDA_KERNELS"] = self.saved
+
+
 RUNNERS: dict[str, Callable[[Problem], torch.Tensor]] = {
     "minlora": run_minlora,
     "loop": run_loop,
     "gather_bmm": run_gather_bmm,
     "grouped_mm": run_grouped_mm,
+    "simple": run_simple,
 }
 
 
@@ -164,7 +196,11 @@ def _timed_fn(method: str, problems: Sequence[Problem], backward: bool) -> Calla
         p = problems[k]
         for t in [p.x, *p.weights()]:
             t.grad = None
-        run(p).backward(grads[k])
+        if method == "simple":
+            with kernels("simple"):
+                run(p).backward(grads[k])
+        else:
+            run(p).backward(grads[k])
 
     return fn
 
@@ -177,6 +213,8 @@ def _copies(cfg: OpsConfig, problem_bytes: int) -> int:
 
 def _available(method: str, problem: Problem) -> Optional[str]:
     """None when `method` runs on this problem, else why not."""
+    if method == "simple" and problem.x.device.type != "cuda":
+        return "the simple kernels are CUDA only"
     if method == "grouped_mm":
         if not hasattr(torch.nn.functional, "grouped_mm"):
             return "torch has no grouped_mm"
@@ -235,7 +273,8 @@ def run(configs: Sequence[OpsConfig], *, repeats: int = 10, show_progress: bool 
 
 
 TABLE_COLUMNS = ["label", "in", "out", "r", "adapters", "tok/ad", "minlora_us", "loop_us", "gather_bmm_us",
-                 "grouped_mm_us", "x_loop", "x_gather_bmm", "x_grouped_mm", "GB/s", "frac_copy"]
+                 "grouped_mm_us", "simple_us", "x_loop", "x_gather_bmm", "x_grouped_mm", "x_simple", "GB/s",
+                 "frac_copy"]
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
