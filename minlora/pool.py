@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -84,6 +85,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from . import _C
@@ -103,6 +105,10 @@ __all__ = [
 Source = Union[Adapter, Callable[[], Adapter], str, "os.PathLike[str]"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# CPU pools copy an adapter into its pages in the calling thread up to this size, else on the
+# copy worker.
+_INLINE_COPY_BYTES = 1 << 20
+_NO_PAGES = np.zeros(0, dtype=np.int32)
 
 
 class PoolExhaustedError(RuntimeError):
@@ -181,13 +187,21 @@ def load_adapter_file(path: Union[str, "os.PathLike[str]"]) -> Adapter:
 
 
 class _HostCopy:
-    """An adapter in page layout, in the pool's dtype: per module index (a [r, in], bt [r, out], scale)."""
+    """An adapter in page layout, in the pool's dtype.
 
-    __slots__ = ("mods", "nbytes")
+    rows: allocator pool id -> [n, d] (all the adapter's rows of that length, module after
+          module: A rows of modules with in = d, B columns (B^T rows) of modules with out = d);
+    mods: module index -> (a_off, b_off, r, scale): module mi's A is rows[pa][a_off:a_off+r] and
+          its B^T is rows[pb][b_off:b_off+r].
+    Copies and page allocation work per row length, not per module (a model has hundreds).
+    """
 
-    def __init__(self, mods: dict[int, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+    __slots__ = ("rows", "mods", "nbytes")
+
+    def __init__(self, rows: dict[int, torch.Tensor], mods: dict[int, tuple[int, int, int, float]]) -> None:
+        self.rows = rows
         self.mods = mods
-        self.nbytes = sum(a.nbytes + bt.nbytes for a, bt, _ in mods.values())
+        self.nbytes = sum(t.nbytes for t in rows.values())
 
 
 class _Pending:
@@ -201,26 +215,27 @@ class _Pending:
     def done(self) -> bool:
         if self.future is not None:
             return self.future.done()
-        return bool(self.event.query())
+        return self.event is None or bool(self.event.query())
 
     def wait(self) -> None:
         if self.future is not None:
             self.future.result()
-        else:
+        elif self.event is not None:
             self.event.synchronize()
 
 
 class _Resident:
     """An adapter that holds fast-tier pages (loading or ready)."""
 
-    __slots__ = ("id", "pages", "plist", "ranks", "scales", "nbytes", "refs", "ready", "pending")
+    __slots__ = ("id", "pages", "npages", "plist", "flat", "mods", "nbytes", "refs", "ready", "pending")
 
     def __init__(self, adapter_id: str) -> None:
         self.id = adapter_id
-        self.pages: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # module index -> int32 pages
+        self.pages: dict[int, torch.Tensor] = {}  # allocator pool -> int32 pages (as _HostCopy.rows)
+        self.npages: dict[int, Any] = {}  # the same as numpy arrays (for tables)
         self.plist: list[tuple[int, torch.Tensor]] = []  # (allocator pool, pages), for free()
-        self.ranks: dict[int, int] = {}
-        self.scales: dict[int, float] = {}
+        self.flat: tuple[Any, Any] = (None, None)  # (pool of each page, page) int32 arrays, for plans
+        self.mods: dict[int, tuple[int, int, int, float]] = {}  # as _HostCopy.mods
         self.nbytes = 0
         self.refs = 0
         self.ready = False
@@ -585,10 +600,7 @@ class AdapterPool:
         if self.disk_dir is None or src is None or isinstance(src, str):
             return
         path = os.path.join(self.disk_dir, hashlib.sha256(adapter_id.encode()).hexdigest()[:32] + ".safetensors")
-        mods = {}
-        for mi, (a, bt, scale) in h.mods.items():
-            mods[self.module_names[mi]] = LoraWeights(a, bt.t(), scale)
-        save_adapter_file(Adapter(mods), path)
+        save_adapter_file(self._to_adapter(h.rows, h.mods), path)
         self._reg[adapter_id] = path
         self._spilled.add(adapter_id)
         self._stats["spills"] += 1
@@ -610,17 +622,60 @@ class AdapterPool:
         else:
             adapter = source()
         self._check_adapter(adapter, "the loaded adapter")
-        pin = self._cuda
+        return self._host_copy(adapter)
+
+    def _layout(self, ranks: dict[int, int]) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
+        """Rows per allocator pool and each module's (a_off, b_off), for module index -> rank."""
+        count: dict[int, int] = {}
+        offs = {}
+        for mi, r in ranks.items():
+            pa, pb = self._mod_pools[mi]
+            ao = count.get(pa, 0)
+            count[pa] = ao + r
+            bo = count.get(pb, 0)
+            count[pb] = bo + r
+            offs[mi] = (ao, bo)
+        return count, offs
+
+    def _host_copy(self, adapter: Adapter) -> _HostCopy:
+        ranks = {self._index[n]: w.rank for n, w in adapter.modules.items() if w.rank > 0}
+        count, offs = self._layout(ranks)
+        parts: dict[int, list[torch.Tensor]] = {pid: [] for pid in count}
         mods = {}
         for name, w in adapter.modules.items():
-            if w.rank == 0:
+            mi = self._index[name]
+            r = ranks.get(mi, 0)
+            if r == 0:
                 continue
-            a = w.a.detach().to(device="cpu", dtype=self.dtype).contiguous()
-            bt = w.b.detach().t().to(device="cpu", dtype=self.dtype).contiguous()
-            if pin:
-                a, bt = a.pin_memory(), bt.pin_memory()
-            mods[self._index[name]] = (a, bt, float(w.scale))
-        return _HostCopy(mods)
+            pa, pb = self._mod_pools[mi]
+            ao, bo = offs[mi]
+            # _layout hands out offsets in this same order, so appending keeps them right.
+            parts[pa].append(w.a.detach())
+            parts[pb].append(w.b.detach().t())
+            mods[mi] = (ao, bo, r, float(w.scale))
+        rows = {}
+        for pid, n in count.items():
+            d = self._views[pid].shape[1]
+            out = torch.empty(n, d, dtype=self.dtype, pin_memory=self._cuda)
+            ts = parts[pid]
+            if all(t.dtype == self.dtype and t.device.type == "cpu" for t in ts):
+                torch.cat(ts, out=out)  # one copy for all modules of this row length
+            else:
+                o = 0
+                for t in ts:
+                    out[o : o + t.shape[0]].copy_(t)
+                    o += t.shape[0]
+            rows[pid] = out
+        return _HostCopy(rows, mods)
+
+    def _to_adapter(self, rows: dict[int, torch.Tensor], mods: dict[int, tuple[int, int, int, float]]) -> Adapter:
+        out = {}
+        for mi, (ao, bo, r, scale) in mods.items():
+            pa, pb = self._mod_pools[mi]
+            a = rows[pa][ao : ao + r].clone()
+            b = rows[pb][bo : bo + r].t().contiguous()
+            out[self.module_names[mi]] = LoraWeights(a, b, scale)
+        return Adapter(out)
 
     def _submit_fetch(self, adapter_id: str) -> None:
         src = self._reg[adapter_id]
@@ -639,12 +694,17 @@ class AdapterPool:
                 self._errors[a] = exc
                 self._stats["load_errors"] += 1
                 continue
-            h = fut.result()
-            self._stats["fetches"] += 1
-            self._stats["bytes_disk_to_host"] += h.nbytes
-            self._host_put(a, h)
-            if a not in self._res:
-                self._wanted[a] = h
+            self._fetched(a, fut.result())
+        self._reap_loads()
+
+    def _fetched(self, a: str, h: _HostCopy) -> None:
+        self._stats["fetches"] += 1
+        self._stats["bytes_disk_to_host"] += h.nbytes
+        self._host_put(a, h)
+        if a not in self._res:
+            self._wanted[a] = h
+
+    def _reap_loads(self) -> None:
         for a in list(self._loading):
             e = self._res[a]
             if not e.pending.done():
@@ -663,12 +723,7 @@ class AdapterPool:
                 self._lru_add(e)
 
     def _requests_of(self, h: _HostCopy) -> list[tuple[int, int]]:
-        req = []
-        for mi, (a, _, _) in h.mods.items():
-            pa, pb = self._mod_pools[mi]
-            req.append((pa, a.shape[0]))
-            req.append((pb, a.shape[0]))
-        return req
+        return [(pid, t.shape[0]) for pid, t in h.rows.items()]
 
     def _drop_resident(self, e: _Resident) -> None:
         """Frees an adapter's pages (lock held; it must not be referenced or loading)."""
@@ -683,15 +738,11 @@ class AdapterPool:
         e = self._res[adapter_id]
         if adapter_id not in self._host and self.host_capacity_bytes != 0:
             # Demote: copy the pages out so a reload needs no trip to the source.
-            mods = {}
-            for mi, (pa, pb) in e.pages.items():
-                va, vb = (self._views[p] for p in self._mod_pools[mi])
-                a = va.index_select(0, pa.to(self.device, torch.long)).cpu()
-                bt = vb.index_select(0, pb.to(self.device, torch.long)).cpu()
-                if self._cuda:
-                    a, bt = a.pin_memory(), bt.pin_memory()
-                mods[mi] = (a, bt, e.scales[mi])
-            h = _HostCopy(mods)
+            rows = {}
+            for pid, pages in e.pages.items():
+                t = self._views[pid].index_select(0, pages.to(self.device, torch.long)).cpu()
+                rows[pid] = t.pin_memory() if self._cuda else t
+            h = _HostCopy(rows, dict(e.mods))
             self._stats["bytes_fast_to_host"] += h.nbytes
             self._host_put(adapter_id, h)
         self._drop_resident(e)
@@ -704,12 +755,8 @@ class AdapterPool:
             return self._requests_of(h)
         src = self._reg[adapter_id]
         if isinstance(src, Adapter):
-            req = []
-            for name, w in src.modules.items():
-                if w.rank > 0:
-                    pa, pb = self._mod_pools[self._index[name]]
-                    req += [(pa, w.rank), (pb, w.rank)]
-            return req
+            count, _ = self._layout({self._index[n]: w.rank for n, w in src.modules.items() if w.rank > 0})
+            return list(count.items())
         return None
 
     def _fit(self, requests: list[tuple[int, int]], protect: set[str], strict: bool, what: str) -> int:
@@ -743,7 +790,7 @@ class AdapterPool:
         k = self._fit(requests, protect, strict, f"the {len(ids)} adapter(s) to load")
         if k < 0:
             return []
-        victims = [a for a in self._lru if a not in protect][:k]
+        victims = self._victims(protect, k)
         for v in victims:
             self._evict(v)
         got = self._alloc.alloc(requests)
@@ -752,13 +799,18 @@ class AdapterPool:
         i = 0
         for a, h in zip(ids, hosts):
             e = _Resident(a)
-            for mi, (ta, _, scale) in h.mods.items():
-                pa, pb = got[i], got[i + 1]
-                i += 2
-                e.pages[mi] = (pa, pb)
-                e.plist += [(self._mod_pools[mi][0], pa), (self._mod_pools[mi][1], pb)]
-                e.ranks[mi] = ta.shape[0]
-                e.scales[mi] = scale
+            for pid in h.rows:
+                pages = got[i]
+                i += 1
+                e.pages[pid] = pages
+                e.npages[pid] = pages.numpy()
+                e.plist.append((pid, pages))
+            e.mods = h.mods
+            if e.plist:
+                e.flat = (
+                    np.concatenate([np.full(p.numel(), pid, dtype=np.int32) for pid, p in e.plist]),
+                    np.concatenate([e.npages[pid] for pid, _ in e.plist]),
+                )
             e.nbytes = h.nbytes
             self._res[a] = e
             self._wanted.pop(a, None)
@@ -772,23 +824,36 @@ class AdapterPool:
         """How many LRU victims (outside protect) must go for `requests` to fit; -1 if impossible."""
         if self._alloc.plan_evictions(requests, []) == 0:
             return 0
-        cands = [a for a in self._lru if a not in protect]
-        n = min(len(cands), 16)
+        # The LRU may hold many thousands: look at its oldest few first, more only if needed.
+        n = 16
         while True:
-            lists = [self._res[a].plist for a in cands[:n]]
-            k = self._alloc.plan_evictions(requests, lists)
-            if k >= 0 or n >= len(cands):
+            cands = self._victims(protect, n)
+            flats = [self._res[a].flat for a in cands]
+            offsets = np.zeros(len(cands) + 1, dtype=np.int64)
+            np.cumsum([0 if f[0] is None else len(f[0]) for f in flats], out=offsets[1:])
+            pools = [f[0] for f in flats if f[0] is not None]
+            pages = [f[1] for f in flats if f[1] is not None]
+            k = self._alloc.plan_evictions_flat(
+                requests,
+                torch.from_numpy(np.concatenate(pools) if pools else np.zeros(0, np.int32)),
+                torch.from_numpy(np.concatenate(pages) if pages else np.zeros(0, np.int32)),
+                torch.from_numpy(offsets),
+            )
+            if k >= 0 or len(cands) < n:
                 return k
-            n = min(len(cands), 4 * n)
+            n *= 4
+
+    def _victims(self, protect: set[str], n: int) -> list[str]:
+        """The n oldest evictable adapters outside protect (fewer if there are not n)."""
+        return list(itertools.islice((a for a in self._lru if a not in protect), n))
 
     def _start_copy(self, e: _Resident, h: _HostCopy) -> _Pending:
-        jobs = []
-        for mi, (a, bt, _) in h.mods.items():
-            pa, pb = e.pages[mi]
-            va, vb = (self._views[p] for p in self._mod_pools[mi])
-            jobs.append((va, pa, a))
-            jobs.append((vb, pb, bt))
+        jobs = [(self._views[pid], e.pages[pid], rows) for pid, rows in h.rows.items()]
         if not self._cuda:
+            if h.nbytes <= _INLINE_COPY_BYTES:
+                # A small memcpy costs less than handing it to a thread (and the GIL back).
+                _copy_rows(jobs)
+                return _Pending()
             return _Pending(future=self._copier.submit(_copy_rows, jobs))
         # CUDA: on the side stream, after every step released so far (their kernels may still
         # read pages we are about to overwrite), host -> device -> scatter into the pages.
@@ -843,8 +908,16 @@ class AdapterPool:
                         break
                     for a in todo:
                         if a not in self._fetching:
-                            self._submit_fetch(a)
-                    cf.wait([self._fetching[a][0] for a in todo])
+                            # We block anyway: read it here rather than hand it to a thread.
+                            try:
+                                h = self._materialise(self._reg[a])
+                            except Exception as exc:
+                                self._stats["load_errors"] += 1
+                                raise AdapterLoadError(f"loading adapter {a!r} failed: {exc!r}") from exc
+                            self._fetched(a, h)
+                    busy = [self._fetching[a][0] for a in todo if a in self._fetching]
+                    if busy:
+                        cf.wait(busy)
                     self._reap()
                     failed = [a for a in todo if a in self._errors]
                     if failed:
@@ -864,6 +937,7 @@ class AdapterPool:
                     self._wanted.pop(a, None)
                 elif not self._promote([a], protect, strict=False):
                     self._wanted.pop(a, None)  # no room now; it stays in the host tier
+            self._reap_loads()  # inline copies are done already
             if wait:
                 for a in distinct:
                     e = self._res[a]
@@ -918,13 +992,11 @@ class AdapterPool:
             e = self._res.get(adapter_id)
             if e is None or not e.ready:
                 raise ValueError(f"adapter {adapter_id!r} is not in the fast tier (residency {self.residency(adapter_id)!r})")
-            out = {}
-            for mi, (pa, pb) in e.pages.items():
-                va, vb = (self._views[p] for p in self._mod_pools[mi])
-                a = va.index_select(0, pa.to(self.device, torch.long)).cpu()
-                b = vb.index_select(0, pb.to(self.device, torch.long)).cpu().t().contiguous()
-                out[self.module_names[mi]] = LoraWeights(a, b, e.scales[mi])
-            return out
+            rows = {
+                pid: self._views[pid].index_select(0, pages.to(self.device, torch.long)).cpu()
+                for pid, pages in e.pages.items()
+            }
+            return self._to_adapter(rows, e.mods).modules
 
     def check_invariants(self) -> None:
         """Raises AssertionError/RuntimeError if any bookkeeping invariant is broken (for tests)."""
@@ -982,6 +1054,7 @@ class Step:
         self._released = False
         self._tables: dict[str, ModuleTables] = {}
         self._plans: dict[int, tuple[torch.Tensor, BatchPlan]] = {}
+        self._concat: dict[int, tuple[Any, Any]] = {}
         self.num_slots = len(entries)
         self.adapter_ids: list[str] = [e.id for e in entries]  # slot -> adapter id
         self.ready: list[bool] = ready
@@ -999,26 +1072,27 @@ class Step:
         if mi is None:
             raise KeyError(f"unknown module {module!r}; the pool's modules are e.g. {pool.module_names[:3]}")
         S = self.num_slots
-        ranks = [e.ranks.get(mi, 0) for e in self._entries]
-        R = max(ranks, default=0)
+        pa, pb = pool._mod_pools[mi]
+        mods = [e.mods.get(mi) for e in self._entries]
+        ranks = np.array([0 if m is None else m[2] for m in mods], dtype=np.int64)
+        R = int(ranks.max()) if S else 0
         # One int32 buffer: a_pages, b_pages, ranks, scales (bit-cast), so CUDA needs one copy.
-        buf = torch.zeros(2 * S * R + 2 * S, dtype=torch.int32)
-        a_pages = buf[: S * R].view(S, R)
-        b_pages = buf[S * R : 2 * S * R].view(S, R)
-        for s, e in enumerate(self._entries):
-            p = e.pages.get(mi)
-            if p is not None:
-                r = ranks[s]
-                a_pages[s, :r] = p[0]
-                b_pages[s, :r] = p[1]
-        buf[2 * S * R : 2 * S * R + S] = torch.tensor(ranks, dtype=torch.int32)
-        buf[2 * S * R + S :].view(torch.float32)[:] = torch.tensor(
-            [e.scales.get(mi, 0.0) for e in self._entries], dtype=torch.float32
-        )
+        nbuf = np.zeros(2 * S * R + 2 * S, dtype=np.int32)
+        if R:
+            # Vectorised gather: slot s's pages are entries a_off..a_off+r of its adapter's
+            # pages of row length `in` (likewise for B); no Python loop over slots x ranks.
+            total = int(ranks.sum())
+            within = np.arange(total) - np.repeat(np.cumsum(ranks) - ranks, ranks)
+            dst = np.repeat(np.arange(S) * R, ranks) + within
+            for k, (pid, col) in enumerate(((pa, 0), (pb, 1))):
+                cat, base = self._concat_pages(pid)
+                off = np.array([0 if m is None else m[col] for m in mods], dtype=np.int64)
+                nbuf[k * S * R : (k + 1) * S * R][dst] = cat[np.repeat(base + off, ranks) + within]
+        nbuf[2 * S * R : 2 * S * R + S] = ranks
+        nbuf[2 * S * R + S :].view(np.float32)[:] = [0.0 if m is None else m[3] for m in mods]
+        buf = torch.from_numpy(nbuf)
         if pool._cuda:
             buf = buf.pin_memory().to(pool.device, non_blocking=True)
-        fin, fout = pool._features[mi]
-        pa, pb = pool._mod_pools[mi]
         t = ModuleTables(
             a_pool=pool._views[pa],
             b_pool=pool._views[pb],
@@ -1029,6 +1103,16 @@ class Step:
         )
         self._tables[module] = t
         return t
+
+    def _concat_pages(self, pid: int) -> tuple[Any, Any]:
+        """(all slots' pages of allocator pool pid concatenated, where each slot's start), cached."""
+        got = self._concat.get(pid)
+        if got is None:
+            arrs = [e.npages.get(pid, _NO_PAGES) for e in self._entries]
+            lens = np.array([len(a) for a in arrs], dtype=np.int64)
+            got = (np.concatenate(arrs) if arrs else _NO_PAGES, np.cumsum(lens) - lens)
+            self._concat[pid] = got
+        return got
 
     def plan(self, tokens_per_request: int) -> tuple[torch.Tensor, BatchPlan]:
         """(token_slot [B*L] int32, its BatchPlan) for L tokens per request, request i's L

@@ -36,7 +36,7 @@ Page bookkeeping for minlora's AdapterPool (csrc/pool/page_allocator.h).
 One arena of arena_bytes, cut into chunks of chunk_bytes; each pool (row length) is a view of
 the whole arena as [arena_bytes // row_bytes, row_length], and a chunk serves one pool at a
 time, so all pools share one budget.  alloc is all-or-nothing; every method is thread-safe
-and releases the GIL while it works.
+(a mutex) and keeps the GIL: the calls are short.
 )doc")
       .def(py::init<int64_t, int64_t>(), py::arg("arena_bytes"), py::arg("chunk_bytes"))
       .def("add_pool", &PageAllocator::add_pool, py::arg("row_bytes"), "Adds a pool; returns its id.")
@@ -62,11 +62,9 @@ and releases the GIL while it works.
       .def(
           "alloc",
           [](PageAllocator& a, const std::vector<Request>& requests) -> py::object {
-            std::optional<std::vector<std::vector<int32_t>>> r;
-            {
-              py::gil_scoped_release nogil;
-              r = a.alloc(requests);
-            }
+            // The GIL stays held: these calls take microseconds, and releasing it would let a
+            // waiting Python thread take it for a whole switch interval.
+            auto r = a.alloc(requests);
             if (!r) return py::none();
             py::list out;
             for (const auto& v : *r) out.append(to_tensor(v));
@@ -77,9 +75,7 @@ and releases the GIL while it works.
       .def(
           "free",
           [](PageAllocator& a, int32_t pool, const at::Tensor& pages) {
-            auto v = to_pages(pages, "pages");
-            py::gil_scoped_release nogil;
-            a.free(pool, v);
+            a.free(pool, to_pages(pages, "pages"));
           },
           py::arg("pool"), py::arg("pages"))
       .def(
@@ -93,12 +89,40 @@ and releases the GIL while it works.
               for (const auto& [pool, t] : cand) lists.emplace_back(pool, to_pages(t, "candidate pages"));
               c.push_back(std::move(lists));
             }
-            py::gil_scoped_release nogil;
             return a.plan_evictions(requests, c);
           },
           py::arg("requests"), py::arg("candidates"),
           "Smallest k such that freeing candidates[:k] (each a list of (pool, pages)) makes requests fit; "
           "-1 if none does.  Changes nothing.")
+      .def(
+          "plan_evictions_flat",
+          [](const PageAllocator& a, const std::vector<Request>& requests, const at::Tensor& pools,
+             const at::Tensor& pages, const at::Tensor& offsets) {
+            // The candidates packed in three arrays (one call, no per-candidate objects):
+            // candidate i owns entries offsets[i]..offsets[i+1] of (pools, pages).
+            const auto pl = to_pages(pools, "pools");
+            const auto pg = to_pages(pages, "pages");
+            if (offsets.scalar_type() != at::kLong || !offsets.device().is_cpu() || offsets.dim() != 1 ||
+                offsets.numel() < 1)
+              throw std::invalid_argument("offsets must be a non-empty 1-D int64 CPU tensor");
+            if (pl.size() != pg.size()) throw std::invalid_argument("pools and pages must have one length");
+            const auto off = offsets.contiguous();
+            const int64_t* o = off.data_ptr<int64_t>();
+            const int64_t n = off.numel() - 1;
+            std::vector<std::vector<PageList>> c(n);
+            for (int64_t i = 0; i < n; ++i) {
+              if (o[i] < 0 || o[i] > o[i + 1] || o[i + 1] > static_cast<int64_t>(pg.size()))
+                throw std::invalid_argument("offsets must be non-decreasing within 0..len(pages)");
+              for (int64_t j = o[i]; j < o[i + 1]; ++j) {
+                if (c[i].empty() || c[i].back().first != pl[j]) c[i].emplace_back(pl[j], std::vector<int32_t>{});
+                c[i].back().second.push_back(pg[j]);
+              }
+            }
+            return a.plan_evictions(requests, c);
+          },
+          py::arg("requests"), py::arg("pools"), py::arg("pages"), py::arg("offsets"),
+          "plan_evictions with the candidates packed: candidate i is (pools[j], pages[j]) for j in "
+          "offsets[i]..offsets[i+1].")
       .def(
           "used_pages", [](const PageAllocator& a, int32_t pool) { return to_tensor(a.used_pages(pool)); },
           py::arg("pool"))

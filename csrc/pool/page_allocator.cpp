@@ -192,18 +192,32 @@ void PageAllocator::free(int32_t pool, const std::vector<int32_t>& pages) {
   std::lock_guard<std::mutex> lock(mu_);
   check_pool(pool);
   const PoolInfo& info = pools_[pool];
-  // Validate everything first so a bad call changes nothing.
-  std::unordered_set<int32_t> seen;
-  seen.reserve(pages.size() * 2);
-  for (int32_t page : pages) {
-    if (page < 0 || page >= info.num_pages)
+  // Validate everything first so a bad call changes nothing.  A page seen in this call is
+  // marked 2 (instead of 1 = allocated) to catch repeats without a hash set; marks are undone
+  // before throwing.
+  auto unmark = [&](size_t upto) {
+    for (size_t i = 0; i < upto; ++i) {
+      Chunk& c = chunks_[chunk_of(pool, pages[i])];
+      c.allocated[pages[i] - c.first] = 1;
+    }
+  };
+  for (size_t i = 0; i < pages.size(); ++i) {
+    const int32_t page = pages[i];
+    if (page < 0 || page >= info.num_pages) {
+      unmark(i);
       throw std::invalid_argument("page " + str(page) + " is outside pool " + str(pool) + "'s " +
                                   str(info.num_pages) + " pages");
-    const Chunk& c = chunks_[chunk_of(pool, page)];
-    if (c.owner != pool || page < c.first || page >= c.first + c.count || !c.allocated[page - c.first])
+    }
+    Chunk& c = chunks_[chunk_of(pool, page)];
+    if (c.owner != pool || page < c.first || page >= c.first + c.count || c.allocated[page - c.first] == 0) {
+      unmark(i);
       throw std::invalid_argument("page " + str(page) + " of pool " + str(pool) + " is not allocated");
-    if (!seen.insert(page).second)
+    }
+    if (c.allocated[page - c.first] == 2) {
+      unmark(i);
       throw std::invalid_argument("page " + str(page) + " of pool " + str(pool) + " is freed twice in one call");
+    }
+    c.allocated[page - c.first] = 2;
   }
   PoolInfo& p = pools_[pool];
   for (int32_t page : pages) {
@@ -242,7 +256,18 @@ int64_t PageAllocator::plan_evictions(const std::vector<Request>& requests,
   std::vector<int32_t> emptied;  // chunks the simulated frees give back, in order
   if (fits_locked(requests, fip, emptied)) return 0;
   std::unordered_map<int32_t, int32_t> used;  // simulated used count of touched chunks
-  std::unordered_set<int64_t> seen;           // (pool, page) already freed in the simulation
+  {
+    // Candidate pages must be distinct (a repeat would be freed twice): sort and compare.
+    std::vector<int64_t> keys;
+    for (const auto& cand : candidates)
+      for (const auto& [pool, pages] : cand)
+        for (int32_t page : pages) keys.push_back((static_cast<int64_t>(pool) << 32) | static_cast<uint32_t>(page));
+    std::sort(keys.begin(), keys.end());
+    const auto dup = std::adjacent_find(keys.begin(), keys.end());
+    if (dup != keys.end())
+      throw std::invalid_argument("candidate page " + str(static_cast<int32_t>(*dup & 0xffffffff)) + " of pool " +
+                                  str(*dup >> 32) + " appears twice");
+  }
   for (size_t v = 0; v < candidates.size(); ++v) {
     for (const auto& [pool, pages] : candidates[v]) {
       check_pool(pool);
@@ -255,9 +280,6 @@ int64_t PageAllocator::plan_evictions(const std::vector<Request>& requests,
         if (c.owner != pool || page < c.first || page >= c.first + c.count || !c.allocated[page - c.first])
           throw std::invalid_argument("candidate page " + str(page) + " of pool " + str(pool) +
                                       " is not allocated");
-        if (!seen.insert((static_cast<int64_t>(pool) << 32) | static_cast<uint32_t>(page)).second)
-          throw std::invalid_argument("candidate page " + str(page) + " of pool " + str(pool) +
-                                      " appears twice");
         auto it = used.find(k);
         if (it == used.end()) it = used.emplace(k, c.used).first;
         it->second -= 1;

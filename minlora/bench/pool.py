@@ -1,0 +1,302 @@
+"""The AdapterPool scale benchmark: a million registered adapters, a Zipf trace of steps.
+
+`run_pool_bench(...)` returns a dict of figures; bench/bench_pool.py (and the future
+`minlora bench pool`) wrap it.  Adapters are synthetic: ranks in min_rank..max_rank, weights
+materialised lazily from a seed by the pool's fetch worker the first time (and every later time
+they come back from "disk"), so registration stores only an id and a tiny loader object.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import time
+import tracemalloc
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..adapter import Adapter, LoraWeights
+from ..pool import AdapterPool
+
+__all__ = ["run_pool_bench", "SeedSource", "synthetic_modules"]
+
+
+def synthetic_modules(layers: int, hidden: int, kv: int) -> dict[str, tuple[int, int]]:
+    """q/k/v/o projections of `layers` layers (a small Llama-like shape)."""
+    mods = {}
+    for i in range(layers):
+        p = f"model.layers.{i}.self_attn"
+        mods[f"{p}.q_proj"] = (hidden, hidden)
+        mods[f"{p}.k_proj"] = (hidden, kv)
+        mods[f"{p}.v_proj"] = (hidden, kv)
+        mods[f"{p}.o_proj"] = (hidden, hidden)
+    return mods
+
+
+class SeedSource:
+    """A loader callable holding only a seed: the adapter's rank and weights derive from it.
+
+    The shape spec lives on the class (set by configure()), so an instance costs one slot.
+    """
+
+    __slots__ = ("seed",)
+    modules: dict[str, tuple[int, int]] = {}
+    min_rank = 1
+    max_rank = 16
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    @classmethod
+    def configure(cls, modules: dict[str, tuple[int, int]], min_rank: int, max_rank: int) -> None:
+        cls.modules, cls.min_rank, cls.max_rank = dict(modules), min_rank, max_rank
+
+    @classmethod
+    def rank_of(cls, seed: int) -> int:
+        # A cheap integer hash (Knuth's multiplicative) spreads ranks evenly over the seeds.
+        return cls.min_rank + (seed * 2654435761 % (1 << 32)) % (cls.max_rank - cls.min_rank + 1)
+
+    def __call__(self) -> Adapter:
+        r = self.rank_of(self.seed)
+        g = torch.Generator().manual_seed(self.seed)
+        # One draw for all of the adapter's weights, cut into views (cheaper than one per matrix).
+        flat = torch.randn(r * sum(fin + fout for fin, fout in self.modules.values()), generator=g)
+        mods = {}
+        o = 0
+        for name, (fin, fout) in self.modules.items():
+            a = flat[o : o + r * fin].view(r, fin)
+            o += r * fin
+            b = flat[o : o + r * fout].view(fout, r)
+            o += r * fout
+            mods[name] = LoraWeights(a, b, 2.0 / r)
+        return Adapter(mods)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _zipf_trace(n: int, s: float, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` draws of adapter indices with P(rank k) ~ k^-s, ranks shuffled over the indices."""
+    w = np.arange(1, n + 1, dtype=np.float64) ** -s
+    cdf = np.cumsum(w)
+    cdf /= cdf[-1]
+    ranks = np.searchsorted(cdf, rng.random(count), side="right")
+    ranks = np.minimum(ranks, n - 1)
+    perm = rng.permutation(n)
+    return perm[ranks]
+
+
+def run_pool_bench(
+    num_adapters: int = 1_000_000,
+    steps: int = 100_000,
+    batch: int = 32,
+    zipf_s: float = 1.1,
+    fast_fraction: float = 0.01,
+    host_fraction: float = 0.05,
+    min_rank: int = 1,
+    max_rank: int = 16,
+    layers: int = 1,
+    hidden: int = 64,
+    kv: int = 16,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    wait: bool = True,
+    tables: bool = True,
+    seed: int = 0,
+    memory_sample: int = 100_000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Registers `num_adapters` synthetic adapters and runs a Zipf(zipf_s) trace of `steps`
+    steps x `batch` requests with a fast tier holding `fast_fraction` of the adapters' total
+    bytes (host tier: `host_fraction`).  Every step prepares its batch (wait=True: it waits for
+    its loads), builds every module's tables and the decode plan, and releases.
+
+    Returns the figures: registration time and host bytes per registered adapter, hit rate,
+    steps per second, evictions and bytes moved per tier.
+    """
+    modules = synthetic_modules(layers, hidden, kv)
+    SeedSource.configure(modules, min_rank, max_rank)
+    es = torch.empty((), dtype=dtype).element_size()
+    row_elems = sum(fin + fout for fin, fout in modules.values())
+    mean_rank = (min_rank + max_rank) / 2
+    mean_bytes = mean_rank * row_elems * es
+    fast_bytes = int(fast_fraction * num_adapters * mean_bytes)
+    host_bytes = int(host_fraction * num_adapters * mean_bytes)
+    out: dict[str, Any] = dict(
+        num_adapters=num_adapters,
+        steps=steps,
+        batch=batch,
+        zipf_s=zipf_s,
+        fast_fraction=fast_fraction,
+        host_fraction=host_fraction,
+        ranks=f"{min_rank}..{max_rank}",
+        modules=len(modules),
+        module_shapes=sorted(set(modules.values())),
+        dtype=str(dtype).replace("torch.", ""),
+        device=device,
+        wait=wait,
+        mean_adapter_bytes=mean_bytes,
+        fast_capacity_bytes=fast_bytes,
+        host_capacity_bytes=host_bytes,
+    )
+
+    # Host memory per registered-but-unloaded adapter, with tracemalloc on a sample: the id
+    # string, the loader object and the pool's dict entry (everything registration keeps).
+    sample = min(memory_sample, num_adapters)
+    if sample > 0:
+        probe = AdapterPool(modules, dtype=dtype, device=device, capacity_bytes=max(fast_bytes, 1 << 20))
+        gc.collect()
+        tracemalloc.start()
+        t0, _ = tracemalloc.get_traced_memory()
+        for i in range(sample):
+            probe.register(f"adapter-{i:07d}", SeedSource(i))
+        t1, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        out["host_bytes_per_adapter_tracemalloc"] = (t1 - t0) / sample
+        out["memory_sample"] = sample
+        probe.close()
+        del probe
+        gc.collect()
+
+    pool = AdapterPool(
+        modules, dtype=dtype, device=device, capacity_bytes=fast_bytes, host_capacity_bytes=host_bytes,
+        max_slots=max(batch, 1),
+    )
+    gc.collect()
+    rss0 = _rss_bytes()
+    t0 = time.perf_counter()
+    ids = []
+    for i in range(num_adapters):
+        aid = f"adapter-{i:07d}"
+        pool.register(aid, SeedSource(i))
+        ids.append(aid)
+    reg_s = time.perf_counter() - t0
+    rss1 = _rss_bytes()
+    out["registration_s"] = reg_s
+    out["registration_us_per_adapter"] = reg_s / max(num_adapters, 1) * 1e6
+    # Includes the benchmark's own list of the ids (8 bytes a pointer).
+    out["host_bytes_per_adapter_rss"] = (rss1 - rss0) / max(num_adapters, 1)
+
+    rng = np.random.default_rng(seed)
+    trace = _zipf_trace(num_adapters, zipf_s, steps * batch, rng).reshape(steps, batch) if steps else None
+    names = pool.module_names
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, desc="pool trace", unit="step", mininterval=1.0)
+        except ImportError:
+            bar = None
+    not_ready = 0
+    t0 = time.perf_counter()
+    for k in range(steps):
+        req = [ids[j] for j in trace[k]]
+        with pool.prepare(req, wait=wait) as step:
+            not_ready += step.ready.count(False)
+            if tables:
+                for m in names:
+                    step.tables(m)
+                step.plan(1)
+        if bar is not None and k % 100 == 99:
+            bar.update(100)
+    trace_s = time.perf_counter() - t0
+    if bar is not None:
+        bar.update(steps - bar.n)
+        bar.close()
+    s = pool.stats()
+    pool.close()
+    out.update(
+        trace_s=trace_s,
+        steps_per_s=steps / trace_s if trace_s > 0 else float("nan"),
+        requests_per_s=steps * batch / trace_s if trace_s > 0 else float("nan"),
+        hit_rate=s["hit_rate"],
+        hits=s["hits"],
+        misses=s["misses"],
+        not_ready_requests=not_ready,
+        fetches=s["fetches"],
+        promotions=s["promotions"],
+        evictions=s["evictions"],
+        host_evictions=s["host_evictions"],
+        bytes_disk_to_host=s["bytes_disk_to_host"],
+        bytes_host_to_fast=s["bytes_host_to_fast"],
+        bytes_fast_to_host=s["bytes_fast_to_host"],
+        resident_adapters=s["resident"],
+        host_resident_adapters=s["host_resident"],
+        fast_used_bytes=s["fast_used_bytes"],
+        chunk_bytes=s["chunk_bytes"],
+    )
+    return out
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """A short human-readable summary of run_pool_bench's dict."""
+    gib = 1 << 30
+    lines = [
+        f"adapters registered:       {r['num_adapters']:,} (ranks {r['ranks']}, {r['modules']} modules, {r['dtype']})",
+        f"registration:              {r['registration_s']:.2f} s ({r['registration_us_per_adapter']:.2f} us/adapter)",
+        f"host bytes/adapter:        {r.get('host_bytes_per_adapter_tracemalloc', float('nan')):.0f} (tracemalloc, "
+        f"{r.get('memory_sample', 0):,} sample), {r['host_bytes_per_adapter_rss']:.0f} (RSS delta, all)",
+        f"fast tier:                 {r['fast_capacity_bytes'] / 2**20:.1f} MiB "
+        f"({r['fast_fraction']:.1%} of all adapters' bytes), {r['resident_adapters']:,} resident at the end",
+        f"trace:                     {r['steps']:,} steps x {r['batch']} requests, Zipf({r['zipf_s']})",
+        f"hit rate:                  {r['hit_rate']:.4f} ({r['hits']:,} hits, {r['misses']:,} misses)",
+        f"steps/s:                   {r['steps_per_s']:.1f} ({r['requests_per_s']:.0f} requests/s, {r['trace_s']:.1f} s)",
+        f"evictions:                 {r['evictions']:,} fast, {r['host_evictions']:,} host",
+        f"bytes moved:               disk->host {r['bytes_disk_to_host'] / gib:.3f} GiB, host->fast "
+        f"{r['bytes_host_to_fast'] / gib:.3f} GiB, fast->host {r['bytes_fast_to_host'] / gib:.3f} GiB",
+    ]
+    return "\n".join(lines)
+
+
+def main_args(argv: Optional[list[str]] = None) -> dict[str, Any]:  # pragma: no cover - thin CLI glue
+    """Parses the benchmark's command line (shared by bench/bench_pool.py and the CLI)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="AdapterPool scale benchmark (a million adapters, a Zipf trace).")
+    p.add_argument("--adapters", type=int, default=1_000_000)
+    p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--zipf", type=float, default=1.1)
+    p.add_argument("--fast-fraction", type=float, default=0.01, help="fast tier size, a fraction of all adapters' bytes")
+    p.add_argument("--host-fraction", type=float, default=0.05, help="host tier size, likewise")
+    p.add_argument("--min-rank", type=int, default=1)
+    p.add_argument("--max-rank", type=int, default=16)
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--kv", type=int, default=16)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-wait", action="store_true", help="prepare(wait=False): steps never block on loads")
+    p.add_argument("--no-tables", action="store_true", help="skip building the page tables and plan each step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-sample", type=int, default=100_000)
+    p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    return dict(
+        kwargs=dict(
+            num_adapters=a.adapters,
+            steps=a.steps,
+            batch=a.batch,
+            zipf_s=a.zipf,
+            fast_fraction=a.fast_fraction,
+            host_fraction=a.host_fraction,
+            min_rank=a.min_rank,
+            max_rank=a.max_rank,
+            layers=a.layers,
+            hidden=a.hidden,
+            kv=a.kv,
+            dtype=getattr(torch, a.dtype),
+            device=a.device,
+            wait=not a.no_wait,
+            tables=not a.no_tables,
+            seed=a.seed,
+            memory_sample=a.memory_sample,
+            progress=not a.no_progress,
+        ),
+        json=a.json,
+    )
