@@ -238,9 +238,12 @@ def _add_lora(state: _State, name: str, x: torch.Tensor, y: torch.Tensor) -> tor
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     args = (t.a_pool, t.b_pool, t.a_pages, t.b_pages, t.ranks, t.scales, token_slot)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or t.a_pool.requires_grad or t.b_pool.requires_grad)
-    if needs_grad or not y.is_contiguous() or y._base is not None:
-        # Autograd (training) or a y we must not write into: out of place, differentiable.
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or y.requires_grad or t.a_pool.requires_grad or t.b_pool.requires_grad
+    )
+    if needs_grad or not y.is_contiguous():
+        # Autograd is recording (the in-place op has no autograd), or y's layout does not let us
+        # write [T, out] rows into it: out of place, through the differentiable op.
         delta = ops.lora(x2, *args, plan=plan)
         return y + delta.view(y.shape)
     # Inference: accumulate into the base layer's fresh output (saves a pass over y).

@@ -200,3 +200,21 @@ def test_target_modules_subset_and_contexts(setups, tmp_path):
         minlora.patch(model.model, pool)  # names are the CausalLM's, not its inner model's
     with pytest.raises(ValueError, match="selects none"):
         minlora.patch(model, pool, target_modules=["nothing"])
+
+
+def test_plan_built_once_per_forward(setups):
+    """One build_plan per forward, shared by every patched layer (counted by the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    s = setups["llama"]
+    layers = sum(isinstance(m, PatchedLayer) for m in s.model.modules())
+    ids = _ids(4, 5, seed=7)
+    with torch.no_grad(), minlora.adapters(s.model, ["a1", None, "a2", "a1"]):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            s.model(ids)
+            s.model(ids)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("minlora::build_plan") == 2
+    # Inference accumulates in place into the base layer's output, one planned op per layer.
+    assert counts.get("minlora::lora_forward_planned_add_") == 2 * layers
+    assert "minlora::lora_forward" not in counts
