@@ -110,6 +110,21 @@ def test_backward_matches_reference(dtype):
     assert torch.all(got[2][~case.used_b_pages] == 0)
 
 
+@pytest.mark.parametrize("weights", [[1, 1, 1], [20, 20, 1]], ids=["short-segments", "long-segments"])
+def test_backward_pages_shared_by_slots_and_ranks(weights):
+    """Gradients of a page used by two slots, or twice within one slot, accumulate."""
+    case = make_case(60, 40, 30, [4, 4, 3], torch.float32, slot_weights=weights)
+    case.a_pages[1, :4] = case.a_pages[0, :4]
+    case.b_pages[1, :4] = case.b_pages[0, :4]
+    case.a_pages[2, 1] = case.a_pages[2, 0]
+    case.b_pages[2, 2] = case.b_pages[0, 1]
+    case.a_pool[torch.isnan(case.a_pool)] = 0.5  # pages freed by the sharing stay finite
+    case.b_pool[torch.isnan(case.b_pool)] = 0.5
+    grad_y = torch.randn(60, 30)
+    for got, want in zip(minlora.ops.lora_backward(grad_y, *case.args()), lora_backward_ref(grad_y, *case.args())):
+        assert rel_error(got, want) <= 3e-5
+
+
 def test_backward_with_plan_and_mask():
     case = make_case(60, 32, 24, [4, 8, 2], torch.float32, slot_weights=[5, 1, 2])
     grad_y = torch.randn(60, 24)

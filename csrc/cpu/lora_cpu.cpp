@@ -27,6 +27,17 @@ struct ShrinkExpand {
   at::Tensor x, shrink_pool, shrink_pages, expand_pool, expand_pages;
 };
 
+// <v, page> over len elements, in acc precision.
+template <typename scalar_t>
+acc_type<scalar_t> dot(const scalar_t* v, const scalar_t* page, int64_t len) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t acc = 0;
+  // simd reduction: without it the compiler keeps the float sum sequential (no reassociation).
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < len; ++k) acc += static_cast<acc_t>(v[k]) * static_cast<acc_t>(page[k]);
+  return acc;
+}
+
 template <typename scalar_t>
 void token_shrink_expand(const scalar_t* x_row, scalar_t* y_row, const scalar_t* shrink_pool,
                          const int32_t* shrink_pages, const scalar_t* expand_pool, const int32_t* expand_pages,
@@ -34,12 +45,7 @@ void token_shrink_expand(const scalar_t* x_row, scalar_t* y_row, const scalar_t*
                          acc_type<scalar_t>* h, acc_type<scalar_t>* y_acc) {
   using acc_t = acc_type<scalar_t>;
   for (int64_t j = 0; j < rank; ++j) {
-    const scalar_t* page = shrink_pool + static_cast<int64_t>(shrink_pages[j]) * in;
-    acc_t acc = 0;
-    // simd reduction: without it the compiler keeps the float sum sequential (no reassociation).
-#pragma omp simd reduction(+ : acc)
-    for (int64_t k = 0; k < in; ++k) acc += static_cast<acc_t>(x_row[k]) * static_cast<acc_t>(page[k]);
-    h[j] = acc * scale;
+    h[j] = dot(x_row, shrink_pool + static_cast<int64_t>(shrink_pages[j]) * in, in) * scale;
   }
   for (int64_t c = 0; c < out; ++c) y_acc[c] = static_cast<acc_t>(y_row[c]);
   for (int64_t j = 0; j < rank; ++j) {
@@ -64,25 +70,31 @@ void segment_gemm(at::Tensor& y, const ShrinkExpand& op, const at::Tensor& rows,
   y.index_copy_(0, rows, ys.to(y.scalar_type()));
 }
 
+// Slots with tokens and a non-zero rank, split by segment length: (short, long).
+std::pair<std::vector<int64_t>, std::vector<int64_t>> split_slots(const at::Tensor& ranks, const Plan& plan) {
+  const int32_t* rk = ranks.data_ptr<int32_t>();
+  const int32_t* seg = plan.seg_offsets.data_ptr<int32_t>();
+  std::vector<int64_t> short_slots, long_slots;
+  for (int64_t s = 0; s < ranks.size(0); ++s) {
+    const int64_t n = seg[s + 1] - seg[s];
+    if (n == 0 || rk[s] == 0) continue;
+    (n >= kGemmMinTokens ? long_slots : short_slots).push_back(s);
+  }
+  return {short_slots, long_slots};
+}
+
 void shrink_expand_add(at::Tensor& y, const ShrinkExpand& op, const at::Tensor& ranks, const at::Tensor& scales,
                        const Plan& plan) {
-  const int64_t S = ranks.size(0);
   const int64_t in = op.x.size(1), out = y.size(1), R = op.shrink_pages.size(1);
   const int32_t* rk = ranks.data_ptr<int32_t>();
   const float* sc = scales.data_ptr<float>();
   const int32_t* seg = plan.seg_offsets.data_ptr<int32_t>();
   const int32_t* order = plan.order.data_ptr<int32_t>();
 
-  std::vector<int64_t> short_slots;
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t n = seg[s + 1] - seg[s];
-    if (n == 0 || rk[s] == 0) continue;
-    if (n >= kGemmMinTokens) {
-      const auto rows = plan.order.narrow(0, seg[s], n).to(at::kLong);
-      segment_gemm(y, op, rows, s, rk[s], sc[s]);
-    } else {
-      short_slots.push_back(s);
-    }
+  const auto [short_slots, long_slots] = split_slots(ranks, plan);
+  for (const int64_t s : long_slots) {
+    const auto rows = plan.order.narrow(0, seg[s], seg[s + 1] - seg[s]).to(at::kLong);
+    segment_gemm(y, op, rows, s, rk[s], sc[s]);
   }
   if (short_slots.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "minlora_shrink_expand", [&] {
@@ -109,6 +121,104 @@ void shrink_expand_add(at::Tensor& y, const ShrinkExpand& op, const at::Tensor& 
   });
 }
 
+
+// grad[pages[j], c] += coef[j] * v[c] for j < rank and c in [c0, c1), in acc precision.
+// Called per column range, so threads never share a grad element even when pages repeat.
+template <typename scalar_t, typename acc_t>
+void add_rank1_rows(acc_t* grad, int64_t len, const int32_t* pages, int64_t rank, const acc_t* coef,
+                    const scalar_t* v, int64_t c0, int64_t c1) {
+  for (int64_t j = 0; j < rank; ++j) {
+    acc_t* row = grad + static_cast<int64_t>(pages[j]) * len;
+    const acc_t cj = coef[j];
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) row[c] += cj * static_cast<acc_t>(v[c]);
+  }
+}
+
+// grad[pages[j]] += d[j] for j < rank (d: [rank, len]), parallel over columns so repeated pages are safe.
+template <typename acc_t>
+void add_rows(acc_t* grad, int64_t len, const int32_t* pages, int64_t rank, const acc_t* d) {
+  at::parallel_for(0, len, 512, [&](int64_t c0, int64_t c1) {
+    for (int64_t j = 0; j < rank; ++j) {
+      acc_t* row = grad + static_cast<int64_t>(pages[j]) * len;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) row[c] += d[j * len + c];
+    }
+  });
+}
+
+// grad_a[pa_j] += scale_s (B_s^T g_t)_j x_t and grad_b[pb_j] += scale_s (A_s x_t)_j g_t for every token
+// (grad_a or grad_b undefined when not wanted).  Long segments: two matrix products each, the
+// [r, len] result added row by row; short segments: the per-token rank vectors first (parallel
+// over slots), then rank-1 row updates (parallel over columns).
+void pool_grads(at::Tensor& grad_a, at::Tensor& grad_b, const at::Tensor& g, const LoraArgs& args, const Plan& plan) {
+  const int64_t in = args.in_features(), out = args.out_features(), R = args.max_rank();
+  const int32_t* rk = args.ranks.data_ptr<int32_t>();
+  const float* sc = args.scales.data_ptr<float>();
+  const int32_t* seg = plan.seg_offsets.data_ptr<int32_t>();
+  const int32_t* order = plan.order.data_ptr<int32_t>();
+  const int32_t* a_pages = args.a_pages.data_ptr<int32_t>();
+  const int32_t* b_pages = args.b_pages.data_ptr<int32_t>();
+  const auto [short_slots, long_slots] = split_slots(args.ranks, plan);
+  const auto acc = grad_a.defined() ? grad_a.scalar_type() : grad_b.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(), "minlora_pool_grads", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* x = args.x.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* a_pool = args.a_pool.data_ptr<scalar_t>();
+    const scalar_t* b_pool = args.b_pool.data_ptr<scalar_t>();
+    acc_t* ga = grad_a.defined() ? grad_a.data_ptr<acc_t>() : nullptr;
+    acc_t* gb = grad_b.defined() ? grad_b.data_ptr<acc_t>() : nullptr;
+
+    for (const int64_t s : long_slots) {
+      const int64_t n = seg[s + 1] - seg[s], r = rk[s];
+      const auto rows = plan.order.narrow(0, seg[s], n).to(at::kLong);
+      const auto xs = args.x.index_select(0, rows).to(acc);
+      const auto gs = g.index_select(0, rows).to(acc);
+      if (ga != nullptr) {
+        const auto bt = args.b_pool.index_select(0, args.b_pages.select(0, s).narrow(0, 0, r).to(at::kLong)).to(acc);
+        const auto da = at::mm(at::mm(gs, bt.t()).t(), xs).mul_(sc[s]).contiguous();  // [r, in]
+        add_rows(ga, in, a_pages + s * R, r, da.data_ptr<acc_t>());
+      }
+      if (gb != nullptr) {
+        const auto a = args.a_pool.index_select(0, args.a_pages.select(0, s).narrow(0, 0, r).to(at::kLong)).to(acc);
+        const auto db = at::mm(at::mm(xs, a.t()).t(), gs).mul_(sc[s]).contiguous();  // [r, out]
+        add_rows(gb, out, b_pages + s * R, r, db.data_ptr<acc_t>());
+      }
+    }
+    if (short_slots.empty()) return;
+
+    // Scaled rank vectors per plan position p: h[p] = scale A_s x_t, u[p] = scale B_s^T g_t.
+    const int64_t T = args.num_tokens();
+    std::vector<acc_t> h(gb != nullptr ? T * R : 0), u(ga != nullptr ? T * R : 0);
+    at::parallel_for(0, static_cast<int64_t>(short_slots.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t s = short_slots[i];
+        const acc_t scale = sc[s];
+        for (int64_t p = seg[s]; p < seg[s + 1]; ++p) {
+          const int64_t t = order[p];
+          for (int64_t j = 0; j < rk[s]; ++j) {
+            if (gb != nullptr)
+              h[p * R + j] = scale * dot(x + t * in, a_pool + static_cast<int64_t>(a_pages[s * R + j]) * in, in);
+            if (ga != nullptr)
+              u[p * R + j] = scale * dot(gp + t * out, b_pool + static_cast<int64_t>(b_pages[s * R + j]) * out, out);
+          }
+        }
+      }
+    });
+    auto rank1_updates = [&](acc_t* grad, int64_t len, const int32_t* pages, const std::vector<acc_t>& coef,
+                             const scalar_t* v) {
+      at::parallel_for(0, len, 512, [&](int64_t c0, int64_t c1) {
+        for (const int64_t s : short_slots)
+          for (int64_t p = seg[s]; p < seg[s + 1]; ++p)
+            add_rank1_rows<scalar_t, acc_t>(grad, len, pages + s * R, rk[s], coef.data() + p * R,
+                                            v + order[p] * len, c0, c1);
+      });
+    };
+    if (ga != nullptr) rank1_updates(ga, in, a_pages, u, x);
+    if (gb != nullptr) rank1_updates(gb, out, b_pages, h, gp);
+  });
+}
 }  // namespace
 
 Plan build_plan(const at::Tensor& token_slot, int64_t num_slots) {
@@ -138,45 +248,22 @@ Grads lora_backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* 
                     std::array<bool, 3> output_mask) {
   const Plan built = plan ? *plan : build_plan(args.token_slot, args.num_slots());
   const auto g = grad_y.contiguous();
-  at::Tensor grad_x, grad_a, grad_b;
+  const auto empty = at::empty({0}, args.x.options());
+  at::Tensor grad_x = empty, grad_a = empty, grad_b = empty;
   if (output_mask[0]) {
     grad_x = at::zeros_like(args.x);
     shrink_expand_add(grad_x, ShrinkExpand{g, args.b_pool, args.b_pages, args.a_pool, args.a_pages}, args.ranks,
                       args.scales, built);
-  } else {
-    grad_x = at::empty({0}, args.x.options());
   }
-  if (!output_mask[1] && !output_mask[2]) {
-    return {grad_x, at::empty({0}, args.x.options()), at::empty({0}, args.x.options())};
+  if (output_mask[1] || output_mask[2]) {
+    const auto acc = args.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    // Accumulated in acc precision: a page may be shared by several slots or rank indices.
+    auto grad_a_acc = output_mask[1] ? at::zeros(args.a_pool.sizes(), args.x.options().dtype(acc)) : at::Tensor();
+    auto grad_b_acc = output_mask[2] ? at::zeros(args.b_pool.sizes(), args.x.options().dtype(acc)) : at::Tensor();
+    pool_grads(grad_a_acc, grad_b_acc, g, args, built);
+    if (output_mask[1]) grad_a = grad_a_acc.to(args.x.scalar_type());
+    if (output_mask[2]) grad_b = grad_b_acc.to(args.x.scalar_type());
   }
-  const auto acc = args.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  // Accumulate in acc precision: a page may be shared by several slots or rank indices.
-  auto grad_a_acc = at::zeros(args.a_pool.sizes(), args.x.options().dtype(acc));
-  auto grad_b_acc = at::zeros(args.b_pool.sizes(), args.x.options().dtype(acc));
-  const int32_t* rk = args.ranks.data_ptr<int32_t>();
-  const float* sc = args.scales.data_ptr<float>();
-  const int32_t* seg = built.seg_offsets.data_ptr<int32_t>();
-  for (int64_t s = 0; s < args.num_slots(); ++s) {
-    const int64_t n = seg[s + 1] - seg[s], r = rk[s];
-    if (n == 0 || r == 0) continue;
-    const auto rows = built.order.narrow(0, seg[s], n).to(at::kLong);
-    const auto ap = args.a_pages.select(0, s).narrow(0, 0, r).to(at::kLong);
-    const auto bp = args.b_pages.select(0, s).narrow(0, 0, r).to(at::kLong);
-    const auto xs = args.x.index_select(0, rows).to(acc);
-    const auto gs = g.index_select(0, rows).to(acc);
-    const auto a = args.a_pool.index_select(0, ap).to(acc);   // [r, in]
-    const auto bt = args.b_pool.index_select(0, bp).to(acc);  // [r, out] = B_s^T
-    if (output_mask[1]) {
-      const auto u = at::mm(gs, bt.t());  // [n, r] = B_s^T g_t
-      grad_a_acc.index_add_(0, ap, at::mm(u.t(), xs).mul_(sc[s]));
-    }
-    if (output_mask[2]) {
-      const auto h = at::mm(xs, a.t());  // [n, r] = A_s x_t
-      grad_b_acc.index_add_(0, bp, at::mm(h.t(), gs).mul_(sc[s]));
-    }
-  }
-  grad_a = output_mask[1] ? grad_a_acc.to(args.x.scalar_type()) : at::empty({0}, args.x.options());
-  grad_b = output_mask[2] ? grad_b_acc.to(args.x.scalar_type()) : at::empty({0}, args.x.options());
   return {grad_x, grad_a, grad_b};
 }
 

@@ -40,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser = sub.add_parser(name, help=help_text)
         try:
             driver = __import__(f"minlora.bench.{name}", fromlist=["add_arguments"])
-        except ImportError as exc:  # pragma: no cover - only while a driver is missing
+            if not (hasattr(driver, "add_arguments") and hasattr(driver, "run_from_args")):
+                raise ImportError(f"minlora.bench.{name} has no add_arguments / run_from_args")
+        except ImportError as exc:  # only while a driver is missing
             parser.set_defaults(func=lambda args, exc=exc: _missing(exc))
             continue
         driver.add_arguments(parser)
