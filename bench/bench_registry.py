@@ -7,6 +7,7 @@ the latency of log / show / promote / commit / load at that size.
 
 Not a test: it takes minutes at full size.  Use --root to keep the registry somewhere.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -32,7 +34,10 @@ def tiny_adapters(n: int, seed: int = 0) -> list[Adapter]:
     """`n` distinct rank-1 adapters on one 16-wide module (96 bytes of weights each)."""
     g = torch.Generator().manual_seed(seed)
     return [
-        Adapter({"q_proj": LoraWeights(torch.randn(1, 16, generator=g), torch.randn(16, 1, generator=g), 1.0)}, {"r": 1})
+        Adapter(
+            {"q_proj": LoraWeights(torch.randn(1, 16, generator=g), torch.randn(16, 1, generator=g), 1.0)},
+            {"r": 1},
+        )
         for _ in range(n)
     ]
 
@@ -54,15 +59,25 @@ def latency(fn: Callable[[str], Any], ids: list[str]) -> dict[str, float]:
         fn(aid)
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return {"mean_ms": statistics.fmean(times), "p50_ms": pick(0.50), "p95_ms": pick(0.95), "p99_ms": pick(0.99), "n": len(times)}
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]
+    return {
+        "mean_ms": statistics.fmean(times),
+        "p50_ms": pick(0.50),
+        "p95_ms": pick(0.95),
+        "p99_ms": pick(0.99),
+        "n": len(times),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--adapters", type=int, default=1_000_000, help="adapters to register (one revision each)")
+    ap.add_argument(
+        "--adapters", type=int, default=1_000_000, help="adapters to register (one revision each)"
+    )
     ap.add_argument("--distinct", type=int, default=1000, help="distinct weight blobs they share")
-    ap.add_argument("--batch", type=int, default=20_000, help="revisions per transaction in the bulk registration")
+    ap.add_argument(
+        "--batch", type=int, default=20_000, help="revisions per transaction in the bulk registration"
+    )
     ap.add_argument("--samples", type=int, default=300, help="calls per latency measurement")
     ap.add_argument("--root", help="registry root (default: a temporary directory, removed at the end)")
     ap.add_argument("--json", help="write the results to this JSON file")
@@ -95,7 +110,9 @@ def run(args: argparse.Namespace, root: str) -> int:
 
     bar = tqdm(total=n, desc="register", unit="adapter", unit_scale=True, mininterval=1.0)
     t0 = time.perf_counter()
-    done = reg.commit_many(items(), batch_size=args.batch, message="initial", author="bench", progress=bar.update)
+    done = reg.commit_many(
+        items(), batch_size=args.batch, message="initial", author="bench", progress=bar.update
+    )
     t_register = time.perf_counter() - t0
     bar.close()
     assert done == n
@@ -119,7 +136,9 @@ def run(args: argparse.Namespace, root: str) -> int:
     for a in gated:
         reg.set_gate(a, Gate("qa", "acc", tolerance=0.1))
         reg.record_evaluation(a, 1, "qa", {"acc": 0.5})
-    lat["commit"] = latency(lambda a: reg.commit(a, pool[rng.randrange(len(pool))], message="update", author="bench"), gated)
+    lat["commit"] = latency(
+        lambda a: reg.commit(a, pool[rng.randrange(len(pool))], message="update", author="bench"), gated
+    )
     for a in gated:
         reg.record_evaluation(a, "head", "qa", {"acc": 0.55})
     lat["promote_gated"] = latency(lambda a: reg.promote(a, "head", by="bench"), gated)
@@ -139,7 +158,11 @@ def run(args: argparse.Namespace, root: str) -> int:
         "blob_files": blob_files,
         "counts": counts,
         "latency": lat,
-        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     print_table(results)
@@ -153,13 +176,19 @@ def run(args: argparse.Namespace, root: str) -> int:
 def print_table(r: dict[str, Any]) -> None:
     mib = 1024 * 1024
     print()
-    print(f"registry scale benchmark: {r['adapters']:,} adapters, {r['distinct_blobs']:,} distinct blobs (SQLite)")
-    print(f"  register      {r['register_s']:10.1f} s   ({r['register_per_s']:,.0f} adapters/s, batches of {r['batch']:,})")
+    print(
+        f"registry scale benchmark: {r['adapters']:,} adapters, {r['distinct_blobs']:,} distinct blobs (SQLite)"
+    )
+    print(
+        f"  register      {r['register_s']:10.1f} s   ({r['register_per_s']:,.0f} adapters/s, batches of {r['batch']:,})"
+    )
     print(f"  database      {r['db_bytes'] / mib:10.1f} MiB ({r['db_bytes_per_adapter']:.0f} bytes/adapter)")
     print(f"  blobs         {r['blob_bytes'] / mib:10.3f} MiB in {r['blob_files']:,} files")
     print(f"  {'operation':<14}{'mean ms':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'calls':>8}")
     for name, s in r["latency"].items():
-        print(f"  {name:<14}{s['mean_ms']:10.2f}{s['p50_ms']:10.2f}{s['p95_ms']:10.2f}{s['p99_ms']:10.2f}{s['n']:8d}")
+        print(
+            f"  {name:<14}{s['mean_ms']:10.2f}{s['p50_ms']:10.2f}{s['p95_ms']:10.2f}{s['p99_ms']:10.2f}{s['n']:8d}"
+        )
 
 
 if __name__ == "__main__":

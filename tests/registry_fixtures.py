@@ -7,6 +7,7 @@ once per test session and stopped at its end.  Each test gets its own database. 
 the binaries the PostgreSQL tests skip, except under CI (the CI variable set), where they
 fail: CI must exercise them.
 """
+
 from __future__ import annotations
 
 import glob
@@ -19,7 +20,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def make_adapter(
     features: int = 16,
     dtype: torch.dtype = torch.float32,
     scale: float = 0.5,
-    config: Optional[dict] = None,
+    config: dict | None = None,
 ) -> Adapter:
     g = torch.Generator().manual_seed(seed)
     mods = {
@@ -53,7 +54,9 @@ def make_adapter(
         )
         for name in modules
     }
-    return Adapter(modules=mods, config=dict(config if config is not None else {"r": rank, "lora_alpha": rank * scale}))
+    return Adapter(
+        modules=mods, config=dict(config if config is not None else {"r": rank, "lora_alpha": rank * scale})
+    )
 
 
 def assert_same_adapter(x: Adapter, y: Adapter) -> None:
@@ -69,7 +72,7 @@ def assert_same_adapter(x: Adapter, y: Adapter) -> None:
 # ---------------------------------------------------------------------- PostgreSQL
 
 
-def _pg_bindir() -> Optional[str]:
+def _pg_bindir() -> str | None:
     # MINLORA_PG_BINDIR chooses the binaries (and, pointing nowhere, simulates a machine
     # without them: the test of the skip / fail-under-CI rule uses that).
     forced = os.environ.get("MINLORA_PG_BINDIR")
@@ -101,21 +104,35 @@ class PostgresServer:
         self.data = os.path.join(self.tmp, "data")
         self.log = os.path.join(self.tmp, "server.log")
         self.port = 0
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.prefix: list[str] = []
         if os.geteuid() == 0:
             try:
                 pw = pwd.getpwnam("postgres")
             except KeyError:
-                raise RuntimeError("running as root and there is no 'postgres' user to run the server as") from None
+                raise RuntimeError(
+                    "running as root and there is no 'postgres' user to run the server as"
+                ) from None
             os.chown(self.tmp, pw.pw_uid, pw.pw_gid)
             self.prefix = ["runuser", "-u", "postgres", "--"]
 
     def start(self) -> None:
         subprocess.run(
-            [*self.prefix, os.path.join(self.bindir, "initdb"), "-D", self.data, "-U", self.USER,
-             "--auth=trust", "--encoding=UTF8", "--no-sync", "--no-instructions"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                *self.prefix,
+                os.path.join(self.bindir, "initdb"),
+                "-D",
+                self.data,
+                "-U",
+                self.USER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         for _attempt in range(5):  # another process may grab the port between probe and bind
             self.port = _free_port()
@@ -123,10 +140,26 @@ class PostgresServer:
             # fsync/full_page_writes off: the data is thrown away, and these tests kill
             # clients, never the server, so server-side durability is not what they measure.
             self.proc = subprocess.Popen(
-                [*self.prefix, os.path.join(self.bindir, "postgres"), "-D", self.data,
-                 "-c", "listen_addresses=127.0.0.1", "-p", str(self.port), "-k", self.tmp,
-                 "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=100"],
-                stdout=logf, stderr=subprocess.STDOUT,
+                [
+                    *self.prefix,
+                    os.path.join(self.bindir, "postgres"),
+                    "-D",
+                    self.data,
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    self.tmp,
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=100",
+                ],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
             )
             logf.close()
             if self._wait_ready():
@@ -194,7 +227,9 @@ def require_postgres_bindir() -> str:
     """The directory of initdb/postgres; without them: skip, or fail when CI is set."""
     bindir = _pg_bindir()
     if bindir is None:
-        why = "PostgreSQL server binaries (initdb, postgres) not found; run scripts/postgres.sh to install them"
+        why = (
+            "PostgreSQL server binaries (initdb, postgres) not found; run scripts/postgres.sh to install them"
+        )
         if os.environ.get("CI"):
             pytest.fail(f"{why} (CI is set, so the PostgreSQL tests must run)", pytrace=False)
         pytest.skip(why)

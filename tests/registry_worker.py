@@ -1,5 +1,6 @@
 """Code that runs in the separate processes of the registry's crash and concurrency tests
 (started through multiprocessing's forkserver by tests/test_registry_reliability.py)."""
+
 from __future__ import annotations
 
 import random
@@ -13,7 +14,9 @@ from minlora.registry import Registry
 def _weights(rng: random.Random, *, features: int = 256, rank: int = 8, modules: int = 4) -> Adapter:
     g = torch.Generator().manual_seed(rng.getrandbits(62))
     mods = {
-        f"layers.{i}.q_proj": LoraWeights(torch.randn(rank, features, generator=g), torch.randn(features, rank, generator=g), 0.25)
+        f"layers.{i}.q_proj": LoraWeights(
+            torch.randn(rank, features, generator=g), torch.randn(features, rank, generator=g), 0.25
+        )
         for i in range(modules)
     }
     return Adapter(modules=mods, config={"r": rank, "lora_alpha": 2 * rank})
@@ -39,7 +42,9 @@ def crash_loop(url: str, blobs: str, seed: int, ready, committed) -> None:
         else:
             batch_no += 1
             size = rng.randrange(2, 12)
-            items = [(f"bulk-{rng.randrange(50)}", _weights(rng, features=64, modules=2)) for _ in range(size)]
+            items = [
+                (f"bulk-{rng.randrange(50)}", _weights(rng, features=64, modules=2)) for _ in range(size)
+            ]
             # Every revision of one batch carries the batch's size, so the test can check that a
             # killed batch is either entirely present or entirely absent.
             n = reg.commit_many(items, message=f"batch {seed}-{batch_no} of {size}", batch_size=1000)
@@ -56,11 +61,22 @@ def concurrent_committer(url: str, blobs: str, name: str, n: int, barrier, resul
     barrier.wait()
     for i in range(n):
         for adapter_id in ("shared", f"own-{name}"):
-            rev = reg.commit(adapter_id, _weights(rng, features=32, modules=2), message=f"{name} {i}", author=name)
+            rev = reg.commit(
+                adapter_id, _weights(rng, features=32, modules=2), message=f"{name} {i}", author=name
+            )
             out.append((rev.adapter_id, rev.number, rev.content_hash, rev.parent))
         if i % 5 == 0:
             reg.tag("shared", f"{name}-{i}", "head")  # tags race with the other writer's commits
-    out.append(("bulk", reg.commit_many([(f"bulk-{name}-{j % 7}", _weights(rng, features=8, modules=1)) for j in range(30)], batch_size=8), "", None))
+    out.append(
+        (
+            "bulk",
+            reg.commit_many(
+                [(f"bulk-{name}-{j % 7}", _weights(rng, features=8, modules=1)) for j in range(30)],
+                batch_size=8,
+            ),
+            "",
+            None,
+        )
+    )
     results.put((name, out))
     reg.close()
-

@@ -1,5 +1,6 @@
 """The registry's API on both backends (SQLite file; real PostgreSQL server): identity,
 revisions, provenance, tags, evaluations and gates, serving, residency, PEFT, gc."""
+
 from __future__ import annotations
 
 import json
@@ -31,10 +32,11 @@ from minlora.registry import (
     RegistryError,
     RevisionNotFoundError,
     TagExistsError,
+    content,
     fingerprint_base_model,
+    migrate,
     normalize_adapter_id,
 )
-from minlora.registry import content, migrate
 from minlora.registry import schema as S
 
 pytestmark = pytest.mark.timeout(120)
@@ -74,8 +76,24 @@ def test_newer_schema_is_refused(registry_location):
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "   ", "a/b", "a\\b", "nul\x00", "line\nbreak", "tab\there", "del\x7f", "zero\u200bwidth",
-     "x" * 129, ".", "..", " lead", "trail ", 42, None],
+    [
+        "",
+        "   ",
+        "a/b",
+        "a\\b",
+        "nul\x00",
+        "line\nbreak",
+        "tab\there",
+        "del\x7f",
+        "zero\u200bwidth",
+        "x" * 129,
+        ".",
+        "..",
+        " lead",
+        "trail ",
+        42,
+        None,
+    ],
 )
 def test_invalid_adapter_ids_are_refused(reg, bad):
     with pytest.raises(InvalidIdError):
@@ -98,7 +116,9 @@ def test_ids_are_nfc_normalised_and_unicode_is_fine(reg):
 
 def test_content_hash_is_canonical_and_deduplicates(reg):
     x = make_adapter(1)
-    y = Adapter(modules=dict(reversed(list(x.modules.items()))), config=dict(reversed(list(x.config.items()))))
+    y = Adapter(
+        modules=dict(reversed(list(x.modules.items()))), config=dict(reversed(list(x.config.items())))
+    )
     assert content.content_hash(x) == content.content_hash(y)  # order of modules / keys is irrelevant
     r1 = reg.commit("u1", x)
     r2 = reg.commit("u2", y)
@@ -200,9 +220,15 @@ def test_provenance_is_recorded(reg):
     fp = fingerprint_base_model(base, {"model_type": "toy"})
     before = time.time()
     r1 = reg.commit(
-        "prov", make_adapter(1), author="trainer-7",
-        provenance={"base_model": fp, "training_data": "s3://data/chats@v3",
-                    "training_config": {"lr": 1e-4, "steps": 100}, "run_id": "r-42"},
+        "prov",
+        make_adapter(1),
+        author="trainer-7",
+        provenance={
+            "base_model": fp,
+            "training_data": "s3://data/chats@v3",
+            "training_config": {"lr": 1e-4, "steps": 100},
+            "run_id": "r-42",
+        },
     )
     r2 = reg.commit("prov", make_adapter(2), provenance={"base_model": base})
     p = reg.show("prov", 1).provenance
@@ -239,7 +265,10 @@ def test_diff_reports_changes(reg):
     a2 = q.a.clone()
     a2[0, 3] += 0.5
     y = Adapter(
-        {"layers.0.q_proj": LoraWeights(a2, q.b, 0.75), "layers.1.k_proj": LoraWeights(torch.ones(1, 4), torch.ones(4, 1), 1.0)},
+        {
+            "layers.0.q_proj": LoraWeights(a2, q.b, 0.75),
+            "layers.1.k_proj": LoraWeights(torch.ones(1, 4), torch.ones(4, 1), 1.0),
+        },
         {**x.config, "r": 99},
     )
     reg.commit("d", y)
@@ -345,7 +374,15 @@ def test_rollback_walks_back_like_undo(reg):
         reg.rollback("r", to=4)
     assert reg.rollback("r", to=2).to_revision == 2
     hist = reg.serving_history("r")
-    assert [h.action for h in hist] == ["promote", "promote", "promote", "rollback", "rollback", "promote", "rollback"]
+    assert [h.action for h in hist] == [
+        "promote",
+        "promote",
+        "promote",
+        "rollback",
+        "rollback",
+        "promote",
+        "rollback",
+    ]
     assert hist[3].actor == "ops"
     assert reg.log("r")[0].number == 4  # history itself untouched
 
@@ -409,7 +446,9 @@ def test_residency_from_a_real_adapter_pool(reg):
 
 
 def test_peft_export_import_roundtrip(reg, tmp_path):
-    x = make_adapter(5, config={"r": 2, "lora_alpha": 1.0, "target_modules": ["q_proj", "v_proj"], "peft_type": "LORA"})
+    x = make_adapter(
+        5, config={"r": 2, "lora_alpha": 1.0, "target_modules": ["q_proj", "v_proj"], "peft_type": "LORA"}
+    )
     reg.commit("p", x)
     reg.export_peft("p", str(tmp_path / "out"))
     assert (tmp_path / "out" / "adapter_config.json").exists()

@@ -1,6 +1,7 @@
 """`minlora adapters ...`: every sub-command, --json output, exit codes, bad input.  Most
 calls go through minlora.cli.main in-process (the same code path as the console script, and
 no 4 s torch import per call); one test runs the real `python -m minlora` subprocess."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,22 @@ def test_cli_full_lifecycle(cli, tmp_path):
     f2 = _write_blob(tmp_path / "w2.safetensors", make_adapter(2))
     (tmp_path / "train.json").write_text(json.dumps({"lr": 0.001}))
     fp = "ab" * 32
-    r1 = cli("commit", "alice", f1, "-m", "first", "--author", "carol", "--base-model", fp,
-             "--training-data", "hf://chats@v1", "--training-config", str(tmp_path / "train.json"), "--json")
+    r1 = cli(
+        "commit",
+        "alice",
+        f1,
+        "-m",
+        "first",
+        "--author",
+        "carol",
+        "--base-model",
+        fp,
+        "--training-data",
+        "hf://chats@v1",
+        "--training-config",
+        str(tmp_path / "train.json"),
+        "--json",
+    )
     assert r1["number"] == 1 and r1["author"] == "carol"
     assert r1["provenance"]["base_model"] == fp and r1["provenance"]["training_config"] == {"lr": 0.001}
     r2 = cli("commit", "alice", f2, "-m", "second", "--json")
@@ -74,7 +89,9 @@ def test_cli_full_lifecycle(cli, tmp_path):
     cli("tag", "alice", "v1", "-r", "2", "--force")
     # gates, evaluations, promotion
     cli("gate", "alice", "qa", "acc", "--tolerance", "0.05")
-    assert cli("gate", "alice", "--json") == [{"suite": "qa", "metric": "acc", "higher_is_better": True, "tolerance": 0.05}]
+    assert cli("gate", "alice", "--json") == [
+        {"suite": "qa", "metric": "acc", "higher_is_better": True, "tolerance": 0.05}
+    ]
     refused = cli("promote", "alice", "-r", "1", "--json", expect=3)
     assert refused["refused"] and refused["gate_report"][0]["status"] == "missing"
     cli("eval", "alice", "-r", "1", "--suite", "qa", "--metric", "acc=0.9")
@@ -83,10 +100,15 @@ def test_cli_full_lifecycle(cli, tmp_path):
     p = cli("promote", "alice", "-r", "1", "--by", "dave", "--json")
     assert p["to_revision"] == 1 and not p["forced"] and p["actor"] == "dave"
     assert "worse by 0.4" in cli("promote", "alice", "-r", "2", expect=3)
-    forced = cli("promote", "alice", "-r", "2", "--force", "--by", "erin", "--reason", "incident 12", "--json")
+    forced = cli(
+        "promote", "alice", "-r", "2", "--force", "--by", "erin", "--reason", "incident 12", "--json"
+    )
     assert forced["forced"] and forced["actor"] == "erin" and forced["reason"] == "incident 12"
     history = cli("show", "alice", "--json")["serving_history"]
-    assert [(h["to_revision"], h["forced"], h["actor"]) for h in history] == [(1, False, "dave"), (2, True, "erin")]
+    assert [(h["to_revision"], h["forced"], h["actor"]) for h in history] == [
+        (1, False, "dave"),
+        (2, True, "erin"),
+    ]
     back = cli("rollback", "alice", "--by", "frank", "--json")
     assert (back["from_revision"], back["to_revision"], back["actor"]) == (2, 1, "frank")
     assert cli("show", "alice", "-r", "serving", "--json")["number"] == 1
@@ -115,7 +137,10 @@ def test_cli_eval_runner(cli, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     res = cli("eval", "--runner", "my_evals:modules", "--suite", "shape", "--json")
     assert sorted((e["adapter_id"], e["metric"], e["value"]) for e in res) == [
-        ("a1", "n_modules", 2.0), ("a1", "rev", 1.0), ("a2", "n_modules", 2.0), ("a2", "rev", 1.0)
+        ("a1", "n_modules", 2.0),
+        ("a1", "rev", 1.0),
+        ("a2", "n_modules", 2.0),
+        ("a2", "rev", 1.0),
     ]
     assert "MODULE:FUNCTION" in cli("eval", "--runner", "nocolon", expect=1)
 
@@ -153,8 +178,12 @@ def test_cli_subprocess_end_to_end(tmp_path):
     """The real console entry point, in a separate process, with the default SQLite layout
     under MINLORA_HOME."""
     _write_blob(tmp_path / "w.safetensors", make_adapter(4))
-    env = {**os.environ, "MINLORA_HOME": str(tmp_path / "home"), "MINLORA_USER": "ci-bot",
-           "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        "MINLORA_HOME": str(tmp_path / "home"),
+        "MINLORA_USER": "ci-bot",
+        "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+    }
     script = (
         "import sys\n"
         "from minlora.cli import main\n"
@@ -167,13 +196,21 @@ def test_cli_subprocess_end_to_end(tmp_path):
         "adapters|promote|u1",
         "adapters|show|u1|-r|nope",
     ]
-    proc = subprocess.run([sys.executable, "-c", script, *calls], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *calls], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "CODES [0, 0, 0, 1]" in proc.stdout
     assert '"author": "ci-bot"' in proc.stdout and "no revision, tag or hash prefix 'nope'" in proc.stderr
     assert (tmp_path / "home" / "registry.db").exists()
     # and `python -m minlora adapters` itself
-    proc = subprocess.run([sys.executable, "-m", "minlora", "adapters", "log", "u1"], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "minlora", "adapters", "log", "u1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "hello" in proc.stdout and "serving" in proc.stdout

@@ -1,6 +1,7 @@
 """Reliability of the registry with real processes: kill -9 in the middle of commits, two
 processes committing at once, corrupted and missing blobs.  Both backends (SQLite file,
 real PostgreSQL server)."""
+
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ import time
 from collections import Counter
 
 import pytest
+import registry_worker
 import sqlalchemy as sa
 from registry_fixtures import (  # noqa: F401  (fixtures)
     backend,
@@ -21,7 +23,6 @@ from registry_fixtures import (  # noqa: F401  (fixtures)
     worker_context,
 )
 
-import registry_worker
 from minlora.registry import CorruptBlobError, Registry
 
 pytestmark = pytest.mark.timeout(240)
@@ -48,7 +49,9 @@ def _check_consistent(reg: Registry) -> int:
         n += len(log)
     # One batch's items may land on the same adapter more than once; count revisions per batch.
     for name, count in batches.items():
-        assert count == sizes[name], f"batch {name}: {count} of {sizes[name]} revisions present (half a batch)"
+        assert count == sizes[name], (
+            f"batch {name}: {count} of {sizes[name]} revisions present (half a batch)"
+        )
     return n
 
 
@@ -95,7 +98,12 @@ def test_two_processes_commit_at_once_lose_nothing(registry_location):
     n = 25
     barrier = ctx.Barrier(2)
     results = ctx.Queue()
-    procs = [ctx.Process(target=registry_worker.concurrent_committer, args=(url, blobs, f"p{i}", n, barrier, results)) for i in range(2)]
+    procs = [
+        ctx.Process(
+            target=registry_worker.concurrent_committer, args=(url, blobs, f"p{i}", n, barrier, results)
+        )
+        for i in range(2)
+    ]
     for p in procs:
         p.start()
     got = dict(results.get(timeout=200) for _ in procs)
@@ -139,7 +147,11 @@ def test_corrupted_blob_names_the_revision(reg):
         f.write(data)
     with pytest.raises(CorruptBlobError, match=r"'victim' revision 2 .*corrupted") as info:
         reg.load("victim", 2)
-    assert info.value.revision == 2 and info.value.adapter_id == "victim" and info.value.content_hash == bad.content_hash
+    assert (
+        info.value.revision == 2
+        and info.value.adapter_id == "victim"
+        and info.value.content_hash == bad.content_hash
+    )
     reg.load("victim", good.number)  # the other revision is untouched
     report = reg.verify()
     assert not report.ok
@@ -164,7 +176,10 @@ def test_truncated_and_missing_blobs(reg):
     report = reg.verify()
     failed = sorted((f["adapter_id"], f["revision"]) for f in report.failures)
     assert failed == [("t", 1), ("t", 2), ("t2", 1)]
-    assert all(f"revision {f['revision']}" in f["error"] and repr(f["adapter_id"]) in f["error"] for f in report.failures)
+    assert all(
+        f"revision {f['revision']}" in f["error"] and repr(f["adapter_id"]) in f["error"]
+        for f in report.failures
+    )
 
 
 def test_blob_write_is_atomic_no_partial_file_visible(reg, monkeypatch):

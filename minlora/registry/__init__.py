@@ -8,6 +8,7 @@
 
 The command line is `minlora adapters ...` (minlora.registry.cli).
 """
+
 from __future__ import annotations
 
 from .errors import (
@@ -23,29 +24,29 @@ from .errors import (
 from .fingerprint import fingerprint_base_model
 from .ids import normalize_adapter_id, normalize_tag
 from .registry import Registry, default_actor, default_root
-from .types import Diff, Evaluation, GcReport, Gate, Promotion, Revision, TensorChange, VerifyReport
+from .types import Diff, Evaluation, Gate, GcReport, Promotion, Revision, TensorChange, VerifyReport
 
 __all__ = [
-    "Registry",
-    "Gate",
-    "Revision",
-    "Promotion",
-    "Evaluation",
+    "AdapterNotFoundError",
+    "AmbiguousRevisionError",
+    "CorruptBlobError",
     "Diff",
+    "Evaluation",
+    "Gate",
+    "GcReport",
+    "InvalidIdError",
+    "Promotion",
+    "PromotionRefusedError",
+    "Registry",
+    "RegistryError",
+    "Revision",
+    "RevisionNotFoundError",
+    "TagExistsError",
     "TensorChange",
     "VerifyReport",
-    "GcReport",
+    "default_actor",
+    "default_root",
     "fingerprint_base_model",
     "normalize_adapter_id",
     "normalize_tag",
-    "default_root",
-    "default_actor",
-    "RegistryError",
-    "InvalidIdError",
-    "AdapterNotFoundError",
-    "RevisionNotFoundError",
-    "AmbiguousRevisionError",
-    "CorruptBlobError",
-    "PromotionRefusedError",
-    "TagExistsError",
 ]

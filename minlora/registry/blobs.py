@@ -10,18 +10,19 @@ a crash) never sees a half-written blob under its final name.  Object stores (s3
 ...) publish an object only when its upload completes, so there a plain put is already
 atomic; both go through the same `put` call.
 """
+
 from __future__ import annotations
 
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["BlobStore", "BlobFile"]
+__all__ = ["BlobFile", "BlobStore"]
 
 _SUFFIX = ".safetensors"
 _TMP_MARK = ".tmp-"
@@ -110,7 +111,13 @@ class BlobStore:
                 continue  # not ours: leave it alone
             # Each fsspec backend names the modification time its own way (local: mtime,
             # s3: LastModified, gcs: updated, memory: created).
-            mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created") or 0
+            mtime = (
+                info.get("mtime")
+                or info.get("LastModified")
+                or info.get("updated")
+                or info.get("created")
+                or 0
+            )
             if isinstance(mtime, str):
                 from datetime import datetime
 

@@ -6,6 +6,7 @@ defaults, and ~/.minlora is the last resort.  Every command takes --json (machin
 output on stdout).  Exit status: 0 success, 1 a registry error (message on stderr),
 2 bad usage, 3 a promotion refused by its gates, 4 verify found corrupted revisions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,8 @@ import importlib
 import json
 import os
 import sys
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["register"]
 
@@ -27,12 +29,20 @@ def register(subparsers: Any) -> None:
         help="adapter registry: import, commit, log, promote, ...",
         description="The adapter registry: identity, revisions, provenance, evaluations, serving.",
     )
-    p.add_argument("--root", help="registry root (SQLite file and blobs under it); default $MINLORA_HOME or ~/.minlora")
-    p.add_argument("--url", help="database URL (e.g. postgresql+psycopg://...); default $MINLORA_REGISTRY_URL")
-    p.add_argument("--blobs", help="blob store path or fsspec URL (e.g. s3://bucket/minlora); default $MINLORA_BLOBS")
+    p.add_argument(
+        "--root", help="registry root (SQLite file and blobs under it); default $MINLORA_HOME or ~/.minlora"
+    )
+    p.add_argument(
+        "--url", help="database URL (e.g. postgresql+psycopg://...); default $MINLORA_REGISTRY_URL"
+    )
+    p.add_argument(
+        "--blobs", help="blob store path or fsspec URL (e.g. s3://bucket/minlora); default $MINLORA_BLOBS"
+    )
     sub = p.add_subparsers(dest="adapters_command", metavar="SUBCOMMAND", required=True)
 
-    def cmd(name: str, fn: Callable[[Any, argparse.Namespace], Any], help_text: str) -> argparse.ArgumentParser:
+    def cmd(
+        name: str, fn: Callable[[Any, argparse.Namespace], Any], help_text: str
+    ) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("--json", action="store_true", help="print JSON")
         sp.set_defaults(func=lambda args: _run(fn, args))
@@ -51,7 +61,11 @@ def register(subparsers: Any) -> None:
     sp.add_argument("adapter", nargs="?", help="adapter id (default: the directory's name)")
     commit_options(sp)
 
-    sp = cmd("commit", _commit, "commit weights (a PEFT directory or a minlora .safetensors blob) as a new revision")
+    sp = cmd(
+        "commit",
+        _commit,
+        "commit weights (a PEFT directory or a minlora .safetensors blob) as a new revision",
+    )
     sp.add_argument("adapter")
     sp.add_argument("path")
     commit_options(sp)
@@ -89,7 +103,9 @@ def register(subparsers: Any) -> None:
     sp = cmd("promote", _promote, "make a revision the serving one, if it passes the gates")
     sp.add_argument("adapter")
     sp.add_argument("-r", "--rev", default="head")
-    sp.add_argument("--force", action="store_true", help="promote despite failing gates (recorded, with --by)")
+    sp.add_argument(
+        "--force", action="store_true", help="promote despite failing gates (recorded, with --by)"
+    )
     sp.add_argument("--by", help="who promotes (default: $MINLORA_USER or the OS user)")
     sp.add_argument("--reason")
 
@@ -104,7 +120,9 @@ def register(subparsers: Any) -> None:
     sp.add_argument("-r", "--rev", default="head")
     sp.add_argument("--suite", default="default")
     sp.add_argument("--metric", action="append", default=[], metavar="NAME=VALUE")
-    sp.add_argument("--runner", metavar="MODULE:FUNCTION", help="callable(adapter, revision) -> {metric: value}")
+    sp.add_argument(
+        "--runner", metavar="MODULE:FUNCTION", help="callable(adapter, revision) -> {metric: value}"
+    )
 
     sp = cmd("gate", _gate, "require a metric for promotions (or list / remove gates)")
     sp.add_argument("adapter")
@@ -235,7 +253,11 @@ def _export(reg: Any, args: argparse.Namespace) -> int:
         data = content.serialize(reg.load(args.adapter, rev.number))
         with open(args.path, "wb") as f:
             f.write(data)
-    _emit(args, {"path": args.path, **rev.to_dict()}, f"wrote {rev.adapter_id} revision {rev.number} to {args.path}")
+    _emit(
+        args,
+        {"path": args.path, **rev.to_dict()},
+        f"wrote {rev.adapter_id} revision {rev.number} to {args.path}",
+    )
     return 0
 
 
@@ -281,14 +303,19 @@ def _show(reg: Any, args: argparse.Namespace) -> int:
     if prov.get("extra"):
         lines.append(f"extra       {json.dumps(prov['extra'], sort_keys=True)}")
     for e in evals:
-        lines.append(f"eval        {e.suite}/{e.metric} = {e.value:.6g}  ({e.author}, {e.recorded_at.isoformat()})")
+        lines.append(
+            f"eval        {e.suite}/{e.metric} = {e.value:.6g}  ({e.author}, {e.recorded_at.isoformat()})"
+        )
     _emit(args, data, "\n".join(lines))
     return 0
 
 
 def _diff(reg: Any, args: argparse.Namespace) -> int:
     d = reg.diff(args.adapter, args.rev_a, args.rev_b)
-    lines = [f"{d.adapter_id}: revision {d.rev_a} -> {d.rev_b}" + ("  (identical content)" if d.same_content else "")]
+    lines = [
+        f"{d.adapter_id}: revision {d.rev_a} -> {d.rev_b}"
+        + ("  (identical content)" if d.same_content else "")
+    ]
     for t in d.tensors:
         if t.status == "unchanged":
             continue
@@ -328,7 +355,9 @@ def _promote(reg: Any, args: argparse.Namespace) -> int:
 
 def _rollback(reg: Any, args: argparse.Namespace) -> int:
     p = reg.rollback(args.adapter, to=args.to, by=args.by, reason=args.reason)
-    _emit(args, p.to_dict(), f"{p.adapter_id}: serving revision {p.to_revision} again (was {p.from_revision})")
+    _emit(
+        args, p.to_dict(), f"{p.adapter_id}: serving revision {p.to_revision} again (was {p.from_revision})"
+    )
     return 0
 
 
@@ -345,7 +374,9 @@ def _load_runner(spec: str) -> Callable[..., Any]:
 def _eval(reg: Any, args: argparse.Namespace) -> int:
     if args.runner:
         fn = _load_runner(args.runner)
-        evals = reg.evaluate(fn, adapters=[args.adapter] if args.adapter else None, rev=args.rev, suite=args.suite)
+        evals = reg.evaluate(
+            fn, adapters=[args.adapter] if args.adapter else None, rev=args.rev, suite=args.suite
+        )
     elif args.metric:
         if not args.adapter:
             raise ValueError("recording metrics needs an adapter id")
@@ -416,7 +447,7 @@ def _gc(reg: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """`python -m minlora.registry.cli ...` is `minlora adapters ...`."""
     parser = argparse.ArgumentParser(prog="minlora")
     register(parser.add_subparsers(dest="command", required=True))

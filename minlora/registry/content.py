@@ -10,6 +10,7 @@ where `header` is compact, key-sorted JSON of the config and, for each module in
 order, the dtype and shape of A and B and the scale; the tensor bytes follow in the same
 order (A then B per module), as little-endian row-major data.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,7 @@ from safetensors.torch import save as st_save
 
 from ..adapter import Adapter, LoraWeights
 
-__all__ = ["FORMAT", "canonical_config", "content_hash", "serialize", "deserialize"]
+__all__ = ["FORMAT", "canonical_config", "content_hash", "deserialize", "serialize"]
 
 FORMAT = "minlora-adapter-v1"
 _MAGIC = FORMAT.encode() + b"\0"

@@ -1,18 +1,20 @@
 """Database engines and transactions: SQLite tuned for several processes, PostgreSQL as is,
 and one retry loop for the transient conflicts both produce under concurrency."""
+
 from __future__ import annotations
 
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["make_engine", "transaction", "run_transaction", "is_transient"]
+__all__ = ["is_transient", "make_engine", "run_transaction", "transaction"]
 
 T = TypeVar("T")
 

@@ -1,14 +1,15 @@
 """The registry's exceptions: one base class so callers (and the CLI) can catch them all."""
+
 from __future__ import annotations
 
 __all__ = [
-    "RegistryError",
-    "InvalidIdError",
     "AdapterNotFoundError",
-    "RevisionNotFoundError",
     "AmbiguousRevisionError",
     "CorruptBlobError",
+    "InvalidIdError",
     "PromotionRefusedError",
+    "RegistryError",
+    "RevisionNotFoundError",
     "TagExistsError",
 ]
 

@@ -5,20 +5,21 @@ records this.  By default the fingerprint covers the model's config and the name
 and dtypes of its tensors (fast, no weights read); `include_weights=True` also hashes the
 weights, which tells apart two checkpoints of the same architecture.
 """
+
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
-from typing import Any, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-
-import json
 
 __all__ = ["fingerprint_base_model"]
 
 
-def _config_dict(model: Any, config: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+def _config_dict(model: Any, config: Mapping[str, Any] | None) -> dict[str, Any]:
     if config is not None:
         return dict(config)
     cfg = getattr(model, "config", None)
@@ -34,8 +35,8 @@ def _config_dict(model: Any, config: Optional[Mapping[str, Any]]) -> dict[str, A
 
 
 def fingerprint_base_model(
-    model: Union[torch.nn.Module, Mapping[str, torch.Tensor]],
-    config: Optional[Mapping[str, Any]] = None,
+    model: torch.nn.Module | Mapping[str, torch.Tensor],
+    config: Mapping[str, Any] | None = None,
     *,
     include_weights: bool = False,
 ) -> str:
@@ -46,13 +47,20 @@ def fingerprint_base_model(
     transformers' `_name_or_path` and `transformers_version`) are dropped from the config.
     """
     state = model.state_dict() if isinstance(model, torch.nn.Module) else dict(model)
-    cfg = {k: v for k, v in _config_dict(model, config).items() if k not in ("_name_or_path", "transformers_version")}
+    cfg = {
+        k: v
+        for k, v in _config_dict(model, config).items()
+        if k not in ("_name_or_path", "transformers_version")
+    }
     h = hashlib.sha256(b"minlora-base-v1\0")
     # default=str: configs may hold values JSON has no type for (a torch.dtype, say).
     header = json.dumps(
         {
             "config": cfg,
-            "tensors": [[name, list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in sorted(state.items())],
+            "tensors": [
+                [name, list(t.shape), str(t.dtype).removeprefix("torch.")]
+                for name, t in sorted(state.items())
+            ],
             "weights": include_weights,
         },
         sort_keys=True,

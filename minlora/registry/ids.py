@@ -3,6 +3,7 @@
 Ids are compared byte-for-byte in the database, so they are NFC-normalised first: the same
 visible name typed on two systems (composed vs decomposed accents) must be one adapter.
 """
+
 from __future__ import annotations
 
 import re

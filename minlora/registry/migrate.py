@@ -2,6 +2,7 @@
 migrations/versions).  Several processes may open a fresh registry at once: the migration
 runs inside a write transaction that serialises them (SQLite: BEGIN IMMEDIATE; PostgreSQL:
 a transaction-scoped advisory lock), so the second one finds the schema already current."""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ from sqlalchemy.engine import Engine
 from .db import transaction
 from .errors import RegistryError
 
-__all__ = ["upgrade", "head_revision", "current_revision"]
+__all__ = ["current_revision", "head_revision", "upgrade"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # Any constant works; it only has to be the same for every minlora process.

@@ -7,6 +7,7 @@ the plain case (a directory with adapter_model.safetensors + adapter_config.json
 lora_B weights, r / lora_alpha / use_rslora / rank_pattern / alpha_pattern) and refuses
 anything else with a clear error.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,20 +15,22 @@ import json
 import math
 import os
 import re
-from typing import Any, Optional
+from typing import Any
 
 from safetensors.torch import load_file, save_file
 
 from ..adapter import Adapter, LoraWeights
 
-__all__ = ["read_peft", "write_peft", "using_peft_io"]
+__all__ = ["read_peft", "using_peft_io", "write_peft"]
 
 _CONFIG = "adapter_config.json"
 _WEIGHTS = "adapter_model.safetensors"
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight$"
+)
 
 
-def _peft_io() -> Optional[Any]:
+def _peft_io() -> Any | None:
     try:
         mod = importlib.import_module("minlora.peft_io")
     except ImportError:

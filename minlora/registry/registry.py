@@ -9,14 +9,16 @@ atomically and durably; then one database transaction inserts the blob row (if n
 the revision row.  A crash before that transaction commits leaves at most an unreferenced
 blob, which `gc` removes; a revision row is only ever visible with its blob in place.
 """
+
 from __future__ import annotations
 
 import getpass
 import math
 import os
 import re
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Union
 
 import sqlalchemy as sa
 import torch
@@ -39,10 +41,10 @@ from .errors import (
     TagExistsError,
 )
 from .fingerprint import fingerprint_base_model
-from .ids import RESERVED_REFS, normalize_adapter_id, normalize_tag
-from .types import Diff, Evaluation, GcReport, Gate, Promotion, Revision, TensorChange, VerifyReport
+from .ids import normalize_adapter_id, normalize_tag
+from .types import Diff, Evaluation, Gate, GcReport, Promotion, Revision, TensorChange, VerifyReport
 
-__all__ = ["Registry", "RevRef", "default_root", "default_actor"]
+__all__ = ["Registry", "RevRef", "default_actor", "default_root"]
 
 RevRef = Union[int, str]
 _HEX = re.compile(r"^[0-9a-f]{4,64}$")
@@ -67,13 +69,13 @@ def default_actor() -> str:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
-def _utc(value: Optional[datetime]) -> Optional[datetime]:
+def _utc(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; every timestamp we write is UTC.
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     return value
 
 
@@ -91,7 +93,9 @@ class Registry:
     Registry("postgresql+psycopg://...", "s3://bucket/minlora")   -> the cluster form
     """
 
-    def __init__(self, url: Optional[str] = None, blobs: Optional[str] = None, *, root: Optional[str] = None) -> None:
+    def __init__(
+        self, url: str | None = None, blobs: str | None = None, *, root: str | None = None
+    ) -> None:
         if url is None or blobs is None:
             root = root or default_root()
         if url is None:
@@ -104,17 +108,17 @@ class Registry:
         migrate.upgrade(self.engine)
         self.blobs = BlobStore(blobs)
         self._pool: Any = None
-        self._pool_key: Callable[[str, Optional[Revision]], Any] = lambda adapter_id, _rev: adapter_id
+        self._pool_key: Callable[[str, Revision | None], Any] = lambda adapter_id, _rev: adapter_id
 
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
         self.engine.dispose()
 
-    def __enter__(self) -> "Registry":
+    def __enter__(self) -> Registry:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -144,15 +148,18 @@ class Registry:
     def _revision_query(self) -> sa.Select:
         r = S.revisions
         parent = S.revisions.alias("parent")
-        return (
-            sa.select(r, parent.c.number.label("parent_number"), S.blobs.c.size.label("blob_size"))
-            .select_from(
-                r.outerjoin(parent, parent.c.pk == r.c.parent_pk).join(S.blobs, S.blobs.c.content_hash == r.c.content_hash)
+        return sa.select(
+            r, parent.c.number.label("parent_number"), S.blobs.c.size.label("blob_size")
+        ).select_from(
+            r.outerjoin(parent, parent.c.pk == r.c.parent_pk).join(
+                S.blobs, S.blobs.c.content_hash == r.c.content_hash
             )
         )
 
     @staticmethod
-    def _to_revision(adapter_id: str, row: Any, tags: Sequence[str] = (), serving_pk: Optional[int] = None) -> Revision:
+    def _to_revision(
+        adapter_id: str, row: Any, tags: Sequence[str] = (), serving_pk: int | None = None
+    ) -> Revision:
         m = row._mapping
         return Revision(
             adapter_id=adapter_id,
@@ -183,7 +190,9 @@ class Registry:
         content-hash prefix (at least 4 hex digits)."""
         r = S.revisions
         if isinstance(ref, bool) or not isinstance(ref, (int, str)):
-            raise RevisionNotFoundError(f"{adapter_id}: a revision is a number, tag, hash prefix, 'head' or 'serving', got {ref!r}")
+            raise RevisionNotFoundError(
+                f"{adapter_id}: a revision is a number, tag, hash prefix, 'head' or 'serving', got {ref!r}"
+            )
         base = self._revision_query().where(r.c.adapter_pk == adapter_pk)
         text = str(ref).strip()
         if isinstance(ref, int) or text.isdigit():
@@ -198,7 +207,9 @@ class Registry:
                 raise RevisionNotFoundError(f"{adapter_id}: has no revisions yet")
             return row
         if low == "serving":
-            pk = conn.execute(sa.select(S.serving.c.revision_pk).where(S.serving.c.adapter_pk == adapter_pk)).scalar()
+            pk = conn.execute(
+                sa.select(S.serving.c.revision_pk).where(S.serving.c.adapter_pk == adapter_pk)
+            ).scalar()
             if pk is None:
                 raise RevisionNotFoundError(f"{adapter_id}: no revision is serving (promote one first)")
             return conn.execute(base.where(r.c.pk == pk)).first()
@@ -208,10 +219,14 @@ class Registry:
         if tag_pk is not None:
             return conn.execute(base.where(r.c.pk == tag_pk)).first()
         if _HEX.match(low):
-            rows = conn.execute(base.where(r.c.content_hash.startswith(low, autoescape=True)).order_by(r.c.number.desc())).all()
+            rows = conn.execute(
+                base.where(r.c.content_hash.startswith(low, autoescape=True)).order_by(r.c.number.desc())
+            ).all()
             hashes = {row._mapping["content_hash"] for row in rows}
             if len(hashes) > 1:
-                raise AmbiguousRevisionError(f"{adapter_id}: hash prefix {text!r} matches {len(hashes)} different contents")
+                raise AmbiguousRevisionError(
+                    f"{adapter_id}: hash prefix {text!r} matches {len(hashes)} different contents"
+                )
             if rows:
                 return rows[0]  # identical content committed more than once: the newest
         raise RevisionNotFoundError(f"{adapter_id}: no revision, tag or hash prefix {text!r}")
@@ -224,8 +239,10 @@ class Registry:
             out.setdefault(rpk, []).append(name)
         return out
 
-    def _serving_pk(self, conn: Connection, adapter_pk: int) -> Optional[int]:
-        return conn.execute(sa.select(S.serving.c.revision_pk).where(S.serving.c.adapter_pk == adapter_pk)).scalar()
+    def _serving_pk(self, conn: Connection, adapter_pk: int) -> int | None:
+        return conn.execute(
+            sa.select(S.serving.c.revision_pk).where(S.serving.c.adapter_pk == adapter_pk)
+        ).scalar()
 
     def _revision_obj(self, conn: Connection, adapter_pk: int, adapter_id: str, row: Any) -> Revision:
         tags = self._tags_by_revision(conn, adapter_pk).get(row._mapping["pk"], [])
@@ -243,10 +260,15 @@ class Registry:
         """Whether `adapter_id` is registered."""
         aid = normalize_adapter_id(adapter_id)
         return self._read(
-            lambda c: c.execute(sa.select(S.adapters.c.pk).where(S.adapters.c.adapter_id == aid)).first() is not None
+            lambda c: (
+                c.execute(sa.select(S.adapters.c.pk).where(S.adapters.c.adapter_id == aid)).first()
+                is not None
+            )
         )
 
-    def adapters(self, *, prefix: Optional[str] = None, after: Optional[str] = None, limit: Optional[int] = None) -> list[str]:
+    def adapters(
+        self, *, prefix: str | None = None, after: str | None = None, limit: int | None = None
+    ) -> list[str]:
         """Adapter ids in sorted order; `after` and `limit` page through a large registry."""
 
         def q(conn: Connection) -> list[str]:
@@ -266,24 +288,28 @@ class Registry:
         """Numbers of adapters, revisions and distinct blobs."""
 
         def q(conn: Connection) -> dict[str, int]:
-            n = lambda t: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar()  # noqa: E731
+            n = lambda t: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar()
             return {"adapters": n(S.adapters), "revisions": n(S.revisions), "blobs": n(S.blobs)}
 
         return self._read(q)
 
     # ------------------------------------------------------------------ commit
 
-    def _prepare(self, weights: Union[Adapter, Mapping[str, LoraWeights]], config: Optional[Mapping[str, Any]]) -> Adapter:
+    def _prepare(
+        self, weights: Adapter | Mapping[str, LoraWeights], config: Mapping[str, Any] | None
+    ) -> Adapter:
         if isinstance(weights, Adapter):
             adapter = weights if config is None else Adapter(modules=weights.modules, config=dict(config))
         elif isinstance(weights, Mapping):
             adapter = Adapter(modules=dict(weights), config=dict(config or {}))
         else:
-            raise TypeError(f"weights must be an Adapter or a dict of LoraWeights, got {type(weights).__name__}")
+            raise TypeError(
+                f"weights must be an Adapter or a dict of LoraWeights, got {type(weights).__name__}"
+            )
         return Adapter(modules=adapter.modules, config=content.canonical_config(adapter.config))
 
     @staticmethod
-    def _provenance(provenance: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    def _provenance(provenance: Mapping[str, Any] | None) -> dict[str, Any]:
         prov = dict(provenance or {})
         base = prov.pop("base_model", None)
         if isinstance(base, torch.nn.Module):
@@ -297,12 +323,19 @@ class Registry:
             base = base.lower()
         training_data = prov.pop("training_data", None)
         if training_data is not None and not isinstance(training_data, str):
-            raise ValueError("provenance['training_data'] must be a string (a dataset reference: URL, path, name@version)")
+            raise ValueError(
+                "provenance['training_data'] must be a string (a dataset reference: URL, path, name@version)"
+            )
         training_config = prov.pop("training_config", None)
         if training_config is not None:
             training_config = content.canonical_config(training_config)
         extra = content.canonical_config(prov) if prov else None
-        return {"base_model": base, "training_data": training_data, "training_config": training_config, "extra": extra}
+        return {
+            "base_model": base,
+            "training_data": training_data,
+            "training_config": training_config,
+            "extra": extra,
+        }
 
     def _store_blob(self, conn_check: Callable[[], bool], h: str, data: bytes) -> None:
         # A blob row in the database means the file was durably written before that row
@@ -314,13 +347,13 @@ class Registry:
     def commit(
         self,
         adapter_id: str,
-        weights: Union[Adapter, Mapping[str, LoraWeights]],
-        config: Optional[Mapping[str, Any]] = None,
+        weights: Adapter | Mapping[str, LoraWeights],
+        config: Mapping[str, Any] | None = None,
         *,
         parent: Any = _HEAD,
         message: str = "",
-        author: Optional[str] = None,
-        provenance: Optional[Mapping[str, Any]] = None,
+        author: str | None = None,
+        provenance: Mapping[str, Any] | None = None,
     ) -> Revision:
         """Record a new revision of `adapter_id` (created on first commit) and return it.
 
@@ -346,20 +379,30 @@ class Registry:
             ).scalar()
             if pk is None:
                 # A concurrent creator makes this fail with IntegrityError; run_transaction retries.
-                pk = conn.execute(S.adapters.insert().values(adapter_id=aid, created_at=now)).inserted_primary_key[0]
+                pk = conn.execute(
+                    S.adapters.insert().values(adapter_id=aid, created_at=now)
+                ).inserted_primary_key[0]
             if parent is _HEAD:
                 parent_pk = conn.execute(
-                    sa.select(S.revisions.c.pk).where(S.revisions.c.adapter_pk == pk).order_by(S.revisions.c.number.desc()).limit(1)
+                    sa.select(S.revisions.c.pk)
+                    .where(S.revisions.c.adapter_pk == pk)
+                    .order_by(S.revisions.c.number.desc())
+                    .limit(1)
                 ).scalar()
             elif parent is None:
                 parent_pk = None
             else:
                 parent_pk = self._resolve(conn, pk, aid, parent)._mapping["pk"]
             number = (
-                conn.execute(sa.select(sa.func.max(S.revisions.c.number)).where(S.revisions.c.adapter_pk == pk)).scalar() or 0
+                conn.execute(
+                    sa.select(sa.func.max(S.revisions.c.number)).where(S.revisions.c.adapter_pk == pk)
+                ).scalar()
+                or 0
             ) + 1
             conn.execute(
-                self._insert(S.blobs).values(content_hash=h, size=len(data), created_at=now).on_conflict_do_nothing()
+                self._insert(S.blobs)
+                .values(content_hash=h, size=len(data), created_at=now)
+                .on_conflict_do_nothing()
             )
             rpk = conn.execute(
                 S.revisions.insert().values(
@@ -382,18 +425,21 @@ class Registry:
 
     def _blob_known(self, h: str) -> bool:
         return self._read(
-            lambda c: c.execute(sa.select(S.blobs.c.content_hash).where(S.blobs.c.content_hash == h)).first() is not None
+            lambda c: (
+                c.execute(sa.select(S.blobs.c.content_hash).where(S.blobs.c.content_hash == h)).first()
+                is not None
+            )
         )
 
     def commit_many(
         self,
-        items: Iterable[tuple[str, Union[Adapter, Mapping[str, LoraWeights]]]],
+        items: Iterable[tuple[str, Adapter | Mapping[str, LoraWeights]]],
         *,
         message: str = "",
-        author: Optional[str] = None,
-        provenance: Optional[Mapping[str, Any]] = None,
+        author: str | None = None,
+        provenance: Mapping[str, Any] | None = None,
         batch_size: int = 5000,
-        progress: Optional[Callable[[int], None]] = None,
+        progress: Callable[[int], None] | None = None,
     ) -> int:
         """Bulk registration: commit one revision for each (adapter_id, weights), `batch_size`
         per transaction.  The same guarantees as `commit` (blobs first, then the rows
@@ -411,7 +457,11 @@ class Registry:
             if not batch:
                 return
             rows = list(batch)
-            self._write(lambda conn: self._commit_batch(conn, rows, message, who, prov, minlora_version, torch_version))
+            self._write(
+                lambda conn: self._commit_batch(
+                    conn, rows, message, who, prov, minlora_version, torch_version
+                )
+            )
             total += len(rows)
             if progress is not None:
                 progress(len(rows))
@@ -425,7 +475,7 @@ class Registry:
                 size = -1  # already stored (or written earlier in this call)
             else:
                 data = content.serialize(adapter)
-                self._store_blob(lambda: self._blob_known(h), h, data)
+                self._store_blob(lambda h=h: self._blob_known(h), h, data)
                 known.add(h)
                 size = len(data)
             batch.append((aid, h, size))
@@ -450,7 +500,11 @@ class Registry:
         for chunk in range(0, len(ids), 900):  # SQLite caps bound parameters per statement
             part = ids[chunk : chunk + 900]
             existing.update(
-                conn.execute(sa.select(S.adapters.c.adapter_id, S.adapters.c.pk).where(S.adapters.c.adapter_id.in_(part))).all()
+                conn.execute(
+                    sa.select(S.adapters.c.adapter_id, S.adapters.c.pk).where(
+                        S.adapters.c.adapter_id.in_(part)
+                    )
+                ).all()
             )
         new = [aid for aid in ids if aid not in existing]
         new_set = set(new)
@@ -459,7 +513,11 @@ class Registry:
             for chunk in range(0, len(new), 900):
                 part = new[chunk : chunk + 900]
                 existing.update(
-                    conn.execute(sa.select(S.adapters.c.adapter_id, S.adapters.c.pk).where(S.adapters.c.adapter_id.in_(part))).all()
+                    conn.execute(
+                        sa.select(S.adapters.c.adapter_id, S.adapters.c.pk).where(
+                            S.adapters.c.adapter_id.in_(part)
+                        )
+                    ).all()
                 )
         heads: dict[int, tuple[int, int]] = {}  # adapter pk -> (newest number, its pk)
         old = [existing[aid] for aid in ids if aid not in new_set]
@@ -467,7 +525,9 @@ class Registry:
             part = old[chunk : chunk + 900]
             r = S.revisions
             newest = (
-                sa.select(r.c.adapter_pk, sa.func.max(r.c.number).label("n")).where(r.c.adapter_pk.in_(part)).group_by(r.c.adapter_pk)
+                sa.select(r.c.adapter_pk, sa.func.max(r.c.number).label("n"))
+                .where(r.c.adapter_pk.in_(part))
+                .group_by(r.c.adapter_pk)
             ).subquery()
             for apk, n, rpk in conn.execute(
                 sa.select(newest.c.adapter_pk, newest.c.n, r.c.pk).join(
@@ -515,23 +575,32 @@ class Registry:
             # Still inside the inserting transaction, so this is part of creating the row, not
             # a change to history.
             conn.execute(
-                r.update().where(r.c.adapter_pk == v["adapter_pk"], r.c.number == v["number"]).values(parent_pk=parent_pk)
+                r.update()
+                .where(r.c.adapter_pk == v["adapter_pk"], r.c.number == v["number"])
+                .values(parent_pk=parent_pk)
             )
 
     # ------------------------------------------------------------------ reading
 
-    def log(self, adapter_id: str, *, limit: Optional[int] = None) -> list[Revision]:
+    def log(self, adapter_id: str, *, limit: int | None = None) -> list[Revision]:
         """The adapter's revisions, newest first."""
         aid = normalize_adapter_id(adapter_id)
 
         def q(conn: Connection) -> list[Revision]:
             pk = self._adapter_pk(conn, aid)
-            stmt = self._revision_query().where(S.revisions.c.adapter_pk == pk).order_by(S.revisions.c.number.desc())
+            stmt = (
+                self._revision_query()
+                .where(S.revisions.c.adapter_pk == pk)
+                .order_by(S.revisions.c.number.desc())
+            )
             if limit is not None:
                 stmt = stmt.limit(limit)
             tags = self._tags_by_revision(conn, pk)
             serving_pk = self._serving_pk(conn, pk)
-            return [self._to_revision(aid, row, tags.get(row._mapping["pk"], []), serving_pk) for row in conn.execute(stmt)]
+            return [
+                self._to_revision(aid, row, tags.get(row._mapping["pk"], []), serving_pk)
+                for row in conn.execute(stmt)
+            ]
 
         return self._read(q)
 
@@ -545,7 +614,7 @@ class Registry:
 
         return self._read(q)
 
-    def serving(self, adapter_id: str) -> Optional[Revision]:
+    def serving(self, adapter_id: str) -> Revision | None:
         """The serving revision, or None when none was promoted."""
         try:
             return self.show(adapter_id, "serving")
@@ -621,7 +690,15 @@ class Registry:
 
     # ------------------------------------------------------------------ tags
 
-    def tag(self, adapter_id: str, name: str, rev: RevRef = "head", *, force: bool = False, author: Optional[str] = None) -> Revision:
+    def tag(
+        self,
+        adapter_id: str,
+        name: str,
+        rev: RevRef = "head",
+        *,
+        force: bool = False,
+        author: str | None = None,
+    ) -> Revision:
         """Name a revision.  Tags do not move unless `force` (then the old target is replaced)."""
         aid = normalize_adapter_id(adapter_id)
         tag = normalize_tag(name)
@@ -635,8 +712,12 @@ class Registry:
             ).scalar()
             if current is not None and current != rpk:
                 if not force:
-                    num = conn.execute(sa.select(S.revisions.c.number).where(S.revisions.c.pk == current)).scalar()
-                    raise TagExistsError(f"{aid}: tag {tag!r} already names revision {num} (use force to move it)")
+                    num = conn.execute(
+                        sa.select(S.revisions.c.number).where(S.revisions.c.pk == current)
+                    ).scalar()
+                    raise TagExistsError(
+                        f"{aid}: tag {tag!r} already names revision {num} (use force to move it)"
+                    )
                 conn.execute(
                     S.tags.update()
                     .where(S.tags.c.adapter_pk == pk, S.tags.c.name == tag)
@@ -644,7 +725,13 @@ class Registry:
                 )
             elif current is None:
                 conn.execute(
-                    S.tags.insert().values(adapter_pk=pk, name=tag, revision_pk=rpk, author=author or default_actor(), created_at=_now())
+                    S.tags.insert().values(
+                        adapter_pk=pk,
+                        name=tag,
+                        revision_pk=rpk,
+                        author=author or default_actor(),
+                        created_at=_now(),
+                    )
                 )
             return self._revision_obj(conn, pk, aid, row)
 
@@ -676,8 +763,8 @@ class Registry:
         suite: str,
         metrics: Mapping[str, float],
         *,
-        author: Optional[str] = None,
-        details: Optional[Mapping[str, Any]] = None,
+        author: str | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> list[Evaluation]:
         """Attach metric values (suite/metric -> value) to a revision."""
         aid = normalize_adapter_id(adapter_id)
@@ -686,8 +773,14 @@ class Registry:
         clean: dict[str, float] = {}
         for metric, value in metrics.items():
             if not isinstance(metric, str) or not metric or len(metric) > 128:
-                raise ValueError(f"metric names must be non-empty strings of at most 128 characters, got {metric!r}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+                raise ValueError(
+                    f"metric names must be non-empty strings of at most 128 characters, got {metric!r}"
+                )
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(float(value))
+            ):
                 raise ValueError(f"metric {metric!r}: value must be a finite number, got {value!r}")
             clean[metric] = float(value)
         if not clean:
@@ -702,7 +795,15 @@ class Registry:
             conn.execute(
                 S.evaluations.insert(),
                 [
-                    {"revision_pk": row._mapping["pk"], "suite": suite, "metric": m, "value": v, "author": who, "recorded_at": now, "details": det}
+                    {
+                        "revision_pk": row._mapping["pk"],
+                        "suite": suite,
+                        "metric": m,
+                        "value": v,
+                        "author": who,
+                        "recorded_at": now,
+                        "details": det,
+                    }
                     for m, v in clean.items()
                 ],
             )
@@ -721,14 +822,25 @@ class Registry:
             row = self._resolve(conn, pk, aid, rev)
             e = S.evaluations
             return [
-                Evaluation(aid, row._mapping["number"], x.suite, x.metric, x.value, x.author, _utc(x.recorded_at), x.details)  # type: ignore[arg-type]
-                for x in conn.execute(sa.select(e).where(e.c.revision_pk == row._mapping["pk"]).order_by(e.c.pk))
+                Evaluation(
+                    aid,
+                    row._mapping["number"],
+                    x.suite,
+                    x.metric,
+                    x.value,
+                    x.author,
+                    _utc(x.recorded_at),
+                    x.details,
+                )  # type: ignore[arg-type]
+                for x in conn.execute(
+                    sa.select(e).where(e.c.revision_pk == row._mapping["pk"]).order_by(e.c.pk)
+                )
             ]
 
         return self._read(q)
 
     @staticmethod
-    def _latest_metric(conn: Connection, revision_pk: int, suite: str, metric: str) -> Optional[float]:
+    def _latest_metric(conn: Connection, revision_pk: int, suite: str, metric: str) -> float | None:
         e = S.evaluations
         return conn.execute(
             sa.select(e.c.value)
@@ -746,10 +858,16 @@ class Registry:
         def txn(conn: Connection) -> None:
             pk = self._adapter_pk(conn, aid, lock=True)
             g = S.gates
-            conn.execute(g.delete().where(g.c.adapter_pk == pk, g.c.suite == gate.suite, g.c.metric == gate.metric))
+            conn.execute(
+                g.delete().where(g.c.adapter_pk == pk, g.c.suite == gate.suite, g.c.metric == gate.metric)
+            )
             conn.execute(
                 g.insert().values(
-                    adapter_pk=pk, suite=gate.suite, metric=gate.metric, higher_is_better=gate.higher_is_better, tolerance=gate.tolerance
+                    adapter_pk=pk,
+                    suite=gate.suite,
+                    metric=gate.metric,
+                    higher_is_better=gate.higher_is_better,
+                    tolerance=gate.tolerance,
                 )
             )
 
@@ -761,7 +879,12 @@ class Registry:
         def txn(conn: Connection) -> bool:
             pk = self._adapter_pk(conn, aid, lock=True)
             g = S.gates
-            return conn.execute(g.delete().where(g.c.adapter_pk == pk, g.c.suite == suite, g.c.metric == metric)).rowcount > 0
+            return (
+                conn.execute(
+                    g.delete().where(g.c.adapter_pk == pk, g.c.suite == suite, g.c.metric == metric)
+                ).rowcount
+                > 0
+            )
 
         return self._write(txn)
 
@@ -774,14 +897,22 @@ class Registry:
         g = S.gates
         return [
             Gate(x.suite, x.metric, bool(x.higher_is_better), float(x.tolerance))
-            for x in conn.execute(sa.select(g).where(g.c.adapter_pk == adapter_pk).order_by(g.c.suite, g.c.metric))
+            for x in conn.execute(
+                sa.select(g).where(g.c.adapter_pk == adapter_pk).order_by(g.c.suite, g.c.metric)
+            )
         ]
 
-    def _gate_report(self, conn: Connection, gates: Sequence[Gate], candidate_pk: int, current_pk: Optional[int]) -> list[dict[str, Any]]:
+    def _gate_report(
+        self, conn: Connection, gates: Sequence[Gate], candidate_pk: int, current_pk: int | None
+    ) -> list[dict[str, Any]]:
         report = []
         for gate in gates:
             cand = self._latest_metric(conn, candidate_pk, gate.suite, gate.metric)
-            cur = self._latest_metric(conn, current_pk, gate.suite, gate.metric) if current_pk is not None else None
+            cur = (
+                self._latest_metric(conn, current_pk, gate.suite, gate.metric)
+                if current_pk is not None
+                else None
+            )
             entry: dict[str, Any] = {**gate.to_dict(), "candidate": cand, "serving": cur}
             if cand is None:
                 entry["status"] = "missing"
@@ -793,7 +924,9 @@ class Registry:
                 worse_by = (cur - cand) if gate.higher_is_better else (cand - cur)
                 if worse_by > gate.tolerance:
                     entry["status"] = "regressed"
-                    entry["why"] = f"{gate.suite}/{gate.metric} is worse by {worse_by:.6g} (tolerance {gate.tolerance:.6g})"
+                    entry["why"] = (
+                        f"{gate.suite}/{gate.metric} is worse by {worse_by:.6g} (tolerance {gate.tolerance:.6g})"
+                    )
                 else:
                     entry["status"] = "pass"
                     entry["why"] = f"within tolerance ({-worse_by:+.6g})"
@@ -804,10 +937,10 @@ class Registry:
         self,
         fn: Callable[[Adapter, Revision], Mapping[str, float]],
         *,
-        adapters: Optional[Iterable[str]] = None,
+        adapters: Iterable[str] | None = None,
         rev: RevRef = "head",
         suite: str = "default",
-        author: Optional[str] = None,
+        author: str | None = None,
         progress: bool = False,
     ) -> list[Evaluation]:
         """The evaluation runner: for each adapter (all when None), load revision `rev`, call
@@ -827,7 +960,9 @@ class Registry:
             try:
                 metrics = dict(fn(weights, info))
             except Exception as exc:
-                raise RegistryError(f"evaluation of {info.adapter_id!r} revision {info.number} failed: {exc}") from exc
+                raise RegistryError(
+                    f"evaluation of {info.adapter_id!r} revision {info.number} failed: {exc}"
+                ) from exc
             out.extend(self.record_evaluation(info.adapter_id, info.number, suite, metrics, author=author))
         return out
 
@@ -839,9 +974,9 @@ class Registry:
         rev: RevRef = "head",
         *,
         force: bool = False,
-        by: Optional[str] = None,
-        reason: Optional[str] = None,
-        gates: Optional[Sequence[Gate]] = None,
+        by: str | None = None,
+        reason: str | None = None,
+        gates: Sequence[Gate] | None = None,
     ) -> Promotion:
         """Point the adapter's serving pointer at `rev`, if it passes the gates.
 
@@ -861,12 +996,26 @@ class Registry:
             current_pk = self._serving_pk(conn, pk)
             now = _now()
             if current_pk == cand["pk"]:
-                return Promotion(aid, "promote", cand["number"], cand["number"], False, actor, reason, now, [], changed=False)
-            report = self._gate_report(conn, self._gates(conn, pk) if gates is None else list(gates), cand["pk"], current_pk)
+                return Promotion(
+                    aid,
+                    "promote",
+                    cand["number"],
+                    cand["number"],
+                    False,
+                    actor,
+                    reason,
+                    now,
+                    [],
+                    changed=False,
+                )
+            report = self._gate_report(
+                conn, self._gates(conn, pk) if gates is None else list(gates), cand["pk"], current_pk
+            )
             failed = [g for g in report if g["status"] != "pass"]
             if failed and not force:
                 raise PromotionRefusedError(
-                    f"{aid}: promotion of revision {cand['number']} refused: " + "; ".join(g["why"] for g in failed),
+                    f"{aid}: promotion of revision {cand['number']} refused: "
+                    + "; ".join(g["why"] for g in failed),
                     report,
                 )
             from_number = (
@@ -874,27 +1023,58 @@ class Registry:
                 if current_pk is not None
                 else None
             )
-            self._move_serving(conn, pk, current_pk, cand["pk"], "promote", bool(force), actor, reason, report, now)
-            return Promotion(aid, "promote", from_number, cand["number"], bool(force), actor, reason, now, report)
+            self._move_serving(
+                conn, pk, current_pk, cand["pk"], "promote", bool(force), actor, reason, report, now
+            )
+            return Promotion(
+                aid, "promote", from_number, cand["number"], bool(force), actor, reason, now, report
+            )
 
         return self._write(txn)
 
     def _move_serving(
-        self, conn: Connection, pk: int, from_pk: Optional[int], to_pk: int, action: str, forced: bool, actor: str,
-        reason: Optional[str], report: list[dict[str, Any]], now: datetime,
+        self,
+        conn: Connection,
+        pk: int,
+        from_pk: int | None,
+        to_pk: int,
+        action: str,
+        forced: bool,
+        actor: str,
+        reason: str | None,
+        report: list[dict[str, Any]],
+        now: datetime,
     ) -> None:
         if from_pk is None:
             conn.execute(S.serving.insert().values(adapter_pk=pk, revision_pk=to_pk, updated_at=now))
         else:
-            conn.execute(S.serving.update().where(S.serving.c.adapter_pk == pk).values(revision_pk=to_pk, updated_at=now))
+            conn.execute(
+                S.serving.update()
+                .where(S.serving.c.adapter_pk == pk)
+                .values(revision_pk=to_pk, updated_at=now)
+            )
         conn.execute(
             S.serving_events.insert().values(
-                adapter_pk=pk, from_revision_pk=from_pk, to_revision_pk=to_pk, action=action, forced=forced,
-                actor=actor, reason=reason, gate_report=report or None, at=now,
+                adapter_pk=pk,
+                from_revision_pk=from_pk,
+                to_revision_pk=to_pk,
+                action=action,
+                forced=forced,
+                actor=actor,
+                reason=reason,
+                gate_report=report or None,
+                at=now,
             )
         )
 
-    def rollback(self, adapter_id: str, *, to: Optional[RevRef] = None, by: Optional[str] = None, reason: Optional[str] = None) -> Promotion:
+    def rollback(
+        self,
+        adapter_id: str,
+        *,
+        to: RevRef | None = None,
+        by: str | None = None,
+        reason: str | None = None,
+    ) -> Promotion:
         """Serve again the revision that served before the current one (or `to`, which must
         have served before).  Gates are not applied: the target already served.  Repeated
         rollbacks walk further back, like an undo stack."""
@@ -909,7 +1089,9 @@ class Registry:
             ev = S.serving_events
             stack: list[int] = []
             served: set[int] = set()
-            for action, to_pk in conn.execute(sa.select(ev.c.action, ev.c.to_revision_pk).where(ev.c.adapter_pk == pk).order_by(ev.c.pk)):
+            for action, to_pk in conn.execute(
+                sa.select(ev.c.action, ev.c.to_revision_pk).where(ev.c.adapter_pk == pk).order_by(ev.c.pk)
+            ):
                 served.add(to_pk)
                 if action == "rollback":
                     # A rollback pops back to its target: drop everything above it.
@@ -922,7 +1104,9 @@ class Registry:
             if to is not None:
                 target_pk = self._resolve(conn, pk, aid, to)._mapping["pk"]
                 if target_pk not in served:
-                    raise RegistryError(f"{aid}: revision {to} never served; use promote (with its gates) instead")
+                    raise RegistryError(
+                        f"{aid}: revision {to} never served; use promote (with its gates) instead"
+                    )
                 if target_pk == current_pk:
                     raise RegistryError(f"{aid}: revision {to} is already serving")
             else:
@@ -931,7 +1115,11 @@ class Registry:
                     raise RegistryError(f"{aid}: no earlier serving revision to roll back to")
                 target_pk = earlier[-1]
             num = dict(
-                conn.execute(sa.select(S.revisions.c.pk, S.revisions.c.number).where(S.revisions.c.pk.in_([current_pk, target_pk]))).all()
+                conn.execute(
+                    sa.select(S.revisions.c.pk, S.revisions.c.number).where(
+                        S.revisions.c.pk.in_([current_pk, target_pk])
+                    )
+                ).all()
             )
             now = _now()
             self._move_serving(conn, pk, current_pk, target_pk, "rollback", False, actor, reason, [], now)
@@ -949,12 +1137,26 @@ class Registry:
             fr, to = S.revisions.alias("fr"), S.revisions.alias("to")
             rows = conn.execute(
                 sa.select(ev, fr.c.number.label("from_number"), to.c.number.label("to_number"))
-                .select_from(ev.outerjoin(fr, fr.c.pk == ev.c.from_revision_pk).join(to, to.c.pk == ev.c.to_revision_pk))
+                .select_from(
+                    ev.outerjoin(fr, fr.c.pk == ev.c.from_revision_pk).join(
+                        to, to.c.pk == ev.c.to_revision_pk
+                    )
+                )
                 .where(ev.c.adapter_pk == pk)
                 .order_by(ev.c.pk)
             )
             return [
-                Promotion(aid, x.action, x.from_number, x.to_number, bool(x.forced), x.actor, x.reason, _utc(x.at), x.gate_report or [])  # type: ignore[arg-type]
+                Promotion(
+                    aid,
+                    x.action,
+                    x.from_number,
+                    x.to_number,
+                    bool(x.forced),
+                    x.actor,
+                    x.reason,
+                    _utc(x.at),
+                    x.gate_report or [],
+                )  # type: ignore[arg-type]
                 for x in rows
             ]
 
@@ -962,7 +1164,7 @@ class Registry:
 
     # ------------------------------------------------------------------ residency
 
-    def attach_pool(self, pool: Any, key: Optional[Callable[[str, Optional[Revision]], Any]] = None) -> None:
+    def attach_pool(self, pool: Any, key: Callable[[str, Revision | None], Any] | None = None) -> None:
         """Report residency from `pool` (any object with `residency(key) -> str`, such as
         minlora.pool.AdapterPool).  `key(adapter_id, serving_revision)` gives the name the
         pool knows the adapter by; by default the adapter id."""
@@ -1004,7 +1206,7 @@ class Registry:
 
     # ------------------------------------------------------------------ maintenance
 
-    def _iter_revisions(self, adapter_id: Optional[str]) -> Iterator[tuple[str, int, str]]:
+    def _iter_revisions(self, adapter_id: str | None) -> Iterator[tuple[str, int, str]]:
         """(adapter_id, number, content_hash) for every revision, in keyset-paged chunks so a
         million rows never sit in memory at once."""
         r, a = S.revisions, S.adapters
@@ -1023,14 +1225,14 @@ class Registry:
             )
             if apk is not None:
                 stmt = stmt.where(r.c.adapter_pk == apk)
-            rows = self._read(lambda c: c.execute(stmt).all())
+            rows = self._read(lambda c, stmt=stmt: c.execute(stmt).all())
             if not rows:
                 return
             for pk, aid_, number, h in rows:
                 yield aid_, number, h
             last = rows[-1][0]
 
-    def verify(self, adapter_id: Optional[str] = None, *, progress: bool = False) -> VerifyReport:
+    def verify(self, adapter_id: str | None = None, *, progress: bool = False) -> VerifyReport:
         """Load and re-hash the blob of every revision (of one adapter, or all).  Each distinct
         blob is read once; a failure is reported for every revision that uses it."""
         bad: dict[str, str] = {}
@@ -1053,7 +1255,14 @@ class Registry:
                 except CorruptBlobError as exc:
                     bad[h] = str(exc)
             if h in bad:
-                failures.append({"adapter_id": aid, "revision": number, "content_hash": h, "error": _reword(bad[h], aid, number, h)})
+                failures.append(
+                    {
+                        "adapter_id": aid,
+                        "revision": number,
+                        "content_hash": h,
+                        "error": _reword(bad[h], aid, number, h),
+                    }
+                )
         if total is not None:
             total.close()
         return VerifyReport(revisions_checked=n, blobs_checked=len(good) + len(bad), failures=failures)
@@ -1096,7 +1305,7 @@ def _reword(message: str, adapter_id: str, number: int, h: str) -> str:
     return prefix + message.split("): ", 1)[-1]
 
 
-def _tensor_change(name: str, ta: Optional[torch.Tensor], tb: Optional[torch.Tensor]) -> TensorChange:
+def _tensor_change(name: str, ta: torch.Tensor | None, tb: torch.Tensor | None) -> TensorChange:
     if ta is None:
         return TensorChange(name, "added", shape_b=list(tb.shape))  # type: ignore[union-attr]
     if tb is None:

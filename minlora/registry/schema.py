@@ -10,20 +10,21 @@ Design notes:
   its blob row are inserted in one transaction, after the blob file is durably written.
 - Timestamps are UTC; SQLite stores them without a zone and the registry re-attaches UTC.
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
 
 __all__ = [
-    "metadata",
     "adapters",
     "blobs",
-    "revisions",
-    "tags",
-    "serving",
-    "serving_events",
     "evaluations",
     "gates",
+    "metadata",
+    "revisions",
+    "serving",
+    "serving_events",
+    "tags",
 ]
 
 metadata = sa.MetaData()

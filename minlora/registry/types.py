@@ -1,11 +1,12 @@
 """The registry's return values: plain dataclasses with `to_dict()` for the CLI's --json."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any
 
-__all__ = ["Revision", "Gate", "Promotion", "Evaluation", "TensorChange", "Diff", "VerifyReport", "GcReport"]
+__all__ = ["Diff", "Evaluation", "Gate", "GcReport", "Promotion", "Revision", "TensorChange", "VerifyReport"]
 
 
 def _iso(value: Any) -> Any:
@@ -25,7 +26,7 @@ class Revision:
     adapter_id: str
     number: int  # 1, 2, 3, ... per adapter
     content_hash: str  # sha256 of the canonical serialisation (minlora.registry.content)
-    parent: Optional[int]  # the parent revision's number (same adapter), None for a root
+    parent: int | None  # the parent revision's number (same adapter), None for a root
     message: str
     author: str
     created_at: datetime
@@ -58,11 +59,11 @@ class Promotion:
 
     adapter_id: str
     action: str  # "promote" | "rollback"
-    from_revision: Optional[int]
+    from_revision: int | None
     to_revision: int
     forced: bool
     actor: str
-    reason: Optional[str]
+    reason: str | None
     at: datetime
     gate_report: list[dict[str, Any]] = field(default_factory=list)
     changed: bool = True  # False when the revision was already serving (nothing recorded)
@@ -80,7 +81,7 @@ class Evaluation:
     value: float
     author: str
     recorded_at: datetime
-    details: Optional[dict[str, Any]] = None
+    details: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _iso(asdict(self))
@@ -92,10 +93,10 @@ class TensorChange:
 
     name: str  # "<module>.lora_A", "<module>.lora_B" or "<module>.scale"
     status: str  # "added" | "removed" | "changed" | "reshaped" | "unchanged"
-    shape_a: Optional[list[int]] = None
-    shape_b: Optional[list[int]] = None
-    max_abs_diff: Optional[float] = None
-    rel_norm_diff: Optional[float] = None  # ||b - a|| / ||a||  (Frobenius; inf when a == 0)
+    shape_a: list[int] | None = None
+    shape_b: list[int] | None = None
+    max_abs_diff: float | None = None
+    rel_norm_diff: float | None = None  # ||b - a|| / ||a||  (Frobenius; inf when a == 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

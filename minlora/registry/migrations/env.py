@@ -1,6 +1,7 @@
 """Alembic environment of the registry.  It is only run by minlora.registry.migrate, which
 passes an open connection (already inside the transaction that serialises migrators) in
 `config.attributes["connection"]`; there is no alembic.ini and no URL to read."""
+
 from __future__ import annotations
 
 from alembic import context

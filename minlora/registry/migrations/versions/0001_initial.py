@@ -5,6 +5,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-28
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
@@ -103,5 +104,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for name in ("gates", "evaluations", "serving_events", "serving", "tags", "revisions", "blobs", "adapters"):
+    for name in (
+        "gates",
+        "evaluations",
+        "serving_events",
+        "serving",
+        "tags",
+        "revisions",
+        "blobs",
+        "adapters",
+    ):
         op.drop_table(name)
