@@ -15,7 +15,9 @@ from minlora.bench.model import add_arguments, run_from_args
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     parser.add_argument("--json", metavar="FILE", help="write results and machine info to FILE")
     parser.add_argument("--no-progress", action="store_true")

@@ -257,7 +257,8 @@ _patched_classes: dict[type, type] = {}
 def _patched_class(cls: type) -> type:
     # One patched class per original class, so torch.compile sees a stable type.
     if cls not in _patched_classes:
-        _patched_classes[cls] = type(f"MinLora{cls.__name__}", (PatchedLayer, cls), {"_minlora_base_class": cls})
+        name = f"MinLora{cls.__name__}"
+        _patched_classes[cls] = type(name, (PatchedLayer, cls), {"_minlora_base_class": cls})
     return _patched_classes[cls]
 
 
@@ -306,7 +307,8 @@ def patch(model: nn.Module, pool: Any, target_modules: Union[None, str, Sequence
         shape = _linear_shape(module)
         if shape is None:
             raise TypeError(
-                f"minlora: {name!r} is a {type(module).__name__}; only nn.Linear and transformers' Conv1D are patched"
+                f"minlora: {name!r} is a {type(module).__name__}; "
+                "only nn.Linear and transformers' Conv1D are patched"
             )
         if isinstance(module, PatchedLayer):
             raise RuntimeError(f"minlora: {name!r} is already patched")

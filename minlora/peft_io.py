@@ -248,7 +248,9 @@ def load_peft(
             raise ValueError(f"module {module!r} has {sorted(pair)} but needs both lora_A and lora_B")
         a, b = pair["lora_A"], pair["lora_B"]
         if a.shape[0] != b.shape[1]:
-            raise ValueError(f"module {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} differ in rank")
+            raise ValueError(
+                f"module {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} differ in rank"
+            )
         rank = a.shape[0]
         want = module_rank(config, module)
         if rank != want:
@@ -260,7 +262,8 @@ def load_peft(
                 f"target_modules / exclude_modules / layers_to_transform: the file holds {module!r}, "
                 "which the config does not target"
             )
-        modules[module] = LoraWeights(a=a.contiguous(), b=b.contiguous(), scale=module_scale(config, module, rank))
+        scale = module_scale(config, module, rank)
+        modules[module] = LoraWeights(a=a.contiguous(), b=b.contiguous(), scale=scale)
     if not modules:
         raise ValueError(f"{weights_file!r} holds no LoRA weights")
     return Adapter(modules=modules, config=config)

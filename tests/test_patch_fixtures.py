@@ -21,7 +21,9 @@ VOCAB = 96
 
 def tiny_model(family: str) -> torch.nn.Module:
     """A 2-layer causal LM of the family with random weights, in eval mode, fp32."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    )
 
     torch.manual_seed({"llama": 1, "qwen2": 2, "gpt2": 3}[family])
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -59,9 +61,11 @@ def adapter_specs(family: str) -> dict[str, dict]:
         "a0": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         "a1": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LLAMA),
         "a2": dict(r=2, lora_alpha=5, target_modules=ATTN + ["down_proj"],
-                   rank_pattern={"k_proj": 6, "model.layers.1.self_attn.q_proj": 3}, alpha_pattern={"down_proj": 3}),
+                   rank_pattern={"k_proj": 6, "model.layers.1.self_attn.q_proj": 3},
+                   alpha_pattern={"down_proj": 3}),
         "a3": dict(r=3, lora_alpha=4, target_modules=r".*\.layers\.1\..*(gate_proj|up_proj)"),
-        "a4": dict(r=5, lora_alpha=7, target_modules=["o_proj", "gate_proj", "down_proj"], layers_to_transform=[0],
+        "a4": dict(r=5, lora_alpha=7, target_modules=["o_proj", "gate_proj", "down_proj"],
+                   layers_to_transform=[0],
                    exclude_modules=["gate_proj"]),
     }
 

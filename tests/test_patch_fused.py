@@ -18,7 +18,8 @@ def _model(family: str) -> torch.nn.Module:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(7)
-    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=128)
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  max_position_embeddings=128)
     if family == "phi3":
         return Phi3ForCausalLM(Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, **common)).eval()
@@ -30,7 +31,8 @@ SPECS = {
     "phi3": [dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"]),
              dict(r=2, lora_alpha=3, use_rslora=True, target_modules=["qkv_proj", "o_proj", "down_proj"])],
     "gpt_neox": [dict(r=4, lora_alpha=8, target_modules=["query_key_value"]),
-                 dict(r=3, lora_alpha=5, target_modules=["query_key_value", "dense_h_to_4h", "dense_4h_to_h"])],
+                 dict(r=3, lora_alpha=5,
+                      target_modules=["query_key_value", "dense_h_to_4h", "dense_4h_to_h"])],
 }
 
 

@@ -77,7 +77,8 @@ def test_patterns_and_rslora_scales(families):
     g = load_peft(families["gpt2"].dirs["a0"])
     assert g.config["fan_in_fan_out"] is True
     w = g.modules["transformer.h.0.attn.c_attn"]
-    assert (w.in_features, w.out_features) == (64, 192)  # Conv1D [in, out] weight, factors as PEFT stores them
+    # Conv1D keeps its weight as [in, out]; the factors are stored as for nn.Linear.
+    assert (w.in_features, w.out_features) == (64, 192)
     assert module_scale({"r": 4, "lora_alpha": 8, "use_rslora": True}, "x.q_proj") == pytest.approx(4.0)
 
 
@@ -159,7 +160,8 @@ def test_config_inconsistent_with_weights_is_refused(families, tmp_path):
     src = families["llama"].dirs["a0"]
     d = tmp_path / "ad"
     d.mkdir()
-    (d / "adapter_model.safetensors").write_bytes(open(os.path.join(src, "adapter_model.safetensors"), "rb").read())
+    weights = open(os.path.join(src, "adapter_model.safetensors"), "rb").read()
+    (d / "adapter_model.safetensors").write_bytes(weights)
     config = read_config(src)
     (d / "adapter_config.json").write_text(json.dumps(dict(config, r=5)))
     with pytest.raises(ValueError, match="rank_pattern"):

@@ -60,13 +60,15 @@ def _build(cfg: ModelBenchConfig, workdir: str):
 
     dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(cfg.seed)
-    llama = LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
+    llama = LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+                        num_hidden_layers=cfg.layers,
                         num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, vocab_size=cfg.vocab,
                         max_position_embeddings=max(128, cfg.tokens))
     base = LlamaForCausalLM(llama).to(device=cfg.device, dtype=dtype).eval()
 
     ids = [f"u{i}" for i in range(cfg.adapters)]
-    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=PROJECTIONS, init_lora_weights=False)
+    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=PROJECTIONS,
+                      init_lora_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(copy.deepcopy(base), lora, adapter_name=ids[0])
@@ -84,8 +86,11 @@ def _build(cfg: ModelBenchConfig, workdir: str):
 
     patched = copy.deepcopy(base)
     shapes = target_shapes(patched, list(dirs.values()))
-    per_adapter = sum(cfg.rank * (i + o) for i, o in shapes.values()) * torch.empty((), dtype=dtype).element_size()
-    pool = AdapterPool(shapes, dtype=dtype, device=cfg.device, capacity_bytes=int(per_adapter * cfg.adapters * 1.25) + (8 << 20),
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_adapter = sum(cfg.rank * (i + o) for i, o in shapes.values()) * elem
+    # Room for every adapter at once, plus slack for the allocator's chunking.
+    capacity = int(per_adapter * cfg.adapters * 1.25) + (8 << 20)
+    pool = AdapterPool(shapes, dtype=dtype, device=cfg.device, capacity_bytes=capacity,
                        max_slots=max(cfg.adapters, 1))
     for aid, d in dirs.items():
         pool.register(aid, d)
@@ -139,16 +144,19 @@ def bench_model(cfg: Optional[ModelBenchConfig] = None, *, show_progress: bool =
     ratios = {k: v / times["base"] for k, v in times.items()}
     ratios_best = {k: v / best["base"] for k, v in best.items()}
     rows = [
-        {"method": k, "median_ms": 1e3 * v, "x_base": ratios[k], "min_ms": 1e3 * best[k], "x_base_min": ratios_best[k],
+        {"method": k, "median_ms": 1e3 * v, "x_base": ratios[k], "min_ms": 1e3 * best[k],
+         "x_base_min": ratios_best[k],
          "peft_over_this": times["peft_mixed"] / v}
         for k, v in times.items()
     ]
     table = format_table(rows, ["method", "median_ms", "x_base", "min_ms", "x_base_min", "peft_over_this"])
     table += (
-        f"\nLlama hidden {cfg.hidden}, intermediate {cfg.intermediate}, {cfg.layers} layers, vocab {cfg.vocab}; "
-        f"{cfg.adapters} rank-{cfg.rank} adapters on all 7 projections; batch {cfg.batch} x {cfg.tokens} token(s); "
+        f"\nLlama hidden {cfg.hidden}, intermediate {cfg.intermediate}, {cfg.layers} layers, "
+        f"vocab {cfg.vocab}; {cfg.adapters} rank-{cfg.rank} adapters on all 7 projections; "
+        f"batch {cfg.batch} x {cfg.tokens} token(s); "
         f"{cfg.dtype} on {cfg.device}, {torch.get_num_threads()} threads"
-        f"\nx_base = median time / the base model's; x_base_min the same with minimum times; minlora vs PEFT logits: relative error {rel:.2e}"
+        "\nx_base = median time / the base model's; x_base_min: the same with minimum times"
+        f"\nminlora vs PEFT logits: relative error {rel:.2e}"
     )
     if profile_rows:
         table += "\n\nprofile of the patched forward (self CPU time):\n" + format_table(
@@ -184,7 +192,9 @@ def _interleaved(
     return {k: statistics.median(v) for k, v in samples.items()}, {k: min(v) for k, v in samples.items()}
 
 
-def _profile(patched: torch.nn.Module, assign: list, x: torch.Tensor, iters: int = 10) -> list[dict[str, Any]]:
+def _profile(
+    patched: torch.nn.Module, assign: list, x: torch.Tensor, iters: int = 10
+) -> list[dict[str, Any]]:
     """Self time per op of the patched forward (torch.profiler), largest first."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -211,18 +221,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=d.heads)
     parser.add_argument("--kv-heads", type=int, default=d.kv_heads)
     parser.add_argument("--vocab", type=int, default=d.vocab)
-    parser.add_argument("--adapters", type=int, default=d.adapters, help="distinct adapters (rows cycle through them)")
+    parser.add_argument("--adapters", type=int, default=d.adapters,
+                        help="distinct adapters (rows cycle through them)")
     parser.add_argument("--rank", type=int, default=d.rank)
     parser.add_argument("--batch", type=int, default=d.batch)
     parser.add_argument("--tokens", type=int, default=d.tokens, help="tokens per request")
     parser.add_argument("--dtype", default=d.dtype, help="float32 / bfloat16 / float16")
     parser.add_argument("--device", default=d.device, help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=d.repeats)
-    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of the patched forward")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print a torch.profiler table of the patched forward")
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = ModelBenchConfig(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
+    cfg = ModelBenchConfig(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
+                           heads=args.heads,
                            kv_heads=args.kv_heads, vocab=args.vocab, adapters=args.adapters, rank=args.rank,
                            batch=args.batch, tokens=args.tokens, dtype=args.dtype, device=args.device,
                            repeats=args.repeats, profile=args.profile)
