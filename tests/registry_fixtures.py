@@ -17,6 +17,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -83,6 +84,16 @@ def _pg_bindir() -> str | None:
         return os.path.dirname(os.path.realpath(initdb))
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[-3]))
     return os.path.dirname(found[-1]) if found else None
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the test process dies, even by SIGKILL, so an
+    interrupted test run does not leave a PostgreSQL server behind."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port() -> int:
@@ -160,6 +171,7 @@ class PostgresServer:
                 ],
                 stdout=logf,
                 stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
             logf.close()
             if self._wait_ready():
