@@ -80,3 +80,24 @@ def concurrent_committer(url: str, blobs: str, name: str, n: int, barrier, resul
     )
     results.put((name, out))
     reg.close()
+
+
+def stall_commit(url: str, blobs: str, moment: str, ready) -> None:
+    """Start a commit and freeze at `moment` ("blob": the blob's temporary file is written
+    but not yet renamed; "row": the revision row is inserted but the transaction not
+    committed), tell the test, and wait there to be killed."""
+    import os
+    import time
+
+    def freeze(*_args, **_kwargs):
+        ready.set()
+        time.sleep(600)
+
+    reg = Registry(url, blobs)
+    if moment == "blob":
+        os.replace = freeze  # this process only: the rename that publishes the blob
+    elif moment == "row":
+        Registry._revision_obj = freeze  # called inside the transaction, after the INSERTs
+    else:
+        raise ValueError(moment)
+    reg.commit("stall", _weights(random.Random(moment)), message="never committed")

@@ -90,6 +90,38 @@ def test_kill9_mid_commit_leaves_no_half_revision(registry_location):
             reg.load(aid, "head")
 
 
+@pytest.mark.parametrize("moment", ["blob", "row"])
+def test_kill9_at_the_worst_moment(registry_location, moment):
+    """Deterministic variant: kill -9 exactly between writing the blob and publishing it, and
+    exactly between inserting the rows and committing them.  Nothing of that commit may be
+    visible, the database lock must be released, and the next commit must just work."""
+    url, blobs = registry_location
+    with Registry(url, blobs) as reg:
+        first = reg.commit("stall", make_adapter(1), message="committed")
+    ctx = worker_context()
+    ready = ctx.Event()
+    p = ctx.Process(target=registry_worker.stall_commit, args=(url, blobs, moment, ready))
+    p.start()
+    assert ready.wait(60), "worker did not reach the point to be killed at"
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    with Registry(url, blobs) as reg:
+        assert [(r.number, r.content_hash) for r in reg.log("stall")] == [(1, first.content_hash)]
+        assert reg.count() == {"adapters": 1, "revisions": 1, "blobs": 1}
+        leftovers = [f for f in reg.blobs.walk() if f.content_hash != first.content_hash]
+        if moment == "blob":
+            assert len(leftovers) == 1 and leftovers[0].content_hash is None  # the temporary file
+        else:
+            assert len(leftovers) == 1 and leftovers[0].content_hash is not None  # an orphan blob
+        t0 = time.time()
+        second = reg.commit("stall", make_adapter(2), message="after the crash")
+        assert second.number == 2 and second.parent == 1
+        assert time.time() - t0 < 10  # no stale lock to wait out
+        assert len(reg.gc(min_age_s=0).deleted) == 1
+        assert reg.verify().ok
+
+
 def test_two_processes_commit_at_once_lose_nothing(registry_location):
     url, blobs = registry_location
     with Registry(url, blobs) as reg:
