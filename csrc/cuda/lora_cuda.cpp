@@ -149,15 +149,19 @@ void gather(const at::Tensor* y, const at::Tensor& x, const float* h_in, float* 
                "the LoRA gather kernel");
 }
 
-kernels::GroupedParams grouped_params(const at::Tensor& y, const LoraArgs& args, const Plan& plan,
+// Grouped GEMM parameters for one operand ordering (as for gather(): the forward is
+// (x, a_pool, a_pages) -> (b_pool, b_pages) into y; grad_x is (grad_y, b, b_pages) -> (a, a_pages)).
+kernels::GroupedParams grouped_params(const at::Tensor* y, const at::Tensor& x, const at::Tensor& shrink_pool,
+                                      const at::Tensor& shrink_pages, const at::Tensor& expand_pool,
+                                      const at::Tensor& expand_pages, const LoraArgs& args, const Plan& plan,
                                       int64_t min_segment) {
   kernels::GroupedParams p{};
-  p.x = args.x.data_ptr();
-  p.y = y.data_ptr();
-  p.shrink_pool = args.a_pool.data_ptr();
-  p.expand_pool = args.b_pool.data_ptr();
-  p.shrink_pages = args.a_pages.data_ptr<int32_t>();
-  p.expand_pages = args.b_pages.data_ptr<int32_t>();
+  p.x = x.data_ptr();
+  p.y = y != nullptr ? y->data_ptr() : nullptr;
+  p.shrink_pool = shrink_pool.data_ptr();
+  p.expand_pool = expand_pool.data_ptr();
+  p.shrink_pages = shrink_pages.data_ptr<int32_t>();
+  p.expand_pages = expand_pages.data_ptr<int32_t>();
   p.ranks = args.ranks.data_ptr<int32_t>();
   p.scales = args.scales.data_ptr<float>();
   p.token_slot = args.token_slot.data_ptr<int32_t>();
@@ -166,15 +170,26 @@ kernels::GroupedParams grouped_params(const at::Tensor& y, const LoraArgs& args,
   p.num_tokens = args.num_tokens();
   p.num_slots = args.num_slots();
   p.max_rank = args.max_rank();
-  p.in_features = args.in_features();
-  p.out_features = args.out_features();
-  p.num_shrink_pages = args.a_pool.size(0);
-  p.num_expand_pages = args.b_pool.size(0);
+  p.in_features = x.size(1);
+  p.out_features = expand_pool.size(1);
+  p.num_shrink_pages = shrink_pool.size(0);
+  p.num_expand_pages = expand_pool.size(0);
   p.min_segment = min_segment;
+  p.hs = nullptr;
+  p.skip_expand = y == nullptr;
   return p;
 }
 
-kernels::Choice choose(const LoraArgs& args, const at::Tensor& y, const Plan* plan) {
+void grouped(const kernels::GroupedParams& p, const at::Tensor& like) {
+  const auto ws = at::empty({static_cast<int64_t>(kernels::grouped_workspace_bytes(p.num_tokens, p.num_slots,
+                                                                                   p.max_rank))},
+                            like.options().dtype(at::kByte));
+  check_launch(kernels::launch_grouped(p, kernel_dtype(like.scalar_type()), ws.data_ptr(), sm_count(like),
+                                       at::cuda::getCurrentCUDAStream()),
+               "the LoRA grouped GEMM");
+}
+
+kernels::OpShape op_shape(const LoraArgs& args, const Plan* plan) {
   kernels::OpShape s{};
   s.num_tokens = args.num_tokens();
   s.num_slots = args.num_slots();
@@ -184,12 +199,16 @@ kernels::Choice choose(const LoraArgs& args, const at::Tensor& y, const Plan* pl
   s.half_precision = args.x.scalar_type() == at::kHalf || args.x.scalar_type() == at::kBFloat16;
   s.has_plan = plan != nullptr;
   s.grouped_compiled = kernels::grouped_compiled();
-  if (s.grouped_compiled && s.half_precision) {
-    // Alignment does not depend on the plan's contents; any plan will do for the check.
-    const Plan none{args.token_slot, args.token_slot};
-    s.grouped_aligned = kernels::grouped_aligned(grouped_params(y, args, plan ? *plan : none, 1));
-  }
-  return kernels::choose_kernels(s, kernels::kernel_mode_from_env());
+  return s;
+}
+
+// Alignment of the grouped path's operands does not depend on the plan's contents; a
+// stand-in plan lets grouped_params be built before the real one exists.
+bool grouped_aligned(const at::Tensor* y, const at::Tensor& x, const at::Tensor& shrink_pool,
+                     const at::Tensor& expand_pool, const LoraArgs& args) {
+  const Plan none{args.token_slot, args.token_slot};
+  return kernels::grouped_aligned(
+      grouped_params(y, x, shrink_pool, args.a_pages, expand_pool, args.b_pages, args, none, 1));
 }
 
 }  // namespace
@@ -203,7 +222,10 @@ bool stream_is_capturing() {
 void lora_forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {
   check_rank_width(args);
   const c10::cuda::CUDAGuard guard(args.x.device());
-  const kernels::Choice c = choose(args, y, plan);
+  kernels::OpShape shape = op_shape(args, plan);
+  shape.grouped_aligned = shape.grouped_compiled && shape.half_precision &&
+                          grouped_aligned(&y, args.x, args.a_pool, args.b_pool, args);
+  const kernels::Choice c = kernels::choose_kernels(shape, kernels::kernel_mode_from_env());
   if (c.simple) {
     simple_shrink_expand_add(y, args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages, args);
     return;
@@ -214,13 +236,9 @@ void lora_forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {
     plan = &built;
   }
   if (c.grouped) {
-    const auto p = grouped_params(y, args, *plan, c.grouped_min_segment);
-    const auto ws = at::empty({static_cast<int64_t>(kernels::grouped_workspace_bytes(
-                                   args.num_tokens(), args.num_slots(), args.max_rank()))},
-                              args.x.options().dtype(at::kByte));
-    check_launch(kernels::launch_grouped(p, kernel_dtype(args.x.scalar_type()), ws.data_ptr(), sm_count(args.x),
-                                         at::cuda::getCurrentCUDAStream()),
-                 "the LoRA grouped GEMM");
+    grouped(grouped_params(&y, args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages, args, *plan,
+                           c.grouped_min_segment),
+            args.x);
   }
   if (c.gather) {
     gather(&y, args.x, nullptr, nullptr, args.a_pool, args.a_pages, args.b_pool, args.b_pages, args,
@@ -233,9 +251,13 @@ Grads lora_backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* 
   check_rank_width(args);
   const c10::cuda::CUDAGuard guard(args.x.device());
   const auto g = grad_y.contiguous();
-  const kernels::KernelMode mode = kernels::kernel_mode_from_env();
-  if (mode == kernels::KernelMode::kSimple || args.max_rank() > kernels::kGatherMaxRank)
-    return simple_backward(g, args, output_mask);
+  kernels::OpShape shape = op_shape(args, plan);
+  // grad_x is allocated here (aligned); the two shrinks read g with b_pool and x with a_pool.
+  shape.grouped_aligned = shape.grouped_compiled && shape.half_precision &&
+                          grouped_aligned(nullptr, g, args.b_pool, args.a_pool, args) &&
+                          grouped_aligned(nullptr, args.x, args.a_pool, args.b_pool, args);
+  const kernels::BackwardChoice c = kernels::choose_backward(shape, kernels::kernel_mode_from_env());
+  if (c.simple) return simple_backward(g, args, output_mask);
   // The pool gradients sum over each slot's tokens: they need the plan's segments.
   Plan built;
   if (plan == nullptr) {
@@ -243,26 +265,46 @@ Grads lora_backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* 
     plan = &built;
   }
   const int64_t T = args.num_tokens(), R = args.max_rank();
-  const auto f32 = args.x.options().dtype(at::kFloat);
   const auto empty = at::empty({0}, args.x.options());
   at::Tensor grad_x = empty, grad_a = empty, grad_b = empty;
+  if (output_mask[0]) grad_x = at::zeros_like(args.x);
   // u[t] = scale_s B_s^T g_t feeds grad_x and grad_a; h[t] = scale_s A_s x_t feeds grad_b.
-  // Both stay float32 ([T, R]); rows of tokens without an adapter are never read.
+  // Gather path: float32 [T, R], row = token.  Grouped path: operand dtype [T, W], row =
+  // plan position (the GEMMs' intermediate, rounded only as the input of the next product).
   at::Tensor u, h;
-  if (output_mask[0] || output_mask[1]) {
-    u = at::empty({T, R}, f32);
-    gather(nullptr, g, nullptr, u.data_ptr<float>(), args.b_pool, args.b_pages, args.a_pool, args.a_pages, args,
-           plan, 0);
-  }
-  if (output_mask[2]) {
-    h = at::empty({T, R}, f32);
-    gather(nullptr, args.x, nullptr, h.data_ptr<float>(), args.a_pool, args.a_pages, args.b_pool, args.b_pages,
-           args, plan, 0);
-  }
-  if (output_mask[0]) {
-    grad_x = at::zeros_like(args.x);
-    gather(&grad_x, g, u.data_ptr<float>(), nullptr, args.b_pool, args.b_pages, args.a_pool, args.a_pages, args,
-           plan, 0);
+  int64_t coef_ld = R;
+  if (c.grouped) {
+    coef_ld = kernels::grouped_hs_width(R);
+    if (output_mask[0] || output_mask[1]) {
+      u = at::empty({T, coef_ld}, args.x.options());
+      auto p = grouped_params(output_mask[0] ? &grad_x : nullptr, g, args.b_pool, args.b_pages, args.a_pool,
+                              args.a_pages, args, *plan, /*min_segment=*/1);
+      p.hs = u.data_ptr();
+      grouped(p, args.x);
+    }
+    if (output_mask[2]) {
+      h = at::empty({T, coef_ld}, args.x.options());
+      auto p = grouped_params(nullptr, args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages, args, *plan,
+                              /*min_segment=*/1);
+      p.hs = h.data_ptr();
+      grouped(p, args.x);
+    }
+  } else {
+    const auto f32 = args.x.options().dtype(at::kFloat);
+    if (output_mask[0] || output_mask[1]) {
+      u = at::empty({T, R}, f32);
+      gather(nullptr, g, nullptr, u.data_ptr<float>(), args.b_pool, args.b_pages, args.a_pool, args.a_pages, args,
+             plan, 0);
+    }
+    if (output_mask[2]) {
+      h = at::empty({T, R}, f32);
+      gather(nullptr, args.x, nullptr, h.data_ptr<float>(), args.a_pool, args.a_pages, args.b_pool, args.b_pages,
+             args, plan, 0);
+    }
+    if (output_mask[0]) {
+      gather(&grad_x, g, u.data_ptr<float>(), nullptr, args.b_pool, args.b_pages, args.a_pool, args.a_pages, args,
+             plan, 0);
+    }
   }
   // Split each segment's tokens among a few blocks when slots average many tokens, so long
   // segments keep the GPU busy; each split adds once into the (dtype) gradient, so keep it small.
@@ -273,7 +315,9 @@ Grads lora_backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* 
     at::Tensor grad = at::zeros_like(pool);
     kernels::SegmentGradParams p{};
     p.v = v.data_ptr();
-    p.coef = coef.data_ptr<float>();
+    p.coef = c.grouped ? nullptr : coef.data_ptr<float>();
+    p.coef_plan = c.grouped ? coef.data_ptr() : nullptr;
+    p.coef_ld = coef_ld;
     p.grad_pool = grad.data_ptr();
     p.pages = pages.data_ptr<int32_t>();
     p.ranks = args.ranks.data_ptr<int32_t>();

@@ -47,6 +47,16 @@ constexpr int64_t kGroupedMinSegment = 32;
 // Largest page-table width of the gather kernels (lora_gather.cuh kGatherMaxRank).
 constexpr int64_t kDispatchGatherMaxRank = 1024;
 
+// Whether the grouped GEMM is worth launching without reading the plan: with few tokens per
+// slot (decode) every segment is short, and its launches (memset, prep, two GEMMs that find
+// no tiles) would only add latency.  Many tokens overall make long segments likely even
+// when many slots are resident.
+inline bool may_have_long_segments(const OpShape& s) {
+  if (s.num_tokens < kGroupedMinSegment) return false;
+  const int64_t avg = s.num_slots > 0 ? s.num_tokens / s.num_slots : 0;
+  return avg >= 4 || s.num_tokens >= 2048;
+}
+
 inline Choice choose_kernels(const OpShape& s, KernelMode mode) {
   Choice c;
   if (mode == KernelMode::kSimple || s.max_rank > kDispatchGatherMaxRank) {
@@ -54,10 +64,8 @@ inline Choice choose_kernels(const OpShape& s, KernelMode mode) {
     return c;
   }
   const bool grouped_ok = s.half_precision && s.grouped_compiled && s.grouped_aligned;
-  // Average tokens per slot: without reading the plan this bounds what can be long.
   const int64_t avg = s.num_slots > 0 ? s.num_tokens / s.num_slots : 0;
-  if (grouped_ok && mode != KernelMode::kGather &&
-      (mode == KernelMode::kGrouped || s.num_tokens >= kGroupedMinSegment)) {
+  if (grouped_ok && mode != KernelMode::kGather && (mode == KernelMode::kGrouped || may_have_long_segments(s))) {
     c.grouped = true;
     c.grouped_min_segment = mode == KernelMode::kGrouped ? 1 : kGroupedMinSegment;
   }
@@ -67,6 +75,25 @@ inline Choice choose_kernels(const OpShape& s, KernelMode mode) {
   // when slots average a few tokens each (a device sort costs a few launches).
   c.build_plan = !s.has_plan && (c.grouped || avg >= 4);
   c.gather_planned = c.gather && (s.has_plan || c.build_plan);
+  return c;
+}
+
+// The backward: the simple kernels, or the grouped GEMMs for every segment (u = scale B^T g,
+// grad_x, h = scale A x), else the gather kernels; the pool gradients always use the
+// segment-gradient kernel (float32 sums, atomics, so pages shared by slots add up).
+struct BackwardChoice {
+  bool simple = false;
+  bool grouped = false;
+};
+
+inline BackwardChoice choose_backward(const OpShape& s, KernelMode mode) {
+  BackwardChoice c;
+  if (mode == KernelMode::kSimple || s.max_rank > kDispatchGatherMaxRank) {
+    c.simple = true;
+    return c;
+  }
+  const bool grouped_ok = s.half_precision && s.grouped_compiled && s.grouped_aligned;
+  c.grouped = grouped_ok && mode != KernelMode::kGather && (mode == KernelMode::kGrouped || may_have_long_segments(s));
   return c;
 }
 

@@ -197,6 +197,7 @@ __global__ void __launch_bounds__(32 * kGradRankGroups) segment_grad_kernel(Segm
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * 32 + threadIdx.x) * VEC;
   if (c >= len) return;
   const T* v = static_cast<const T*>(p.v);
+  const T* coef_plan = static_cast<const T*>(p.coef_plan);
   T* grad = static_cast<T*>(p.grad_pool);
   constexpr int J = kGradRanksPerThread;
   for (int j0 = 0; j0 < r; j0 += kGradRankGroups * J) {
@@ -214,7 +215,7 @@ __global__ void __launch_bounds__(32 * kGradRankGroups) segment_grad_kernel(Segm
       for (int q = 0; q < J; ++q) {
         const int j = j0 + threadIdx.y + kGradRankGroups * q;
         if (j < r) {
-          const float cf = p.coef[t * R + j];
+          const float cf = coef_plan != nullptr ? to_float(coef_plan[pos * p.coef_ld + j]) : p.coef[t * R + j];
 #pragma unroll
           for (int e = 0; e < VEC; ++e) acc[q][e] += cf * vv[e];
         }

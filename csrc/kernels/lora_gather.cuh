@@ -49,9 +49,13 @@ struct GatherParams {
 //   grad_b_pool: v = grad_y, coef = h = scale_s * A_s x_t     (shrink of x).
 // One thread block per (slot, column tile, token split); accumulation in float32, one
 // atomic add per element and split into grad_pool (pages may be shared by slots).
+// coef comes either from coef ([T, R] float32, row = token) or, when coef_plan is set, from
+// coef_plan ([T, coef_ld] operand dtype, row = plan position: the grouped path's hs).
 struct SegmentGradParams {
   const void* v;         // [T, len]
-  const float* coef;     // [T, R]
+  const float* coef;     // [T, R] or null
+  const void* coef_plan;  // [T, coef_ld] or null
+  int64_t coef_ld;
   void* grad_pool;       // [P, len], accumulated in place
   const int32_t* pages;  // [S, R]
   const int32_t* ranks;

@@ -15,20 +15,19 @@ namespace {
 
 constexpr size_t kAlign = 256;
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-int64_t hs_width(int64_t max_rank) { return (max_rank + 7) / 8 * 8; }  // 16-byte rows of 16-bit elements
 
 struct Workspace {
   size_t shrink_sizes, expand_sizes, seg_begin, hs, total;
 };
 
-Workspace layout(int64_t T, int64_t S, int64_t R) {
+Workspace layout(int64_t T, int64_t S, int64_t R, bool hs_in_workspace = true) {
   Workspace w{};
   constexpr size_t coord = 3 * sizeof(int);  // cutlass::gemm::GemmCoord
   w.shrink_sizes = 0;
   w.expand_sizes = w.shrink_sizes + align_up(coord * S);
   w.seg_begin = w.expand_sizes + align_up(coord * S);
   w.hs = w.seg_begin + align_up(sizeof(int32_t) * S);
-  w.total = w.hs + align_up(2 * static_cast<size_t>(T) * hs_width(R));
+  w.total = w.hs + (hs_in_workspace ? align_up(2 * static_cast<size_t>(T) * grouped_hs_width(R)) : 0);
   return w;
 }
 
@@ -75,7 +74,7 @@ __global__ void __launch_bounds__(128) grouped_prep_kernel(GroupedParams p, cutl
 bool grouped_compiled() { return MINLORA_HAVE_CUTLASS != 0; }
 
 bool grouped_aligned(const GroupedParams& p) {
-  const void* ptrs[] = {p.x, p.y, p.shrink_pool, p.expand_pool};
+  const void* ptrs[] = {p.x, p.y, p.shrink_pool, p.expand_pool, p.hs};  // null counts as aligned
   for (const void* ptr : ptrs)
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
   return p.in_features % 8 == 0 && p.out_features % 8 == 0;
@@ -91,13 +90,15 @@ cudaError_t launch_grouped(const GroupedParams& p, DType dtype, void* workspace,
   if (dtype == DType::kFloat32 || !grouped_aligned(p)) return cudaErrorInvalidValue;
   if (p.num_tokens > 0x7fffffff || p.num_slots > 0x7fffffff || p.min_segment < 1) return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(workspace) % kAlign != 0) return cudaErrorInvalidValue;
+  if (p.hs != nullptr && reinterpret_cast<uintptr_t>(p.hs) % 16 != 0) return cudaErrorInvalidValue;
   const Workspace w = layout(p.num_tokens, p.num_slots, p.max_rank);
   char* base = static_cast<char*>(workspace);
   auto* shrink_sizes = reinterpret_cast<cutlass::gemm::GemmCoord*>(base + w.shrink_sizes);
   auto* expand_sizes = reinterpret_cast<cutlass::gemm::GemmCoord*>(base + w.expand_sizes);
   auto* seg_begin = reinterpret_cast<int32_t*>(base + w.seg_begin);
-  void* hs = base + w.hs;
-  cudaError_t err = cudaMemsetAsync(hs, 0, w.total - w.hs, stream);
+  void* hs = p.hs != nullptr ? p.hs : base + w.hs;
+  // hs starts at 0: rows of skipped segments and the padding columns r..ldh-1 must read as 0.
+  cudaError_t err = cudaMemsetAsync(hs, 0, 2 * static_cast<size_t>(p.num_tokens) * grouped_hs_width(p.max_rank), stream);
   if (err != cudaSuccess) return err;
   grouped_prep_kernel<<<static_cast<unsigned>(p.num_slots), 128, 0, stream>>>(p, shrink_sizes, expand_sizes,
                                                                               seg_begin);
@@ -109,7 +110,8 @@ cudaError_t launch_grouped(const GroupedParams& p, DType dtype, void* workspace,
   k.x = p.x;
   k.y = p.y;
   k.hs = hs;
-  k.ldh = hs_width(p.max_rank);
+  k.ldh = grouped_hs_width(p.max_rank);
+  k.skip_expand = p.skip_expand;
   k.shrink_pool = p.shrink_pool;
   k.expand_pool = p.expand_pool;
   k.shrink_pages = p.shrink_pages;

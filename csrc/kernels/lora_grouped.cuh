@@ -33,7 +33,15 @@ struct GroupedParams {
   const int32_t* seg_offsets;
   int64_t num_tokens, num_slots, max_rank, in_features, out_features, num_shrink_pages, num_expand_pages;
   int64_t min_segment;  // >= 1
+  // Optional: hs in caller memory ([T, grouped_hs_width(R)] of the operand dtype, 16-byte
+  // aligned) so it can be read afterwards (the backward's pool gradients use it); null = in
+  // the workspace.  Rows are in plan order; rows of segments this path skips stay 0.
+  void* hs;
+  bool skip_expand;  // shrink only (y may be null)
 };
+
+// Row length of hs: R rounded up to 8 elements (16-byte rows).
+inline int64_t grouped_hs_width(int64_t max_rank) { return (max_rank + 7) / 8 * 8; }
 
 // True when this build holds the grouped GEMM kernels (CUTLASS headers were found).
 bool grouped_compiled();

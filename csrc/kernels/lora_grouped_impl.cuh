@@ -178,7 +178,7 @@ cudaError_t launch_one(const GroupedKernelParams& p, int sm_count, cudaStream_t 
 template <typename Element>
 cudaError_t launch_shrink_expand(const GroupedKernelParams& p, int sm_count, cudaStream_t stream) {
   cudaError_t err = launch_one<Element, true>(p, sm_count, stream);
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess || p.skip_expand) return err;
   return launch_one<Element, false>(p, sm_count, stream);
 }
 

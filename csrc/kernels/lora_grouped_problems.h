@@ -30,6 +30,7 @@ struct GroupedKernelParams {
   const float* scales;
   const int32_t* order;
   int64_t num_slots, max_rank, in_features, out_features;
+  bool skip_expand;  // shrink only
 };
 
 cudaError_t launch_grouped_f16(const GroupedKernelParams& p, int sm_count, cudaStream_t stream);
