@@ -7,5 +7,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck disable=SC1091
 source "$ROOT/scripts/env.sh"
 cd "$ROOT"
+# A real PostgreSQL server for the registry tests (installed when missing; the tests start it).
+bash "$ROOT/scripts/postgres.sh"
 python -m minlora.build_info
 exec python -m pytest "$@"
