@@ -21,6 +21,12 @@ per step.  Per forward, the first patched layer to run turns the request slots i
 slots and a BatchPlan (tensor ops only, so torch.compile traces them); every other layer of the
 same forward reuses that plan.  A forward pre-hook on the model drops the plan before each call.
 
+torch.compile: choose adapters with `adapters(...)` around the compiled call (the keyword form
+calls the pool inside the forward, which a fullgraph trace cannot hold).  Page tables are padded
+to sizes that only grow, so a new assignment of the same batch shape does not recompile.
+
+Not thread-safe: one patched model serves one forward (or generate) at a time.
+
 Rows: a step's assignment has one entry per request.  When the model sees k times as many
 rows (beam search, num_return_sequences: generate repeats each row k times in place), each
 entry covers k consecutive rows; the tokens of a row are assumed contiguous ([B, L, in]).
@@ -406,7 +412,8 @@ def adapters(model: nn.Module, adapter_ids: AdapterIds, *, wait: bool = True) ->
 
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     state: _State = module.__dict__[_STATE]
-    depth = state.depth + 1
+    # The post-hook runs even when this hook or the forward raises (always_call), so count first.
+    state.depth = depth = state.depth + 1
     if _FORWARD_KEYWORD in kwargs:
         kwargs = dict(kwargs)
         ids = kwargs.pop(_FORWARD_KEYWORD)
@@ -420,7 +427,6 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
             step = state.pool.prepare(_normalise(ids), wait=True)
             state.keyword_steps.append((depth, step, previous))
             state.activate(step)
-    state.depth = depth
     # A new forward: the plan is rebuilt for its shape by the first patched layer.
     state.plans = {}
     return args, kwargs

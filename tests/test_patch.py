@@ -187,6 +187,12 @@ def test_target_modules_subset_and_contexts(setups, tmp_path):
             assert torch.equal(model(ids).logits, inside)  # and the block's choice comes back
             with pytest.raises(ValueError, match="split evenly"):
                 model(_ids(3, 4))
+            # A forward that raises still closes its keyword step and restores the block's choice.
+            with pytest.raises(ValueError, match="split evenly"):
+                model(_ids(3, 4), adapters=["a1", None])
+            assert pool.stats()["steps_in_flight"] == 1
+            assert torch.equal(model(ids).logits, inside)
+        assert pool.stats()["steps_in_flight"] == 0
         assert torch.equal(model(ids).logits, base)
     with pytest.raises(RuntimeError, match="already patched"):
         minlora.patch(model, pool)
