@@ -66,9 +66,10 @@ load that failed raises `AdapterLoadError` from the prepare that waits for it (w
 from the next prepare naming the adapter (the one after that retries).
 
 Steps hold a reference on each adapter they use until `release()` (or the end of their
-``with`` block); on CUDA, release records an event on the current stream, and pages freed
-later are overwritten only after it (so kernels already queued keep reading valid weights).
-Every method is thread-safe.
+``with`` block).  On CUDA, enqueue a step's kernels on the current stream before releasing
+it: freeing pages records an event on the current stream, and the side stream writes freed
+pages only after it, so kernels already queued keep reading valid weights; the host never
+waits.  Every method is thread-safe.
 
 Per registered-but-unloaded adapter the pool keeps one dict entry (id -> source); nothing else.
 """
@@ -227,7 +228,7 @@ class _Pending:
 class _Resident:
     """An adapter that holds fast-tier pages (loading or ready)."""
 
-    __slots__ = ("id", "pages", "npages", "plist", "flat", "mods", "nbytes", "refs", "ready", "pending")
+    __slots__ = ("id", "pages", "npages", "plist", "flat", "mods", "minfo", "nbytes", "refs", "ready", "pending")
 
     def __init__(self, adapter_id: str) -> None:
         self.id = adapter_id
@@ -236,6 +237,9 @@ class _Resident:
         self.plist: list[tuple[int, torch.Tensor]] = []  # (allocator pool, pages), for free()
         self.flat: tuple[Any, Any] = (None, None)  # (pool of each page, page) int32 arrays, for plans
         self.mods: dict[int, tuple[int, int, int, float]] = {}  # as _HostCopy.mods
+        # The same as arrays, for building a step's tables without Python loops:
+        # (int64 [4, k]: module index, a_off, b_off, rank; float32 [k]: scale).
+        self.minfo: tuple[Any, Any] = (np.zeros((4, 0), np.int64), np.zeros(0, np.float32))
         self.nbytes = 0
         self.refs = 0
         self.ready = False
@@ -373,7 +377,10 @@ class AdapterPool:
         self._fetcher = cf.ThreadPoolExecutor(max_workers=max(1, load_workers), thread_name_prefix="minlora-fetch")
         self._copier = None if self._cuda else cf.ThreadPoolExecutor(1, thread_name_prefix="minlora-copy")
         self._side = torch.cuda.Stream(self.device) if self._cuda else None
-        self._last_release = None  # CUDA event recorded by the latest Step.release
+        # CUDA: an event on the current stream recorded when pages were last freed.  Kernels of
+        # released steps that read those pages were queued before it, so a copy that may reuse
+        # the pages waits for it (on the side stream, never the host).
+        self._free_fence = None
         self._stats = dict.fromkeys(
             (
                 "hits",
@@ -638,31 +645,35 @@ class AdapterPool:
         return count, offs
 
     def _host_copy(self, adapter: Adapter) -> _HostCopy:
-        ranks = {self._index[n]: w.rank for n, w in adapter.modules.items() if w.rank > 0}
-        count, offs = self._layout(ranks)
-        parts: dict[int, list[torch.Tensor]] = {pid: [] for pid in count}
+        # One pass: the offsets handed out here follow _layout's rule (module order; per module
+        # its A rows, then its B^T rows).
+        count: dict[int, int] = {}
+        parts: dict[int, list[torch.Tensor]] = {}
         mods = {}
+        same = True  # every tensor already has the pool dtype and lives on the CPU
         for name, w in adapter.modules.items():
-            mi = self._index[name]
-            r = ranks.get(mi, 0)
+            r = w.rank
             if r == 0:
                 continue
+            mi = self._index[name]
             pa, pb = self._mod_pools[mi]
-            ao, bo = offs[mi]
-            # _layout hands out offsets in this same order, so appending keeps them right.
-            parts[pa].append(w.a.detach())
-            parts[pb].append(w.b.detach().t())
+            a, bt = w.a.detach(), w.b.detach().t()
+            same = same and a.dtype == bt.dtype == self.dtype and not a.is_cuda and not bt.is_cuda
+            ao = count.get(pa, 0)
+            count[pa] = ao + r
+            parts.setdefault(pa, []).append(a)
+            bo = count.get(pb, 0)
+            count[pb] = bo + r
+            parts.setdefault(pb, []).append(bt)
             mods[mi] = (ao, bo, r, float(w.scale))
         rows = {}
         for pid, n in count.items():
-            d = self._views[pid].shape[1]
-            out = torch.empty(n, d, dtype=self.dtype, pin_memory=self._cuda)
-            ts = parts[pid]
-            if all(t.dtype == self.dtype and t.device.type == "cpu" for t in ts):
-                torch.cat(ts, out=out)  # one copy for all modules of this row length
+            out = torch.empty(n, self._views[pid].shape[1], dtype=self.dtype, pin_memory=self._cuda)
+            if same:
+                torch.cat(parts[pid], out=out)  # one copy for all modules of this row length
             else:
                 o = 0
-                for t in ts:
+                for t in parts[pid]:
                     out[o : o + t.shape[0]].copy_(t)
                     o += t.shape[0]
             rows[pid] = out
@@ -733,6 +744,10 @@ class AdapterPool:
             if self.poison and pages.numel():
                 self._views[pid].index_fill_(0, pages.to(self.device, torch.long), float("nan"))
             self._alloc.free(pid, pages)
+        if self._cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self._free_fence = ev
 
     def _evict(self, adapter_id: str) -> None:
         e = self._res[adapter_id]
@@ -806,6 +821,11 @@ class AdapterPool:
                 e.npages[pid] = pages.numpy()
                 e.plist.append((pid, pages))
             e.mods = h.mods
+            if h.mods:
+                e.minfo = (
+                    np.array([(mi, *m[:3]) for mi, m in h.mods.items()], dtype=np.int64).T.copy(),
+                    np.array([m[3] for m in h.mods.values()], dtype=np.float32),
+                )
             if e.plist:
                 e.flat = (
                     np.concatenate([np.full(p.numel(), pid, dtype=np.int32) for pid, p in e.plist]),
@@ -855,11 +875,11 @@ class AdapterPool:
                 _copy_rows(jobs)
                 return _Pending()
             return _Pending(future=self._copier.submit(_copy_rows, jobs))
-        # CUDA: on the side stream, after every step released so far (their kernels may still
-        # read pages we are about to overwrite), host -> device -> scatter into the pages.
+        # CUDA: on the side stream, after the kernels that may still read pages freed earlier
+        # (the free fence), host -> device -> scatter into the pages.
         with torch.cuda.stream(self._side):
-            if self._last_release is not None:
-                self._side.wait_event(self._last_release)
+            if self._free_fence is not None:
+                self._side.wait_event(self._free_fence)
             for view, pages, rows in jobs:
                 idx = pages.to(self.device, non_blocking=True).long()
                 view.index_copy_(0, idx, rows.to(self.device, non_blocking=True))
@@ -972,10 +992,6 @@ class AdapterPool:
 
     def _release(self, entries: list[_Resident]) -> None:
         with self._lock:
-            if self._cuda:
-                ev = torch.cuda.Event()
-                ev.record(torch.cuda.current_stream(self.device))
-                self._last_release = ev
             for e in entries:
                 e.refs -= 1
                 if e.refs == 0 and e.ready and self._res.get(e.id) is e:
@@ -1055,6 +1071,7 @@ class Step:
         self._tables: dict[str, ModuleTables] = {}
         self._plans: dict[int, tuple[torch.Tensor, BatchPlan]] = {}
         self._concat: dict[int, tuple[Any, Any]] = {}
+        self._dense: Optional[tuple[Any, Any]] = None
         self.num_slots = len(entries)
         self.adapter_ids: list[str] = [e.id for e in entries]  # slot -> adapter id
         self.ready: list[bool] = ready
@@ -1073,8 +1090,8 @@ class Step:
             raise KeyError(f"unknown module {module!r}; the pool's modules are e.g. {pool.module_names[:3]}")
         S = self.num_slots
         pa, pb = pool._mod_pools[mi]
-        mods = [e.mods.get(mi) for e in self._entries]
-        ranks = np.array([0 if m is None else m[2] for m in mods], dtype=np.int64)
+        dense, dscale = self._dense_info()
+        ranks = dense[2, :, mi]
         R = int(ranks.max()) if S else 0
         # One int32 buffer: a_pages, b_pages, ranks, scales (bit-cast), so CUDA needs one copy.
         nbuf = np.zeros(2 * S * R + 2 * S, dtype=np.int32)
@@ -1084,12 +1101,11 @@ class Step:
             total = int(ranks.sum())
             within = np.arange(total) - np.repeat(np.cumsum(ranks) - ranks, ranks)
             dst = np.repeat(np.arange(S) * R, ranks) + within
-            for k, (pid, col) in enumerate(((pa, 0), (pb, 1))):
+            for k, pid in enumerate((pa, pb)):
                 cat, base = self._concat_pages(pid)
-                off = np.array([0 if m is None else m[col] for m in mods], dtype=np.int64)
-                nbuf[k * S * R : (k + 1) * S * R][dst] = cat[np.repeat(base + off, ranks) + within]
+                nbuf[k * S * R : (k + 1) * S * R][dst] = cat[np.repeat(base + dense[k, :, mi], ranks) + within]
         nbuf[2 * S * R : 2 * S * R + S] = ranks
-        nbuf[2 * S * R + S :].view(np.float32)[:] = [0.0 if m is None else m[3] for m in mods]
+        nbuf[2 * S * R + S :].view(np.float32)[:] = dscale[:, mi]
         buf = torch.from_numpy(nbuf)
         if pool._cuda:
             buf = buf.pin_memory().to(pool.device, non_blocking=True)
@@ -1103,6 +1119,23 @@ class Step:
         )
         self._tables[module] = t
         return t
+
+    def _dense_info(self) -> tuple[Any, Any]:
+        """([3, S, M] int64: a_off, b_off, rank of every slot and module; [S, M] float32 scales),
+        built once per step from the adapters' packed module info."""
+        if self._dense is None:
+            S, M = self.num_slots, len(self._pool.module_names)
+            dense = np.zeros((3, S, M), dtype=np.int64)
+            dscale = np.zeros((S, M), dtype=np.float32)
+            if S:
+                infos = [e.minfo for e in self._entries]
+                ks = [i[1].shape[0] for i in infos]
+                cat = np.concatenate([i[0] for i in infos], axis=1)
+                slot = np.repeat(np.arange(S), ks)
+                dense[:, slot, cat[0]] = cat[1:4]
+                dscale[slot, cat[0]] = np.concatenate([i[1] for i in infos])
+            self._dense = (dense, dscale)
+        return self._dense
 
     def _concat_pages(self, pid: int) -> tuple[Any, Any]:
         """(all slots' pages of allocator pool pid concatenated, where each slot's start), cached."""
