@@ -7,6 +7,7 @@ Baselines (each computes the same delta y [T, out] from the same adapters):
   grouped_mm  torch.nn.functional.grouped_mm over tokens sorted by adapter (where available).
   simple      (CUDA) the op forced onto the foundation's one-block-per-token kernels.
   minlora     the op, reading paged pools in place; the BatchPlan is built inside the timing.
+  (op_us)     the op alone with a plan built beforehand, as each layer of a model runs it.
 
 On CUDA the op's kernels can be chosen with MINLORA_CUDA_KERNELS (auto, gather, grouped,
 simple; read on every call); `minlora` runs with the caller's setting, `simple` forces it.
@@ -106,6 +107,14 @@ def run_minlora(p: Problem) -> torch.Tensor:
     return minlora.lora(p.x, p.a_pool, p.b_pool, p.a_pages, p.b_pages, p.ranks, p.scales, p.token_slot, plan=plan)
 
 
+def run_minlora_op(p: Problem) -> torch.Tensor:
+    """The op alone, with the step's plan built beforehand (a model builds it once per step
+    and every layer reuses it); reported as op_us beside minlora_us, which includes the build."""
+    if getattr(p, "plan", None) is None:
+        p.plan = minlora.build_plan(p.token_slot, p.ranks.shape[0])
+    return minlora.lora(p.x, p.a_pool, p.b_pool, p.a_pages, p.b_pages, p.ranks, p.scales, p.token_slot, plan=p.plan)
+
+
 def run_loop(p: Problem) -> torch.Tensor:
     y = p.x.new_zeros(p.x.shape[0], p.b.shape[1])
     for s in torch.unique(p.token_slot).tolist():
@@ -184,8 +193,9 @@ def _grad_inputs(p: Problem) -> None:
         t.requires_grad_(True)
 
 
-def _timed_fn(method: str, problems: Sequence[Problem], backward: bool) -> Callable[[int], Any]:
-    run = RUNNERS[method]
+def _timed_fn(method: str, problems: Sequence[Problem], backward: bool,
+              run: Optional[Callable[[Problem], torch.Tensor]] = None) -> Callable[[int], Any]:
+    run = run or RUNNERS[method]
     grads = [torch.randn(p.x.shape[0], p.b.shape[1], device=p.x.device, dtype=p.x.dtype) for p in problems]
 
     def fn(i: int) -> Any:
@@ -250,6 +260,9 @@ def bench_config(cfg: OpsConfig, *, repeats: int, seed: int = 0, bandwidth: Opti
             raise AssertionError(f"{method} disagrees with minlora on {cfg}: relative error {err:.2e}")
         seconds = time_call(_timed_fn(method, problems, cfg.backward), device, repeats=repeats)
         row[f"{method}_us"] = seconds * 1e6
+    # The op alone, its plan built once outside the timing (see run_minlora_op).
+    op_fn = _timed_fn("minlora", problems, cfg.backward, run=run_minlora_op)
+    row["op_us"] = time_call(op_fn, device, repeats=repeats) * 1e6
     mine = row["minlora_us"]
     for method in METHODS[1:]:
         other = row.get(f"{method}_us")
@@ -259,6 +272,7 @@ def bench_config(cfg: OpsConfig, *, repeats: int, seed: int = 0, bandwidth: Opti
     if bandwidth:
         row["copy_GB/s"] = bandwidth / 1e9
         row["frac_copy"] = moved / (mine * 1e-6) / bandwidth
+        row["frac_copy_op"] = moved / (row["op_us"] * 1e-6) / bandwidth
     return row
 
 
@@ -272,9 +286,9 @@ def run(configs: Sequence[OpsConfig], *, repeats: int = 10, show_progress: bool 
     return rows
 
 
-TABLE_COLUMNS = ["label", "in", "out", "r", "adapters", "tok/ad", "minlora_us", "loop_us", "gather_bmm_us",
+TABLE_COLUMNS = ["label", "in", "out", "r", "adapters", "tok/ad", "minlora_us", "op_us", "loop_us", "gather_bmm_us",
                  "grouped_mm_us", "simple_us", "x_loop", "x_gather_bmm", "x_grouped_mm", "x_simple", "GB/s",
-                 "frac_copy"]
+                 "frac_copy", "frac_copy_op"]
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
