@@ -1,6 +1,6 @@
 """Drop-in patching of HuggingFace / torch models: every batch row may use its own adapter.
 
-    pool = AdapterPool(minlora.target_shapes(model, ["alice/", "bob/"]), capacity_bytes=2**28)
+    pool = AdapterPool(target_shapes(model, ["alice/", "bob/"]), capacity_bytes=2**28)
     pool.register("alice", "alice/"); pool.register("bob", "bob/")
     minlora.patch(model, pool)
     with minlora.adapters(model, ["alice", None, "bob"]):
@@ -295,7 +295,6 @@ def patch(model: nn.Module, pool: Any, target_modules: Union[None, str, Sequence
     """
     if is_patched(model):
         raise RuntimeError("minlora: this model is already patched; call minlora.unpatch(model) first")
-    pool_modules: Mapping[str, tuple[int, int]] = getattr(pool, "modules", None) or {}
     names = list(pool.module_names)
     chosen = _select(names, target_modules)
     if not chosen:
@@ -318,9 +317,6 @@ def patch(model: nn.Module, pool: Any, target_modules: Union[None, str, Sequence
             )
         if isinstance(module, PatchedLayer):
             raise RuntimeError(f"minlora: {name!r} is already patched")
-        want = pool_modules.get(name) if isinstance(pool_modules, Mapping) else None
-        if want is not None and tuple(want) != shape:
-            raise ValueError(f"minlora: {name!r} is (in, out) = {shape} but the pool holds {tuple(want)}")
         layers[name] = module
 
     state = _State(pool=pool, layers=layers)
