@@ -197,12 +197,20 @@ class _HostCopy:
     Copies and page allocation work per row length, not per module (a model has hundreds).
     """
 
-    __slots__ = ("rows", "mods", "nbytes")
+    __slots__ = ("rows", "mods", "nbytes", "minfo", "flat_pools")
 
     def __init__(self, rows: dict[int, torch.Tensor], mods: dict[int, tuple[int, int, int, float]]) -> None:
         self.rows = rows
         self.mods = mods
         self.nbytes = sum(t.nbytes for t in rows.values())
+        # Packed once here, reused by every promotion of this copy (see _Resident.minfo/flat).
+        self.minfo = (
+            np.array([(mi, m[0], m[1], m[2]) for mi, m in mods.items()], dtype=np.int64).reshape(-1, 4).T.copy(),
+            np.array([m[3] for m in mods.values()], dtype=np.float32),
+        )
+        self.flat_pools = np.repeat(
+            np.array(list(rows), dtype=np.int32), np.array([t.shape[0] for t in rows.values()], dtype=np.int64)
+        )
 
 
 class _Pending:
@@ -358,6 +366,8 @@ class AdapterPool:
             self._pool_of_len[d] = pid
             self._views[pid] = self._arena[: n * d].view(n, d)
         self._mod_pools = [(self._pool_of_len[fi], self._pool_of_len[fo]) for fi, fo in self._features]
+        self._mod_pa = np.array([p[0] for p in self._mod_pools], dtype=np.int64)
+        self._mod_pb = np.array([p[1] for p in self._mod_pools], dtype=np.int64)
 
         self._lock = threading.RLock()
         self._reg: dict[str, Any] = {}  # id -> source: the only per-adapter state until loaded
@@ -657,7 +667,10 @@ class AdapterPool:
                 continue
             mi = self._index[name]
             pa, pb = self._mod_pools[mi]
-            a, bt = w.a.detach(), w.b.detach().t()
+            a, b = w.a, w.b
+            if a.requires_grad or b.requires_grad:
+                a, b = a.detach(), b.detach()
+            bt = b.t()
             same = same and a.dtype == bt.dtype == self.dtype and not a.is_cuda and not bt.is_cuda
             ao = count.get(pa, 0)
             count[pa] = ao + r
@@ -821,16 +834,9 @@ class AdapterPool:
                 e.npages[pid] = pages.numpy()
                 e.plist.append((pid, pages))
             e.mods = h.mods
-            if h.mods:
-                e.minfo = (
-                    np.array([(mi, *m[:3]) for mi, m in h.mods.items()], dtype=np.int64).T.copy(),
-                    np.array([m[3] for m in h.mods.values()], dtype=np.float32),
-                )
+            e.minfo = h.minfo
             if e.plist:
-                e.flat = (
-                    np.concatenate([np.full(p.numel(), pid, dtype=np.int32) for pid, p in e.plist]),
-                    np.concatenate([e.npages[pid] for pid, _ in e.plist]),
-                )
+                e.flat = (h.flat_pools, np.concatenate([e.npages[pid] for pid, _ in e.plist]))
             e.nbytes = h.nbytes
             self._res[a] = e
             self._wanted.pop(a, None)
@@ -1070,8 +1076,7 @@ class Step:
         self._released = False
         self._tables: dict[str, ModuleTables] = {}
         self._plans: dict[int, tuple[torch.Tensor, BatchPlan]] = {}
-        self._concat: dict[int, tuple[Any, Any]] = {}
-        self._dense: Optional[tuple[Any, Any]] = None
+        self._buf: Optional[tuple[torch.Tensor, int, int, int]] = None
         self.num_slots = len(entries)
         self.adapter_ids: list[str] = [e.id for e in entries]  # slot -> adapter id
         self.ready: list[bool] = ready
@@ -1088,64 +1093,59 @@ class Step:
         mi = pool._index.get(module)
         if mi is None:
             raise KeyError(f"unknown module {module!r}; the pool's modules are e.g. {pool.module_names[:3]}")
-        S = self.num_slots
+        buf, M, S, R = self._build()
+        n = M * S * R
         pa, pb = pool._mod_pools[mi]
-        dense, dscale = self._dense_info()
-        ranks = dense[2, :, mi]
-        R = int(ranks.max()) if S else 0
-        # One int32 buffer: a_pages, b_pages, ranks, scales (bit-cast), so CUDA needs one copy.
-        nbuf = np.zeros(2 * S * R + 2 * S, dtype=np.int32)
-        if R:
-            # Vectorised gather: slot s's pages are entries a_off..a_off+r of its adapter's
-            # pages of row length `in` (likewise for B); no Python loop over slots x ranks.
-            total = int(ranks.sum())
-            within = np.arange(total) - np.repeat(np.cumsum(ranks) - ranks, ranks)
-            dst = np.repeat(np.arange(S) * R, ranks) + within
-            for k, pid in enumerate((pa, pb)):
-                cat, base = self._concat_pages(pid)
-                nbuf[k * S * R : (k + 1) * S * R][dst] = cat[np.repeat(base + dense[k, :, mi], ranks) + within]
-        nbuf[2 * S * R : 2 * S * R + S] = ranks
-        nbuf[2 * S * R + S :].view(np.float32)[:] = dscale[:, mi]
-        buf = torch.from_numpy(nbuf)
-        if pool._cuda:
-            buf = buf.pin_memory().to(pool.device, non_blocking=True)
         t = ModuleTables(
             a_pool=pool._views[pa],
             b_pool=pool._views[pb],
-            a_pages=buf[: S * R].view(S, R),
-            b_pages=buf[S * R : 2 * S * R].view(S, R),
-            ranks=buf[2 * S * R : 2 * S * R + S],
-            scales=buf[2 * S * R + S :].view(torch.float32),
+            a_pages=buf[:n].view(M, S, R)[mi],
+            b_pages=buf[n : 2 * n].view(M, S, R)[mi],
+            ranks=buf[2 * n : 2 * n + M * S].view(M, S)[mi],
+            scales=buf[2 * n + M * S :].view(torch.float32).view(M, S)[mi],
         )
         self._tables[module] = t
         return t
 
-    def _dense_info(self) -> tuple[Any, Any]:
-        """([3, S, M] int64: a_off, b_off, rank of every slot and module; [S, M] float32 scales),
-        built once per step from the adapters' packed module info."""
-        if self._dense is None:
-            S, M = self.num_slots, len(self._pool.module_names)
-            dense = np.zeros((3, S, M), dtype=np.int64)
-            dscale = np.zeros((S, M), dtype=np.float32)
-            if S:
-                infos = [e.minfo for e in self._entries]
-                ks = [i[1].shape[0] for i in infos]
-                cat = np.concatenate([i[0] for i in infos], axis=1)
-                slot = np.repeat(np.arange(S), ks)
-                dense[:, slot, cat[0]] = cat[1:4]
-                dscale[slot, cat[0]] = np.concatenate([i[1] for i in infos])
-            self._dense = (dense, dscale)
-        return self._dense
+    def _build(self) -> tuple[torch.Tensor, int, int, int]:
+        """Every module's page tables at once, in one int32 buffer (one host->device copy):
+        a_pages [M, S, R] | b_pages [M, S, R] | ranks [M, S] | scales [M, S] (float32 bits),
+        with R the largest rank in the step.  Returns (buffer, M, S, R); built once per step.
 
-    def _concat_pages(self, pid: int) -> tuple[Any, Any]:
-        """(all slots' pages of allocator pool pid concatenated, where each slot's start), cached."""
-        got = self._concat.get(pid)
-        if got is None:
-            arrs = [e.npages.get(pid, _NO_PAGES) for e in self._entries]
-            lens = np.array([len(a) for a in arrs], dtype=np.int64)
-            got = (np.concatenate(arrs) if arrs else _NO_PAGES, np.cumsum(lens) - lens)
-            self._concat[pid] = got
-        return got
+        Vectorised over (slot, module) records: slot s's pages for module m are entries
+        a_off..a_off+r of its adapter's pages of row length `in` (likewise B), no Python loop
+        over modules or ranks."""
+        if self._buf is not None:
+            return self._buf
+        pool = self._pool
+        S, M, P = self.num_slots, len(pool.module_names), len(pool._views)
+        if S:
+            infos = [e.minfo for e in self._entries]
+            cat = np.concatenate([i[0] for i in infos], axis=1)  # [4, K]: module, a_off, b_off, rank
+            sc = np.concatenate([i[1] for i in infos])
+            slot = np.repeat(np.arange(S), [i[1].shape[0] for i in infos])
+        else:
+            cat, sc, slot = np.zeros((4, 0), np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
+        mi, ao, bo, r = cat
+        R = int(r.max()) if r.size else 0
+        n = M * S * R
+        nbuf = np.zeros(2 * n + 2 * M * S, dtype=np.int32)
+        if R:
+            arrs = [e.npages.get(pid, _NO_PAGES) for pid in range(P) for e in self._entries]
+            lens = np.fromiter((len(a) for a in arrs), np.int64, P * S)
+            base = (np.cumsum(lens) - lens).reshape(P, S)
+            flat = np.concatenate(arrs)
+            within = np.arange(int(r.sum())) - np.repeat(np.cumsum(r) - r, r)
+            dst = np.repeat(mi * (S * R) + slot * R, r) + within
+            nbuf[:n][dst] = flat[np.repeat(base[pool._mod_pa[mi], slot] + ao, r) + within]
+            nbuf[n : 2 * n][dst] = flat[np.repeat(base[pool._mod_pb[mi], slot] + bo, r) + within]
+        nbuf[2 * n : 2 * n + M * S].reshape(M, S)[mi, slot] = r
+        nbuf[2 * n + M * S :].view(np.float32).reshape(M, S)[mi, slot] = sc
+        buf = torch.from_numpy(nbuf)
+        if pool._cuda:
+            buf = buf.pin_memory().to(pool.device, non_blocking=True)
+        self._buf = (buf, M, S, R)
+        return self._buf
 
     def plan(self, tokens_per_request: int) -> tuple[torch.Tensor, BatchPlan]:
         """(token_slot [B*L] int32, its BatchPlan) for L tokens per request, request i's L

@@ -48,9 +48,15 @@ class SeedSource:
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
+    _bank = torch.zeros(0)
+    _row_elems = 0
+
     @classmethod
-    def configure(cls, modules: dict[str, tuple[int, int]], min_rank: int, max_rank: int) -> None:
+    def configure(cls, modules: dict[str, tuple[int, int]], min_rank: int, max_rank: int, seed: int = 0) -> None:
         cls.modules, cls.min_rank, cls.max_rank = dict(modules), min_rank, max_rank
+        cls._row_elems = sum(fin + fout for fin, fout in modules.values())
+        g = torch.Generator().manual_seed(seed)
+        cls._bank = torch.randn(max(1 << 22, 4 * max_rank * cls._row_elems), generator=g)
 
     @classmethod
     def rank_of(cls, seed: int) -> int:
@@ -59,15 +65,17 @@ class SeedSource:
 
     def __call__(self) -> Adapter:
         r = self.rank_of(self.seed)
-        g = torch.Generator().manual_seed(self.seed)
-        # One draw for all of the adapter's weights, cut into views (cheaper than one per matrix).
-        flat = torch.randn(r * sum(fin + fout for fin, fout in self.modules.values()), generator=g)
+        need = r * self._row_elems
+        # The weights are a window of a shared bank of random numbers at an offset derived
+        # from the seed: deterministic per adapter, distinct between adapters, and cheap (a
+        # benchmark of the pool, not of a random number generator).
+        bank = SeedSource._bank
+        o = (self.seed * 0x9E3779B1) % (bank.numel() - need)
         mods = {}
-        o = 0
         for name, (fin, fout) in self.modules.items():
-            a = flat[o : o + r * fin].view(r, fin)
+            a = bank[o : o + r * fin].view(r, fin)
             o += r * fin
-            b = flat[o : o + r * fout].view(fout, r)
+            b = bank[o : o + r * fout].view(fout, r)
             o += r * fout
             mods[name] = LoraWeights(a, b, 2.0 / r)
         return Adapter(mods)
@@ -118,7 +126,7 @@ def run_pool_bench(
     steps per second, evictions and bytes moved per tier.
     """
     modules = synthetic_modules(layers, hidden, kv)
-    SeedSource.configure(modules, min_rank, max_rank)
+    SeedSource.configure(modules, min_rank, max_rank, seed)
     es = torch.empty((), dtype=dtype).element_size()
     row_elems = sum(fin + fout for fin, fout in modules.values())
     mean_rank = (min_rank + max_rank) / 2
