@@ -55,7 +55,7 @@ def adapter_specs(family: str) -> dict[str, dict]:
                        rank_pattern={"h.0.attn.c_attn": 6}, alpha_pattern={"c_fc": 3}),
             "a3": dict(r=3, lora_alpha=4, target_modules=r".*\.h\.1\.mlp\.c_(fc|proj)"),
             "a4": dict(r=5, lora_alpha=7, target_modules=["c_attn", "c_proj"], layers_to_transform=[0],
-                       exclude_modules=["mlp.c_proj"]),
+                       layers_pattern="h", exclude_modules=["mlp.c_proj"]),
         }
     return {
         "a0": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),

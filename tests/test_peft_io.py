@@ -177,3 +177,23 @@ def test_config_inconsistent_with_weights_is_refused(families, tmp_path):
 def test_load_dtype(families):
     a = load_peft(families["qwen2"].dirs["a3"], dtype=torch.bfloat16)
     assert all(w.a.dtype == torch.bfloat16 and w.b.dtype == torch.bfloat16 for w in a.modules.values())
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[1], layers_pattern="layers"),
+        dict(target_modules=["q_proj", "up_proj"], layers_to_transform=1, layers_pattern=["blocks", "layers"]),
+        dict(target_modules=["v_proj", "o_proj"], exclude_modules=r".*layers\.0\.self_attn\.o_proj"),
+        dict(target_modules=r".*\.(q|k)_proj", exclude_modules=["layers.1.self_attn.k_proj"]),
+    ],
+)
+def test_targeting_rules_equal_peft(tmp_path, spec):
+    """layers_to_transform (list or int) with layers_pattern (str or list), exclude_modules as a
+    regex or a list: the modules PEFT adapts are the modules targets_module selects."""
+    base = tiny_model("llama")
+    make_peft_adapter(base, dict(r=2, lora_alpha=4, **spec), str(tmp_path / "ad"), seed=0)
+    layers = _peft_layers(_peft_model(base, str(tmp_path / "ad")), "default")
+    config = read_config(tmp_path / "ad")
+    assert {n for n, _ in base.named_modules() if targets_module(config, n)} == set(layers)
+    assert set(load_peft(tmp_path / "ad").modules) == set(layers)
