@@ -2,9 +2,11 @@
 // the kernels (kernels/dispatch.h) and launches them on the current stream.  Nothing here
 // synchronises the host (no reads of device memory, no blocking calls), so the ops can be
 // captured into CUDA graphs; workspaces come from the caching allocator.
-#include <ATen/cuda/CUDAContext.h>
+// c10's CUDA headers only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE and
+// doubles this file's compile time).
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 
@@ -35,7 +37,15 @@ void check_rank_width(const LoraArgs& args) {
                     " columns; the CUDA kernels take at most ", kernels::kSimpleMaxRank);
 }
 
-int sm_count(const at::Tensor& t) { return at::cuda::getDeviceProperties(t.get_device())->multiProcessorCount; }
+// Multiprocessors of t's device (a host-side attribute query: no synchronisation).
+int sm_count(const at::Tensor& t) {
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, t.get_device()) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it: the launch that follows must not report it
+    return 1;
+  }
+  return n;
+}
 
 // ---- the foundation's simple kernels (MINLORA_CUDA_KERNELS=simple, and R > 1024) ----
 
@@ -61,7 +71,7 @@ void simple_shrink_expand_add(at::Tensor& y, const at::Tensor& x, const at::Tens
   p.num_shrink_pages = shrink_pool.size(0);
   p.num_expand_pages = expand_pool.size(0);
   check_launch(kernels::launch_shrink_expand_simple(p, kernel_dtype(x.scalar_type()),
-                                                    at::cuda::getCurrentCUDAStream()),
+                                                    c10::cuda::getCurrentCUDAStream()),
                "the LoRA shrink/expand kernel");
 }
 
@@ -96,7 +106,7 @@ Grads simple_backward(const at::Tensor& g, const LoraArgs& args, std::array<bool
     p.num_a_pages = args.a_pool.size(0);
     p.num_b_pages = args.b_pool.size(0);
     check_launch(kernels::launch_pool_grads_simple(p, kernel_dtype(args.x.scalar_type()),
-                                                   at::cuda::getCurrentCUDAStream()),
+                                                   c10::cuda::getCurrentCUDAStream()),
                  "the LoRA pool-gradient kernel");
     if (output_mask[1]) grad_a = grad_a32.to(args.x.scalar_type());
     if (output_mask[2]) grad_b = grad_b32.to(args.x.scalar_type());
@@ -145,7 +155,7 @@ void gather(const at::Tensor* y, const at::Tensor& x, const float* h_in, float* 
   if (y != nullptr) rows.push_back(y);
   bool vec = true;
   for (const at::Tensor* t : rows) vec = vec && aligned16({t});
-  check_launch(kernels::launch_gather(p, kernel_dtype(x.scalar_type()), vec, at::cuda::getCurrentCUDAStream()),
+  check_launch(kernels::launch_gather(p, kernel_dtype(x.scalar_type()), vec, c10::cuda::getCurrentCUDAStream()),
                "the LoRA gather kernel");
 }
 
@@ -181,11 +191,11 @@ kernels::GroupedParams grouped_params(const at::Tensor* y, const at::Tensor& x, 
 }
 
 void grouped(const kernels::GroupedParams& p, const at::Tensor& like) {
-  const auto ws = at::empty({static_cast<int64_t>(kernels::grouped_workspace_bytes(p.num_tokens, p.num_slots,
-                                                                                   p.max_rank))},
+  const int sms = sm_count(like);
+  const auto ws = at::empty({static_cast<int64_t>(kernels::grouped_workspace_bytes(p, sms))},
                             like.options().dtype(at::kByte));
-  check_launch(kernels::launch_grouped(p, kernel_dtype(like.scalar_type()), ws.data_ptr(), sm_count(like),
-                                       at::cuda::getCurrentCUDAStream()),
+  check_launch(kernels::launch_grouped(p, kernel_dtype(like.scalar_type()), ws.data_ptr(), sms,
+                                       c10::cuda::getCurrentCUDAStream()),
                "the LoRA grouped GEMM");
 }
 
@@ -332,7 +342,7 @@ Grads lora_backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* 
     p.token_splits = splits;
     const bool vec = aligned16({&v, &grad});
     check_launch(kernels::launch_segment_grad(p, kernel_dtype(args.x.scalar_type()), vec,
-                                              at::cuda::getCurrentCUDAStream()),
+                                              c10::cuda::getCurrentCUDAStream()),
                  "the LoRA segment-gradient kernel");
     return grad;
   };

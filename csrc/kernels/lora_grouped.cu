@@ -1,5 +1,7 @@
 // Host side and prep kernel of the grouped GEMM path (see lora_grouped.cuh).  The CUTLASS
 // kernels themselves live in lora_grouped_{f16,bf16}.cu.
+#include <algorithm>
+
 #include "lora_grouped.cuh"
 #include "lora_grouped_problems.h"
 
@@ -17,17 +19,41 @@ constexpr size_t kAlign = 256;
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 struct Workspace {
-  size_t shrink_sizes, expand_sizes, seg_begin, hs, total;
+  size_t shrink_sizes, expand_sizes, seg_begin, partial, hs, total;
+  int32_t k_splits;
+  int64_t k_split_len;
 };
 
-Workspace layout(int64_t T, int64_t S, int64_t R, bool hs_in_workspace = true) {
+// Split-K of the shrink: with few tokens (so, at best, few M tiles) most multiprocessors would
+// idle while the tiles stream x and the pages (K = in is long).  Estimate the tiles as if the
+// tokens formed 128-row tiles, and split K until there are about two tiles per multiprocessor,
+// keeping at least 512 columns (16 k-tiles) per split and at most 16 splits.
+void choose_splits(const GroupedParams& p, int sm_count, Workspace& w) {
+  const int64_t m_tiles = std::max<int64_t>(1, (p.num_tokens + 127) / 128);
+  const int64_t n_tiles = std::max<int64_t>(1, (p.max_rank + 63) / 64);
+  const int64_t want = std::max<int64_t>(1, 2 * static_cast<int64_t>(sm_count) / (m_tiles * n_tiles));
+  int64_t splits = std::min<int64_t>({want, p.in_features / 512, 16});
+  if (splits <= 1) {
+    w.k_splits = 1;
+    w.k_split_len = p.in_features;
+    return;
+  }
+  // Split length a multiple of 32 (the k-tile) and of 8 (16-byte alignment of the split's start).
+  w.k_split_len = ((p.in_features + splits - 1) / splits + 31) / 32 * 32;
+  w.k_splits = static_cast<int32_t>((p.in_features + w.k_split_len - 1) / w.k_split_len);
+}
+
+Workspace layout(const GroupedParams& p, int sm_count) {
   Workspace w{};
+  choose_splits(p, sm_count, w);
+  const size_t T = p.num_tokens, S = p.num_slots, W = grouped_hs_width(p.max_rank);
   constexpr size_t coord = 3 * sizeof(int);  // cutlass::gemm::GemmCoord
   w.shrink_sizes = 0;
-  w.expand_sizes = w.shrink_sizes + align_up(coord * S);
+  w.expand_sizes = w.shrink_sizes + align_up(coord * S * w.k_splits);
   w.seg_begin = w.expand_sizes + align_up(coord * S);
-  w.hs = w.seg_begin + align_up(sizeof(int32_t) * S);
-  w.total = w.hs + (hs_in_workspace ? align_up(2 * static_cast<size_t>(T) * grouped_hs_width(R)) : 0);
+  w.partial = w.seg_begin + align_up(sizeof(int32_t) * S);
+  w.hs = w.partial + (w.k_splits > 1 ? align_up(sizeof(float) * w.k_splits * T * W) : 0);
+  w.total = w.hs + (p.hs == nullptr ? align_up(2 * T * W) : 0);
   return w;
 }
 
@@ -39,7 +65,8 @@ static_assert(sizeof(cutlass::gemm::GemmCoord) == 3 * sizeof(int), "GemmCoord is
 // captured graph replays unchecked contents; the slot then contributes nothing).
 __global__ void __launch_bounds__(128) grouped_prep_kernel(GroupedParams p, cutlass::gemm::GemmCoord* shrink_sizes,
                                                            cutlass::gemm::GemmCoord* expand_sizes,
-                                                           int32_t* seg_begin) {
+                                                           int32_t* seg_begin, int32_t k_splits,
+                                                           int64_t k_split_len) {
   const int64_t T = p.num_tokens, R = p.max_rank, s = blockIdx.x;
   const int64_t b0 = p.seg_offsets[s], b1 = p.seg_offsets[s + 1];
   const int64_t begin = b0 < 0 ? 0 : (b0 > T ? T : b0);
@@ -62,7 +89,12 @@ __global__ void __launch_bounds__(128) grouped_prep_kernel(GroupedParams p, cutl
   if (threadIdx.x == 0) {
     const bool ok = wanted && !bad;
     const int m = ok ? static_cast<int>(len) : 0;
-    shrink_sizes[s] = cutlass::gemm::GemmCoord(m, ok ? r : 0, ok ? static_cast<int>(p.in_features) : 0);
+    for (int32_t q = 0; q < k_splits; ++q) {
+      const int64_t k0 = q * k_split_len;
+      const int64_t k = k_split_len < p.in_features - k0 ? k_split_len : p.in_features - k0;
+      const bool some = ok && k > 0;
+      shrink_sizes[s * k_splits + q] = cutlass::gemm::GemmCoord(some ? m : 0, some ? r : 0, some ? static_cast<int>(k) : 0);
+    }
     expand_sizes[s] = cutlass::gemm::GemmCoord(m, ok ? static_cast<int>(p.out_features) : 0, ok ? r : 0);
     seg_begin[s] = static_cast<int32_t>(begin);
   }
@@ -80,9 +112,7 @@ bool grouped_aligned(const GroupedParams& p) {
   return p.in_features % 8 == 0 && p.out_features % 8 == 0;
 }
 
-size_t grouped_workspace_bytes(int64_t num_tokens, int64_t num_slots, int64_t max_rank) {
-  return layout(num_tokens, num_slots, max_rank).total;
-}
+size_t grouped_workspace_bytes(const GroupedParams& p, int sm_count) { return layout(p, sm_count).total; }
 
 cudaError_t launch_grouped(const GroupedParams& p, DType dtype, void* workspace, int sm_count, cudaStream_t stream) {
 #if MINLORA_HAVE_CUTLASS
@@ -91,7 +121,7 @@ cudaError_t launch_grouped(const GroupedParams& p, DType dtype, void* workspace,
   if (p.num_tokens > 0x7fffffff || p.num_slots > 0x7fffffff || p.min_segment < 1) return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(workspace) % kAlign != 0) return cudaErrorInvalidValue;
   if (p.hs != nullptr && reinterpret_cast<uintptr_t>(p.hs) % 16 != 0) return cudaErrorInvalidValue;
-  const Workspace w = layout(p.num_tokens, p.num_slots, p.max_rank);
+  const Workspace w = layout(p, sm_count);
   char* base = static_cast<char*>(workspace);
   auto* shrink_sizes = reinterpret_cast<cutlass::gemm::GemmCoord*>(base + w.shrink_sizes);
   auto* expand_sizes = reinterpret_cast<cutlass::gemm::GemmCoord*>(base + w.expand_sizes);
@@ -100,8 +130,16 @@ cudaError_t launch_grouped(const GroupedParams& p, DType dtype, void* workspace,
   // hs starts at 0: rows of skipped segments and the padding columns r..ldh-1 must read as 0.
   cudaError_t err = cudaMemsetAsync(hs, 0, 2 * static_cast<size_t>(p.num_tokens) * grouped_hs_width(p.max_rank), stream);
   if (err != cudaSuccess) return err;
+  float* partial = w.k_splits > 1 ? reinterpret_cast<float*>(base + w.partial) : nullptr;
+  if (partial != nullptr) {
+    // Rows of skipped segments and columns past r must sum to 0 in the reduce.
+    err = cudaMemsetAsync(partial, 0, sizeof(float) * w.k_splits * p.num_tokens * grouped_hs_width(p.max_rank),
+                          stream);
+    if (err != cudaSuccess) return err;
+  }
   grouped_prep_kernel<<<static_cast<unsigned>(p.num_slots), 128, 0, stream>>>(p, shrink_sizes, expand_sizes,
-                                                                              seg_begin);
+                                                                              seg_begin, w.k_splits,
+                                                                              w.k_split_len);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   grouped::GroupedKernelParams k{};
   k.shrink_sizes = shrink_sizes;
@@ -112,6 +150,11 @@ cudaError_t launch_grouped(const GroupedParams& p, DType dtype, void* workspace,
   k.hs = hs;
   k.ldh = grouped_hs_width(p.max_rank);
   k.skip_expand = p.skip_expand;
+  k.num_tokens = p.num_tokens;
+  k.k_splits = w.k_splits;
+  k.k_split_len = w.k_split_len;
+  k.partial = partial;
+  k.token_slot = p.token_slot;
   k.shrink_pool = p.shrink_pool;
   k.expand_pool = p.expand_pool;
   k.shrink_pages = p.shrink_pages;

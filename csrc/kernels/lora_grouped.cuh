@@ -48,8 +48,9 @@ bool grouped_compiled();
 // The 16-byte alignment the grouped kernels need: x, y and pool base pointers 16-byte
 // aligned, in and out multiples of 8 elements.
 bool grouped_aligned(const GroupedParams& p);
-// Device workspace the launcher needs, in bytes (for T tokens, S slots, page-table width R).
-size_t grouped_workspace_bytes(int64_t num_tokens, int64_t num_slots, int64_t max_rank);
+// Device workspace launch_grouped needs for these parameters on a device with sm_count
+// multiprocessors, in bytes.
+size_t grouped_workspace_bytes(const GroupedParams& p, int sm_count);
 // workspace: grouped_workspace_bytes(...) bytes of device memory, 256-byte aligned.
 // sm_count: multiprocessors of the device (sizes the persistent grid).
 cudaError_t launch_grouped(const GroupedParams& p, DType dtype, void* workspace, int sm_count, cudaStream_t stream);

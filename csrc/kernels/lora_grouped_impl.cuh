@@ -33,13 +33,16 @@ namespace minlora::kernels::grouped {
 // 128 x 64 x 32 tiles, 4 warps of 64 x 32, 3 stages = 36 KB of shared memory (under the
 // 48 KB a launch gets without opting in).  Shrink: N = r <= 64 in one tile for ranks up to
 // 64; expand: K = r is a few k-tiles, the epilogue (y read and written) dominates.
-template <typename Element, bool kShrink>
+// ElementOut: the shrink writes hs in the operand dtype, or float32 partial sums when its K
+// (= in) is split among several problems (few long segments: see GroupedKernelParams::k_splits).
+template <typename Element, bool kShrink, typename ElementOut = Element>
 struct Traits {
   using ThreadblockShape = cutlass::gemm::GemmShape<128, 64, 32>;
   using WarpShape = cutlass::gemm::GemmShape<64, 32, 32>;
   using InstructionShape = cutlass::gemm::GemmShape<16, 8, 16>;
   static constexpr int kStages = 3;
   static constexpr int kAlignment = 8;  // 16 bytes of 16-bit elements
+  static constexpr int kAlignmentOut = 16 / static_cast<int>(sizeof(ElementOut));
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutB = std::conditional_t<kShrink, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
   using LayoutC = cutlass::layout::RowMajor;
@@ -47,9 +50,9 @@ struct Traits {
   // the main loop alike, so the columns n >= r of the shrink accumulate exact zeros (a stale
   // stage could hold NaN bits) and the padding columns of hs stay 0 for the expand.
   // D = alpha * acc + beta * C computed in float32: alpha = scale_s (shrink) or 1 (expand).
-  using OutputOp = cutlass::epilogue::thread::LinearCombination<Element, kAlignment, float, float>;
+  using OutputOp = cutlass::epilogue::thread::LinearCombination<ElementOut, kAlignmentOut, float, float>;
   using Default = typename cutlass::gemm::kernel::DefaultGemm<
-      Element, LayoutA, kAlignment, Element, LayoutB, kAlignment, Element, LayoutC, float,
+      Element, LayoutA, kAlignment, Element, LayoutB, kAlignment, ElementOut, LayoutC, float,
       cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, ThreadblockShape, WarpShape, InstructionShape, OutputOp,
       cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, kStages, /*SplitKSerial=*/false,
       cutlass::arch::OpMultiplyAdd, cutlass::gemm::SharedMemoryClearOption::kZfill,
@@ -68,10 +71,11 @@ struct Traits {
   };
 };
 
-template <typename Element, bool kShrink>
-__global__ void __launch_bounds__(Traits<Element, kShrink>::kThreads)
+template <typename Element, bool kShrink, typename ElementOut>
+__global__ void __launch_bounds__(Traits<Element, kShrink, ElementOut>::kThreads)
     lora_grouped_kernel(GroupedKernelParams p) {
-  using Tr = Traits<Element, kShrink>;
+  using Tr = Traits<Element, kShrink, ElementOut>;
+  constexpr bool kPartial = !std::is_same_v<ElementOut, Element>;  // split-K shrink
   using Mma = typename Tr::Mma;
   using Epilogue = typename Tr::Epilogue;
   using OutputOp = typename Tr::OutputOp;
@@ -80,7 +84,9 @@ __global__ void __launch_bounds__(Traits<Element, kShrink>::kThreads)
   auto& shared = *reinterpret_cast<typename Tr::SharedStorage*>(shared_raw);
 
   const cutlass::gemm::GemmCoord* sizes = kShrink ? p.shrink_sizes : p.expand_sizes;
-  ProblemVisitor visitor(typename ProblemVisitor::Params(sizes, static_cast<int32_t>(p.num_slots)),
+  // Shrink problems are (slot, k split) pairs, q = s * k_splits + split; expand problems are slots.
+  const int32_t splits = kShrink ? p.k_splits : 1;
+  ProblemVisitor visitor(typename ProblemVisitor::Params(sizes, static_cast<int32_t>(p.num_slots * splits)),
                          shared.problem_visitor, blockIdx.x);
   const int thread_idx = threadIdx.x;
   const int warp_idx = cutlass::canonical_warp_idx_sync();
@@ -88,7 +94,9 @@ __global__ void __launch_bounds__(Traits<Element, kShrink>::kThreads)
 
   while (visitor.next_tile()) {
     const cutlass::gemm::GemmCoord size = visitor.problem_size();
-    const int32_t s = visitor.problem_index();
+    const int32_t q = visitor.problem_index();
+    const int32_t s = q / splits;
+    const int64_t k0 = static_cast<int64_t>(q % splits) * p.k_split_len;  // first column of this K split
     const int32_t tile = static_cast<int32_t>(visitor.threadblock_idx());
     const cutlass::gemm::GemmCoord grid = visitor.grid_shape(size);
     const cutlass::MatrixCoord tile_offset(int(tile / grid.n()) * Mma::Shape::kM, int(tile % grid.n()) * Mma::Shape::kN);
@@ -102,22 +110,30 @@ __global__ void __launch_bounds__(Traits<Element, kShrink>::kThreads)
     const Element* ptr_B;
     int64_t ld_B;
     const int* idx_B;
-    Element* ptr_D;
+    ElementOut* ptr_D;
     int64_t ld_D;
     const int* idx_D;
     float alpha, beta;
     if constexpr (kShrink) {
-      ptr_A = static_cast<const Element*>(p.x);
+      // The K split starts k0 columns into every x row and every page row (extent K = its length).
+      ptr_A = static_cast<const Element*>(p.x) + k0;
       ld_A = p.in_features;
       idx_A = tokens;
-      ptr_B = static_cast<const Element*>(p.shrink_pool);
+      ptr_B = static_cast<const Element*>(p.shrink_pool) + k0;
       ld_B = p.in_features;  // column n of B is page S_pages[s, n], a row of length in
       idx_B = p.shrink_pages + static_cast<int64_t>(s) * p.max_rank;
-      ptr_D = static_cast<Element*>(p.hs) + begin * p.ldh;
       ld_D = p.ldh;
       idx_D = nullptr;
-      alpha = p.scales[s];
       beta = 0.f;
+      if constexpr (kPartial) {
+        // Unscaled float32 partial sums of split q % splits; grouped_reduce_kernel adds the
+        // splits, scales and rounds into hs.
+        ptr_D = static_cast<ElementOut*>(p.partial) + ((q % splits) * p.num_tokens + begin) * p.ldh;
+        alpha = 1.f;
+      } else {
+        ptr_D = static_cast<ElementOut*>(p.hs) + begin * p.ldh;
+        alpha = p.scales[s];
+      }
     } else {
       ptr_A = static_cast<const Element*>(p.hs) + begin * p.ldh;
       ld_A = p.ldh;
@@ -125,7 +141,7 @@ __global__ void __launch_bounds__(Traits<Element, kShrink>::kThreads)
       ptr_B = static_cast<const Element*>(p.expand_pool);
       ld_B = p.out_features;  // row k of B is page E_pages[s, k], of length out
       idx_B = p.expand_pages + static_cast<int64_t>(s) * p.max_rank;
-      ptr_D = static_cast<Element*>(p.y);
+      ptr_D = static_cast<ElementOut*>(p.y);
       ld_D = p.out_features;
       idx_D = tokens;
       alpha = 1.f;
@@ -158,26 +174,50 @@ __global__ void __launch_bounds__(Traits<Element, kShrink>::kThreads)
 }
 
 // Persistent grid: as many blocks as fit on the device at once (each loops over tiles).
-template <typename Element, bool kShrink>
+template <typename Element, bool kShrink, typename ElementOut = Element>
 cudaError_t launch_one(const GroupedKernelParams& p, int sm_count, cudaStream_t stream) {
-  using Tr = Traits<Element, kShrink>;
+  using Tr = Traits<Element, kShrink, ElementOut>;
   constexpr int smem = static_cast<int>(sizeof(typename Tr::SharedStorage));
   static_assert(smem <= 48 * 1024, "the tile configuration must fit the default shared memory of a launch");
   static const int per_sm = [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lora_grouped_kernel<Element, kShrink>, Tr::kThreads,
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lora_grouped_kernel<Element, kShrink, ElementOut>, Tr::kThreads,
                                                       smem) != cudaSuccess)
       n = 1;
     return n > 0 ? n : 1;
   }();
   const int blocks = (sm_count > 0 ? sm_count : 1) * per_sm;
-  lora_grouped_kernel<Element, kShrink><<<blocks, Tr::kThreads, smem, stream>>>(p);
+  lora_grouped_kernel<Element, kShrink, ElementOut><<<blocks, Tr::kThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+// hs[pos, j] = round(scale_s * sum_q partial[q, pos, j]) for every plan position (s = the
+// slot of order[pos]; rows of skipped segments sum zeros).  One thread per (pos, j).
+template <typename Element>
+__global__ void __launch_bounds__(256) grouped_reduce_kernel(GroupedKernelParams p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.num_tokens * p.ldh) return;
+  const int64_t pos = i / p.ldh;
+  float acc = 0.f;
+  for (int q = 0; q < p.k_splits; ++q) acc += p.partial[q * p.num_tokens * p.ldh + i];
+  const int32_t t = p.order[pos];
+  const int32_t s = (t >= 0 && t < p.num_tokens) ? p.token_slot[t] : -1;
+  const float scale = (s >= 0 && s < p.num_slots) ? p.scales[s] : 0.f;
+  static_cast<Element*>(p.hs)[i] = Element(acc * scale);
 }
 
 template <typename Element>
 cudaError_t launch_shrink_expand(const GroupedKernelParams& p, int sm_count, cudaStream_t stream) {
-  cudaError_t err = launch_one<Element, true>(p, sm_count, stream);
+  cudaError_t err;
+  if (p.k_splits > 1) {
+    err = launch_one<Element, true, float>(p, sm_count, stream);
+    if (err != cudaSuccess) return err;
+    const int64_t n = p.num_tokens * p.ldh;
+    grouped_reduce_kernel<Element><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p);
+    err = cudaGetLastError();
+  } else {
+    err = launch_one<Element, true>(p, sm_count, stream);
+  }
   if (err != cudaSuccess || p.skip_expand) return err;
   return launch_one<Element, false>(p, sm_count, stream);
 }

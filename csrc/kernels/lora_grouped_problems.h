@@ -16,7 +16,7 @@ namespace minlora::kernels::grouped {
 // prep kernel gives it size 0 when the segment is shorter than min_segment or its indices
 // are invalid (then the slot's tokens get nothing from this path).
 struct GroupedKernelParams {
-  const cutlass::gemm::GemmCoord* shrink_sizes;  // [S]: (seg len, r, in)
+  const cutlass::gemm::GemmCoord* shrink_sizes;  // [S * k_splits]: (seg len, r, split length)
   const cutlass::gemm::GemmCoord* expand_sizes;  // [S]: (seg len, out, r)
   const int32_t* seg_begin;                      // [S]: clamped segment start
   const void* x;
@@ -29,8 +29,16 @@ struct GroupedKernelParams {
   const int32_t* expand_pages;
   const float* scales;
   const int32_t* order;
-  int64_t num_slots, max_rank, in_features, out_features;
+  int64_t num_slots, max_rank, in_features, out_features, num_tokens;
   bool skip_expand;  // shrink only
+  // Split-K of the shrink (when few long segments would leave most multiprocessors idle):
+  // shrink problem q = s * k_splits + split covers columns [split * k_split_len, ...) of in
+  // and writes float32 partial sums to partial [k_splits, T, ldh]; a reduce kernel then
+  // scales and rounds them into hs.  k_splits = 1: no split, the shrink writes hs directly.
+  int32_t k_splits;
+  int64_t k_split_len;
+  float* partial;
+  const int32_t* token_slot;  // [T] (the reduce kernel's slot of each plan position)
 };
 
 cudaError_t launch_grouped_f16(const GroupedKernelParams& p, int sm_count, cudaStream_t stream);
