@@ -51,13 +51,13 @@ constexpr int64_t kDispatchGatherMaxRank = 1024;
 // slot (decode) every segment is short, and its launches (memset, prep, two GEMMs that find
 // no tiles) would only add latency.  Many tokens overall make long segments likely even
 // when many slots are resident.
-inline bool may_have_long_segments(const OpShape& s) {
+constexpr bool may_have_long_segments(const OpShape& s) {
   if (s.num_tokens < kGroupedMinSegment) return false;
   const int64_t avg = s.num_slots > 0 ? s.num_tokens / s.num_slots : 0;
   return avg >= 4 || s.num_tokens >= 2048;
 }
 
-inline Choice choose_kernels(const OpShape& s, KernelMode mode) {
+constexpr Choice choose_kernels(const OpShape& s, KernelMode mode) {
   Choice c;
   if (mode == KernelMode::kSimple || s.max_rank > kDispatchGatherMaxRank) {
     c.simple = true;
@@ -86,7 +86,7 @@ struct BackwardChoice {
   bool grouped = false;
 };
 
-inline BackwardChoice choose_backward(const OpShape& s, KernelMode mode) {
+constexpr BackwardChoice choose_backward(const OpShape& s, KernelMode mode) {
   BackwardChoice c;
   if (mode == KernelMode::kSimple || s.max_rank > kDispatchGatherMaxRank) {
     c.simple = true;
@@ -96,5 +96,35 @@ inline BackwardChoice choose_backward(const OpShape& s, KernelMode mode) {
   c.grouped = grouped_ok && mode != KernelMode::kGather && (mode == KernelMode::kGrouped || may_have_long_segments(s));
   return c;
 }
+
+// The decisions above, checked at compile time (this header is compiled in every CUDA build).
+namespace dispatch_checks {
+constexpr OpShape shape(int64_t T, int64_t S, int64_t R, bool half, bool plan, bool aligned = true) {
+  return OpShape{T, S, R, 4096, 4096, half, plan, /*grouped_compiled=*/true, aligned};
+}
+// Decode, 256 adapters x 1 token, with a plan: gather only, several tokens per block allowed.
+constexpr Choice kDecode = choose_kernels(shape(256, 256, 16, true, true), KernelMode::kAuto);
+static_assert(!kDecode.simple && kDecode.gather && kDecode.gather_planned && !kDecode.grouped && !kDecode.build_plan);
+// Decode without a plan: no device sort, one token per block.
+constexpr Choice kDecodeNoPlan = choose_kernels(shape(256, 256, 16, true, false), KernelMode::kAuto);
+static_assert(kDecodeNoPlan.gather && !kDecodeNoPlan.gather_planned && !kDecodeNoPlan.build_plan);
+// Prefill, 8 adapters x 512 tokens: grouped GEMM for long segments, gather for the short ones.
+constexpr Choice kPrefill = choose_kernels(shape(4096, 8, 16, true, false), KernelMode::kAuto);
+static_assert(kPrefill.grouped && kPrefill.grouped_min_segment == kGroupedMinSegment && kPrefill.gather &&
+              kPrefill.gather_planned && kPrefill.build_plan);
+// float32 and unaligned rows never take the grouped GEMM.
+static_assert(!choose_kernels(shape(4096, 8, 16, false, true), KernelMode::kAuto).grouped);
+static_assert(!choose_kernels(shape(4096, 8, 16, true, true, false), KernelMode::kGrouped).grouped);
+// Forced choices.
+constexpr Choice kForcedGrouped = choose_kernels(shape(64, 64, 16, true, true), KernelMode::kGrouped);
+static_assert(kForcedGrouped.grouped && kForcedGrouped.grouped_min_segment == 1 && !kForcedGrouped.gather);
+static_assert(!choose_kernels(shape(4096, 8, 16, true, true), KernelMode::kGather).grouped);
+static_assert(choose_kernels(shape(4096, 8, 16, true, true), KernelMode::kSimple).simple);
+// Page tables wider than the gather kernels' shared memory allows go to the simple kernels.
+static_assert(choose_kernels(shape(16, 4, 2048, true, true), KernelMode::kAuto).simple);
+static_assert(choose_backward(shape(16, 4, 2048, true, true), KernelMode::kAuto).simple);
+static_assert(choose_backward(shape(8192, 64, 16, true, true), KernelMode::kAuto).grouped);
+static_assert(!choose_backward(shape(64, 64, 16, true, true), KernelMode::kAuto).grouped);
+}  // namespace dispatch_checks
 
 }  // namespace minlora::kernels
