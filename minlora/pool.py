@@ -57,6 +57,15 @@ Public API
     pool.pin(adapter_id); pool.unpin(adapter_id)   # a pinned adapter is never evicted
     pool.stats() -> dict                           # hits, misses, evictions, bytes per tier, ...
     pool.module_names: list[str]
+    # also: poll() (take in finished loads), read_adapter(id) (the weights as the fast tier
+    # holds them), pool_tensor(row_length), check_invariants(), close()
+
+`Step.tables(module)` returns a `ModuleTables` (a_pool, b_pool, a_pages, b_pages, ranks,
+scales: the op's arguments).  A step builds the tables of all modules at once, on first use,
+in one int32 buffer (one host-to-device copy on CUDA); R is the step's largest rank over all
+modules, ranks[s] = 0 where slot s's adapter does not target the module, and table entries
+past ranks[s] are 0.  `Step.adapter_ids[s]` is the adapter in slot s.  Slots are numbered
+0..S-1 in order of first appearance among the ready requests.
 
 `prepare(ids, wait=False)` starts loads for what is missing and returns at once; with
 ``wait=True`` it returns when every named adapter is ready.  All adapters of one step must fit
