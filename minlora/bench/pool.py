@@ -132,6 +132,8 @@ def run_pool_bench(
     mean_rank = (min_rank + max_rank) / 2
     mean_bytes = mean_rank * row_elems * es
     fast_bytes = int(fast_fraction * num_adapters * mean_bytes)
+    # At least two batches of the largest adapters, or a step could not fit (only tiny runs).
+    fast_bytes = max(fast_bytes, 2 * batch * max_rank * row_elems * es)
     host_bytes = int(host_fraction * num_adapters * mean_bytes)
     out: dict[str, Any] = dict(
         num_adapters=num_adapters,
