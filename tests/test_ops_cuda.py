@@ -275,6 +275,36 @@ def test_opcheck(index):
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+def _kernel_names(fn) -> set[str]:
+    """Names of the CUDA kernels fn launches (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.parametrize(
+    "mode_name, tokens_per_slot, dtype, want, unwanted",
+    [
+        ("auto", 1, torch.bfloat16, "gather_kernel", "lora_grouped_kernel"),  # decode: no grouped launch
+        ("auto", 256, torch.bfloat16, "lora_grouped_kernel", "shrink_expand_simple"),  # prefill
+        ("auto", 256, torch.float32, "gather_kernel", "lora_grouped_kernel"),  # float32: no tensor-op GEMM
+        ("gather", 256, torch.float16, "gather_kernel", "lora_grouped_kernel"),
+        ("grouped", 1, torch.float16, "lora_grouped_kernel", "gather_kernel"),
+        ("simple", 256, torch.bfloat16, "shrink_expand_simple", "gather_kernel"),
+    ],
+)
+def test_dispatcher_launches_the_chosen_kernels(mode_name, tokens_per_slot, dtype, want, unwanted, monkeypatch):
+    monkeypatch.setenv("MINLORA_CUDA_KERNELS", mode_name)
+    case = make_gpu_case(256, 128, [16] * 8, [tokens_per_slot] * 8, dtype, seed=3)
+    plan = minlora.build_plan(case.token_slot, 8)
+    names = _kernel_names(lambda: minlora.lora(*case.args(), plan=plan))
+    assert any(want in n for n in names), sorted(names)
+    assert not any(unwanted in n for n in names), sorted(names)
+
+
 # ---------------------------------------------------------------- real shapes (Llama-3-8B)
 
 
