@@ -414,3 +414,50 @@ def test_stats_counts():
     assert s["registered"] == 3 and s["resident"] == 3 and s["fetches"] == 3
     assert s["bytes_host_to_fast"] == s["fast_used_bytes"] > 0
     assert 0 < s["hit_rate"] < 1
+
+
+def test_one_budget_for_all_row_lengths():
+    """Adapters of one row length can fill the whole fast tier, and after they go, adapters
+    of other row lengths can fill it again: no per-module partition strands memory."""
+    mods = {"x": (64, 64), "y": (96, 40), "z": (40, 96)}
+    cap = 96 * 1024
+    pool = AdapterPool(mods, capacity_bytes=cap, poison=True)
+    g = torch.Generator().manual_seed(0)
+
+    def fill(prefix: str, names: list[str]) -> int:
+        held = []
+        i = 0
+        while True:
+            aid = f"{prefix}{i}"
+            ws = {n: LoraWeights(torch.randn(4, mods[n][0], generator=g), torch.randn(mods[n][1], 4, generator=g), 1.0)
+                  for n in names}
+            pool.register(aid, Adapter(ws))
+            try:
+                held.append(pool.prepare([aid], wait=True))
+            except PoolExhaustedError:
+                break
+            i += 1
+        used = pool.stats()["fast_used_bytes"]
+        pool.check_invariants()
+        for s in held:
+            s.release()
+        for j in range(i + 1):
+            pool.unregister(f"{prefix}{j}")
+        s = pool.stats()
+        assert s["fast_used_bytes"] == 0 and s["fast_free_chunks"] == s["fast_chunks"]
+        return used
+
+    for names in (["x"], ["y"], ["z", "x"], ["y", "z"]):
+        used = fill("".join(names), names)
+        assert used >= 0.85 * cap, (names, used, cap)
+    pool.check_invariants()
+
+
+def test_chunk_size_for_real_model_shapes():
+    # Llama-3-8B: hidden 4096, kv 1024, intermediate 14336; rows in bf16.
+    mods = {"q": (4096, 4096), "k": (4096, 1024), "up": (4096, 14336), "down": (14336, 4096)}
+    pool = AdapterPool(mods, dtype=torch.bfloat16, capacity_bytes=1 << 28)
+    c = pool.chunk_bytes
+    for d in (4096, 1024, 14336):
+        assert c % (2 * d) == 0, (c, d)  # chunks hold whole rows of every length: no edge waste
+    assert pool.stats()["fast_capacity_bytes"] >= (1 << 28) - c
