@@ -308,6 +308,9 @@ class AdapterPool:
         chunk_bytes: the allocator's chunk size (default: chosen from the row lengths).
         poison: NaN-fill the arena at creation and every page when it is freed (for tests:
             a read of a page that is not the adapter's shows).
+        load_workers: threads reading sources (loader callables, files) for prepare(wait=False).
+            A loader runs on such a thread (or, with wait=True, in the caller's) and must not
+            call back into the pool.
         """
         if not isinstance(modules, Mapping) or len(modules) == 0:
             raise ValueError("modules must be a non-empty mapping: module name -> (in_features, out_features)")
