@@ -49,7 +49,7 @@ def cuda_arch_flags() -> list[str]:
     return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
 
 
-cxx_flags = ["-O3", "-std=c++20", "-fopenmp-simd"]  # torch >= 2.13 headers need C++20
+cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp-simd"]  # torch >= 2.13 headers need C++20
 common_sources = rel(
     glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
     + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
