@@ -8,8 +8,10 @@ from . import ops
 from .ops import lora
 from .plan import BatchPlan, build_plan
 from .patch import adapters, patch, unpatch  # noqa: E402  (the function shadows the submodule name)
+from .pool import AdapterLoadError, AdapterPool, ModuleTables, PoolExhaustedError, Step
 
 __version__ = "0.1.0"
 
 __all__ = ["BatchPlan", "build_plan", "lora", "ops", "__version__"]
 __all__ += ["adapters", "patch", "unpatch"]
+__all__ += ["AdapterPool", "AdapterLoadError", "ModuleTables", "PoolExhaustedError", "Step"]

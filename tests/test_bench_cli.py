@@ -66,3 +66,29 @@ def test_bench_ops_bad_arguments():
 def test_cli_help_runs():
     done = subprocess.run([sys.executable, "-m", "minlora", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "bench" in done.stdout and "adapters" in done.stdout
+
+
+def test_bench_model_tiny(tmp_path, capsys):
+    out_json = tmp_path / "model.json"
+    code = main(["bench", "model", "--preset", "tiny", "--hidden", "64", "--intermediate", "96", "--layers", "1",
+                 "--heads", "4", "--kv-heads", "2", "--vocab", "128", "--adapters", "3", "--rank", "4",
+                 "--batch", "5", "--repeats", "2", "--no-progress", "--json", str(out_json)])
+    assert code == 0
+    assert "x_base" in capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    res = data["results"]
+    assert data["benchmark"] == "model" and res["preset"] == "tiny"
+    assert res["rel_err_vs_peft"] <= 1e-5
+    assert res["times_s"]["minlora"] > 0 and res["times_s"]["peft_mixed"] > 0 and res["times_s"]["base"] > 0
+
+
+def test_bench_pool_tiny(tmp_path, capsys):
+    out_json = tmp_path / "pool.json"
+    code = main(["bench", "pool", "--adapters", "2000", "--steps", "50", "--batch", "8", "--no-progress",
+                 "--json", str(out_json)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "hit rate" in printed and "steps/s" in printed
+    res = json.loads(out_json.read_text())["results"]
+    assert res["num_adapters"] == 2000 and res["steps"] == 50
+    assert res["hits"] + res["misses"] == 50 * 8 - res.get("no_adapter_requests", 0)

@@ -102,8 +102,11 @@ def _run_driver(driver: Any, args: argparse.Namespace) -> int:
     print(result["table"])
     device = torch.device(result.get("device", "cpu"))
     _write_outputs(args, driver.__name__.rsplit(".", 1)[-1], result, device)
-    if args.plot and hasattr(driver, "plot"):
-        driver.plot(result, args.plot)
+    if args.plot:
+        if hasattr(driver, "plot"):
+            driver.plot(result, args.plot)
+        else:
+            print("note: --plot: this benchmark has no plot (its figures are in the table and --json)")
     return 0
 
 

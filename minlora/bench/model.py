@@ -213,14 +213,24 @@ def _profile(
     return rows
 
 
+# Llama-style shapes (hidden, intermediate, layers, heads, kv_heads, vocab).  "small" is the
+# default: it runs on a 2-core CPU in about a minute; the real ones are for GPUs.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden=256, intermediate=704, layers=2, heads=4, kv_heads=4, vocab=4096),
+    "small": dict(hidden=1024, intermediate=2816, layers=4, heads=16, kv_heads=16, vocab=32000),
+    "llama3-1b": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256),
+    "llama3-8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256),
+    "qwen2-7b": dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, vocab=152064),
+}
+_SHAPE_FIELDS = ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ModelBenchConfig()
-    parser.add_argument("--hidden", type=int, default=d.hidden)
-    parser.add_argument("--intermediate", type=int, default=d.intermediate)
-    parser.add_argument("--layers", type=int, default=d.layers)
-    parser.add_argument("--heads", type=int, default=d.heads)
-    parser.add_argument("--kv-heads", type=int, default=d.kv_heads)
-    parser.add_argument("--vocab", type=int, default=d.vocab)
+    parser.add_argument("--preset", default="small", choices=list(MODEL_PRESETS),
+                        help="model shape (random weights, built from a config); the size options below override it")
+    for name in _SHAPE_FIELDS:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None)
     parser.add_argument("--adapters", type=int, default=d.adapters,
                         help="distinct adapters (rows cycle through them)")
     parser.add_argument("--rank", type=int, default=d.rank)
@@ -234,9 +244,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = ModelBenchConfig(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
-                           heads=args.heads,
-                           kv_heads=args.kv_heads, vocab=args.vocab, adapters=args.adapters, rank=args.rank,
-                           batch=args.batch, tokens=args.tokens, dtype=args.dtype, device=args.device,
-                           repeats=args.repeats, profile=args.profile)
-    return bench_model(cfg, show_progress=not getattr(args, "no_progress", False))
+    shape = dict(MODEL_PRESETS[args.preset])
+    shape.update({k: getattr(args, k) for k in _SHAPE_FIELDS if getattr(args, k) is not None})
+    cfg = ModelBenchConfig(**shape, adapters=args.adapters, rank=args.rank, batch=args.batch, tokens=args.tokens,
+                           dtype=args.dtype, device=args.device, repeats=args.repeats, profile=args.profile)
+    result = bench_model(cfg, show_progress=not getattr(args, "no_progress", False))
+    result["preset"] = args.preset
+    return result
