@@ -49,7 +49,10 @@ def cuda_arch_flags() -> list[str]:
     return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
 
 
-cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp-simd"]  # torch >= 2.13 headers need C++20
+# C++20: torch >= 2.13's headers need it.  -fopenmp: at::parallel_for is inline and runs
+# serially in code built without it.
+cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"]
+link_flags = ["-fopenmp"]
 common_sources = rel(
     glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
     + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
@@ -79,10 +82,11 @@ if want_cuda():
         include_dirs=include_dirs,
         define_macros=[("MINLORA_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 else:
     sources = common_sources + ["csrc/cuda/no_cuda.cpp"]
-    ext = CppExtension("minlora._C", sources, extra_compile_args={"cxx": cxx_flags})
+    ext = CppExtension("minlora._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 setup(
     name="minlora",
