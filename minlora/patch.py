@@ -45,6 +45,7 @@ from torch import nn
 
 from . import ops
 from .plan import build_plan
+from .pool import ModuleTables
 
 __all__ = ["adapters", "is_patched", "patch", "target_shapes", "unpatch", "PatchedLayer"]
 
@@ -114,18 +115,6 @@ def _pad(t: torch.Tensor, rows: int, cols: Optional[int] = None) -> torch.Tensor
 
 
 @dataclass
-class _Tables:
-    """The op arguments of one module for the current step."""
-
-    a_pool: torch.Tensor
-    b_pool: torch.Tensor
-    a_pages: torch.Tensor
-    b_pages: torch.Tensor
-    ranks: torch.Tensor
-    scales: torch.Tensor
-
-
-@dataclass
 class _State:
     """What a patched model carries: the pool, the patched layers and the current step."""
 
@@ -136,7 +125,7 @@ class _State:
     step: Any = None
     request_slot: Optional[torch.Tensor] = None  # [B] int32, -1 = none
     num_slots: int = 0
-    tables: dict[str, _Tables] = field(default_factory=dict)
+    tables: dict[str, ModuleTables] = field(default_factory=dict)
     # Per forward: leading shape of x -> (token_slot [T] int32, BatchPlan); emptied before each forward.
     plans: dict = field(default_factory=dict)
     # Steps opened by the forward keyword, to close when that forward ends.
@@ -149,7 +138,7 @@ class _State:
     def activate(self, step: Any) -> None:
         self.step = step
         device = None
-        tables: dict[str, _Tables] = {}
+        tables: dict[str, ModuleTables] = {}
         # Pad every page table to sizes that only grow (powers of two, slots at most the pool's
         # max_slots): a compiled model then sees the same shapes for every assignment and does
         # not recompile; padded slots have rank 0 and scale 0, padded columns are never read.
@@ -170,7 +159,7 @@ class _State:
             r = int(t.a_pages.shape[1])
             r_pad = max(self.rank_capacity.get(name, 1), _pow2(r))
             self.rank_capacity[name] = r_pad
-            tables[name] = _Tables(
+            tables[name] = ModuleTables(
                 t.a_pool, t.b_pool, _pad(t.a_pages, s_pad, r_pad), _pad(t.b_pages, s_pad, r_pad),
                 _pad(t.ranks, s_pad), _pad(t.scales, s_pad),
             )

@@ -129,3 +129,25 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
 def mixed_ranks() -> list[int]:
     """Ranks 1..128 mixed in one batch, with a rank-0 slot and repeats."""
     return [16, 1, 128, 0, 8, 64, 3, 16, 32, 2, 128, 7]
+
+
+def opcheck_cases(device: str = "cpu", dtype: torch.dtype = torch.float32, num_tokens: int = 24) -> list[tuple]:
+    """(op, args) for torch.library.opcheck: every torch.ops.minlora op, planned or not."""
+    import minlora  # noqa: F401  (registers the ops)
+
+    case = make_case(num_tokens, 16, 16, [3, 1, 4, 0], dtype, nan_unused=False, slot_weights=[9, 1, 2, 1]).to(device)
+    plan = minlora.build_plan(case.token_slot, 4)
+    y = torch.randn(num_tokens, 16, device=device).to(dtype)
+    grad_y = torch.randn(num_tokens, 16, device=device).to(dtype)
+    a = case.args()
+    (x, ap, bp), rest = (t.clone().requires_grad_() for t in a[:3]), a[3:]
+    ops = torch.ops.minlora
+    return [
+        (ops.build_plan, (case.token_slot, 4)),
+        (ops.lora_forward, (x, ap, bp, *rest)),
+        (ops.lora_forward_add_, (y, *a)),
+        (ops.lora_forward_planned, (x, ap, bp, *rest, plan.order, plan.seg_offsets)),
+        (ops.lora_forward_planned_add_, (y.clone(), *a, plan.order, plan.seg_offsets)),
+        (ops.lora_backward, (grad_y, *a, None, None, [True, True, True])),
+        (ops.lora_backward, (grad_y, *a, plan.order, plan.seg_offsets, [True, False, True])),
+    ]

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minlora
-from lora_cases import TOLERANCE, make_case, mixed_ranks, rel_error
+from lora_cases import TOLERANCE, make_case, mixed_ranks, opcheck_cases, rel_error
 from minlora.reference import build_plan_ref, lora_backward_ref, lora_forward_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -168,28 +168,9 @@ def test_build_plan_matches_reference():
         assert torch.equal(plan.order, order) and torch.equal(plan.seg_offsets, seg)
 
 
-def _opcheck_cases():
-    case = make_case(24, 16, 12, [3, 1, 4, 0], torch.float32, nan_unused=False, slot_weights=[9, 1, 2, 1])
-    plan = minlora.build_plan(case.token_slot, 4)
-    y = torch.randn(24, 12)
-    grad_y = torch.randn(24, 12)
-    a = case.args()
-    (x, ap, bp), rest = (t.clone().requires_grad_() for t in a[:3]), a[3:]
-    ops = torch.ops.minlora
-    return [
-        (ops.build_plan, (case.token_slot, 4)),
-        (ops.lora_forward, (x, ap, bp, *rest)),
-        (ops.lora_forward_add_, (y, *a)),
-        (ops.lora_forward_planned, (x, ap, bp, *rest, plan.order, plan.seg_offsets)),
-        (ops.lora_forward_planned_add_, (y.clone(), *a, plan.order, plan.seg_offsets)),
-        (ops.lora_backward, (grad_y, *a, None, None, [True, True, True])),
-        (ops.lora_backward, (grad_y, *a, plan.order, plan.seg_offsets, [True, False, True])),
-    ]
-
-
 @pytest.mark.parametrize("index", range(7))
 def test_opcheck(index):
-    op, args = _opcheck_cases()[index]
+    op, args = opcheck_cases()[index]
     torch.library.opcheck(op, args)
 
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minlora
-from lora_cases import TOLERANCE, LoraCase, make_case, mixed_ranks, rel_error
+from lora_cases import TOLERANCE, LoraCase, make_case, mixed_ranks, opcheck_cases, rel_error
 from minlora.reference import build_plan_ref, lora_backward_ref, lora_forward_ref
 
 pytestmark = pytest.mark.cuda
@@ -249,28 +249,9 @@ def test_hypothesis_shapes(num_tokens, in_features, out_features, ranks, extra, 
         del os.environ["MINLORA_CUDA_KERNELS"]
 
 
-def _opcheck_cases():
-    case = make_case(40, 16, 16, [3, 1, 4, 0], torch.float16, nan_unused=False, slot_weights=[9, 1, 2, 1]).to("cuda")
-    plan = minlora.build_plan(case.token_slot, 4)
-    y = torch.randn(40, 16, device="cuda").half()
-    grad_y = torch.randn(40, 16, device="cuda").half()
-    a = case.args()
-    (x, ap, bp), rest = (t.clone().requires_grad_() for t in a[:3]), a[3:]
-    ops = torch.ops.minlora
-    return [
-        (ops.build_plan, (case.token_slot, 4)),
-        (ops.lora_forward, (x, ap, bp, *rest)),
-        (ops.lora_forward_add_, (y, *a)),
-        (ops.lora_forward_planned, (x, ap, bp, *rest, plan.order, plan.seg_offsets)),
-        (ops.lora_forward_planned_add_, (y.clone(), *a, plan.order, plan.seg_offsets)),
-        (ops.lora_backward, (grad_y, *a, None, None, [True, True, True])),
-        (ops.lora_backward, (grad_y, *a, plan.order, plan.seg_offsets, [True, False, True])),
-    ]
-
-
 @pytest.mark.parametrize("index", range(7))
 def test_opcheck(index):
-    op, args = _opcheck_cases()[index]
+    op, args = opcheck_cases("cuda", torch.float16, 40)[index]
     # Atomic accumulation order may differ between runs: compare with a tolerance, not bitwise.
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

@@ -47,15 +47,13 @@ int sm_count(const at::Tensor& t) {
   return n;
 }
 
-// ---- the foundation's simple kernels (MINLORA_CUDA_KERNELS=simple, and R > 1024) ----
-
-// y += scale_s * E_s (S_s x) on the current stream (see kernels::ShrinkExpandParams).
-void simple_shrink_expand_add(at::Tensor& y, const at::Tensor& x, const at::Tensor& shrink_pool,
-                              const at::Tensor& shrink_pages, const at::Tensor& expand_pool,
-                              const at::Tensor& expand_pages, const LoraArgs& args) {
-  kernels::ShrinkExpandParams p{};
-  p.x = x.data_ptr();
-  p.y = y.data_ptr();
+// The fields every shrink-then-expand kernel's parameters share (the simple, gather and
+// grouped kernels name them alike): x [T, in] -> shrink pages (length in) -> expand pages
+// (length out).  The forward is (x, a_pool, a_pages, b_pool, b_pages); grad_x is
+// (grad_y, b_pool, b_pages, a_pool, a_pages).
+template <typename Params>
+void fill_shrink_expand(Params& p, const at::Tensor& x, const at::Tensor& shrink_pool, const at::Tensor& shrink_pages,
+                        const at::Tensor& expand_pool, const at::Tensor& expand_pages, const LoraArgs& args) {
   p.shrink_pool = shrink_pool.data_ptr();
   p.expand_pool = expand_pool.data_ptr();
   p.shrink_pages = shrink_pages.data_ptr<int32_t>();
@@ -67,9 +65,21 @@ void simple_shrink_expand_add(at::Tensor& y, const at::Tensor& x, const at::Tens
   p.num_slots = args.num_slots();
   p.max_rank = args.max_rank();
   p.in_features = x.size(1);
-  p.out_features = y.size(1);
+  p.out_features = expand_pool.size(1);
   p.num_shrink_pages = shrink_pool.size(0);
   p.num_expand_pages = expand_pool.size(0);
+}
+
+// ---- the foundation's simple kernels (MINLORA_CUDA_KERNELS=simple, and R > 1024) ----
+
+// y += scale_s * E_s (S_s x) on the current stream (see kernels::ShrinkExpandParams).
+void simple_shrink_expand_add(at::Tensor& y, const at::Tensor& x, const at::Tensor& shrink_pool,
+                              const at::Tensor& shrink_pages, const at::Tensor& expand_pool,
+                              const at::Tensor& expand_pages, const LoraArgs& args) {
+  kernels::ShrinkExpandParams p{};
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  fill_shrink_expand(p, x, shrink_pool, shrink_pages, expand_pool, expand_pages, args);
   check_launch(kernels::launch_shrink_expand_simple(p, kernel_dtype(x.scalar_type()),
                                                     c10::cuda::getCurrentCUDAStream()),
                "the LoRA shrink/expand kernel");
@@ -134,22 +144,9 @@ void gather(const at::Tensor* y, const at::Tensor& x, const float* h_in, float* 
   p.y = y != nullptr ? y->data_ptr() : nullptr;
   p.h_in = h_in;
   p.h_out = h_out;
-  p.shrink_pool = shrink_pool.data_ptr();
-  p.expand_pool = expand_pool.data_ptr();
-  p.shrink_pages = shrink_pages.data_ptr<int32_t>();
-  p.expand_pages = expand_pages.data_ptr<int32_t>();
-  p.ranks = args.ranks.data_ptr<int32_t>();
-  p.scales = args.scales.data_ptr<float>();
-  p.token_slot = args.token_slot.data_ptr<int32_t>();
+  fill_shrink_expand(p, x, shrink_pool, shrink_pages, expand_pool, expand_pages, args);
   p.order = plan != nullptr ? plan->order.data_ptr<int32_t>() : nullptr;
   p.seg_offsets = plan != nullptr ? plan->seg_offsets.data_ptr<int32_t>() : nullptr;
-  p.num_tokens = args.num_tokens();
-  p.num_slots = args.num_slots();
-  p.max_rank = args.max_rank();
-  p.in_features = x.size(1);
-  p.out_features = expand_pool.size(1);
-  p.num_shrink_pages = shrink_pool.size(0);
-  p.num_expand_pages = expand_pool.size(0);
   p.skip_segments_from = skip_segments_from;
   std::vector<const at::Tensor*> rows = {&x, &shrink_pool, &expand_pool};
   if (y != nullptr) rows.push_back(y);
@@ -168,22 +165,9 @@ kernels::GroupedParams grouped_params(const at::Tensor* y, const at::Tensor& x, 
   kernels::GroupedParams p{};
   p.x = x.data_ptr();
   p.y = y != nullptr ? y->data_ptr() : nullptr;
-  p.shrink_pool = shrink_pool.data_ptr();
-  p.expand_pool = expand_pool.data_ptr();
-  p.shrink_pages = shrink_pages.data_ptr<int32_t>();
-  p.expand_pages = expand_pages.data_ptr<int32_t>();
-  p.ranks = args.ranks.data_ptr<int32_t>();
-  p.scales = args.scales.data_ptr<float>();
-  p.token_slot = args.token_slot.data_ptr<int32_t>();
+  fill_shrink_expand(p, x, shrink_pool, shrink_pages, expand_pool, expand_pages, args);
   p.order = plan.order.data_ptr<int32_t>();
   p.seg_offsets = plan.seg_offsets.data_ptr<int32_t>();
-  p.num_tokens = args.num_tokens();
-  p.num_slots = args.num_slots();
-  p.max_rank = args.max_rank();
-  p.in_features = x.size(1);
-  p.out_features = expand_pool.size(1);
-  p.num_shrink_pages = shrink_pool.size(0);
-  p.num_expand_pages = expand_pool.size(0);
   p.min_segment = min_segment;
   p.hs = nullptr;
   p.skip_expand = y == nullptr;
