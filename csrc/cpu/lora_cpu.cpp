@@ -15,7 +15,9 @@ namespace minlora::cpu {
 namespace {
 
 // Segments at least this long go through matrix products; shorter ones through the token loop.
-constexpr int64_t kGemmMinTokens = 8;
+constexpr int64_t kGemmMinTokens = 16;
+// Tokens of one slot that the token path handles per pass over the slot's pages.
+constexpr int64_t kTokenBlock = 8;
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -60,27 +62,41 @@ acc_type<scalar_t> dot(const scalar_t* v, const scalar_t* page, int64_t len) {
   return acc;
 }
 
+// Up to kTokenBlock tokens of one slot: y[t] += scale * E (S x[t]).  Each page is read from
+// memory once per block and then hit in cache for the block's other tokens, so short
+// segments move about as many bytes as a matrix product would, without its set-up cost.
+// h: [kTokenBlock * rank], y_acc: [kTokenBlock * out] scratch.
 template <typename scalar_t>
-void token_shrink_expand(const scalar_t* x_row, scalar_t* y_row, const scalar_t* shrink_pool,
+void block_shrink_expand(const scalar_t* x, scalar_t* y, const int32_t* tokens, int64_t num, const scalar_t* shrink_pool,
                          const int32_t* shrink_pages, const scalar_t* expand_pool, const int32_t* expand_pages,
-                         int64_t in, int64_t out, int64_t rank, acc_type<scalar_t> scale,
-                         acc_type<scalar_t>* h, acc_type<scalar_t>* y_acc) {
+                         int64_t in, int64_t out, int64_t rank, acc_type<scalar_t> scale, acc_type<scalar_t>* h,
+                         acc_type<scalar_t>* y_acc) {
   using acc_t = acc_type<scalar_t>;
   for (int64_t j = 0; j < rank; ++j) {
-    h[j] = dot(x_row, shrink_pool + static_cast<int64_t>(shrink_pages[j]) * in, in) * scale;
+    const scalar_t* page = shrink_pool + static_cast<int64_t>(shrink_pages[j]) * in;
+    for (int64_t b = 0; b < num; ++b) h[b * rank + j] = dot(x + tokens[b] * in, page, in) * scale;
   }
-  for (int64_t c = 0; c < out; ++c) y_acc[c] = static_cast<acc_t>(y_row[c]);
+  for (int64_t b = 0; b < num; ++b) {
+    const scalar_t* y_row = y + tokens[b] * out;
+    for (int64_t c = 0; c < out; ++c) y_acc[b * out + c] = static_cast<acc_t>(y_row[c]);
+  }
   for (int64_t j = 0; j < rank; ++j) {
     const scalar_t* page = expand_pool + static_cast<int64_t>(expand_pages[j]) * out;
-    const acc_t hj = h[j];
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      axpy_f32(y_acc, hj, page, out);
-    } else {
+    for (int64_t b = 0; b < num; ++b) {
+      acc_t* acc = y_acc + b * out;
+      const acc_t hj = h[b * rank + j];
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        axpy_f32(acc, hj, page, out);
+      } else {
 #pragma omp simd
-      for (int64_t c = 0; c < out; ++c) y_acc[c] += hj * static_cast<acc_t>(page[c]);
+        for (int64_t c = 0; c < out; ++c) acc[c] += hj * static_cast<acc_t>(page[c]);
+      }
     }
   }
-  for (int64_t c = 0; c < out; ++c) y_row[c] = static_cast<scalar_t>(y_acc[c]);
+  for (int64_t b = 0; b < num; ++b) {
+    scalar_t* y_row = y + tokens[b] * out;
+    for (int64_t c = 0; c < out; ++c) y_row[c] = static_cast<scalar_t>(y_acc[b * out + c]);
+  }
 }
 
 // y[order[beg:end]] += scale * (x[rows] S^T) E^T as two matrix products in acc precision.
@@ -131,17 +147,17 @@ void shrink_expand_add(at::Tensor& y, const ShrinkExpand& op, const at::Tensor& 
     const scalar_t* expand_pool = op.expand_pool.data_ptr<scalar_t>();
     const int32_t* shrink_pages = op.shrink_pages.data_ptr<int32_t>();
     const int32_t* expand_pages = op.expand_pages.data_ptr<int32_t>();
-    // Grain 1: the work per slot (r * (in + out) per token) is already large.
-    at::parallel_for(0, static_cast<int64_t>(short_slots.size()), 1, [&](int64_t lo, int64_t hi) {
-      std::vector<acc_t> h(R), y_acc(out);
+    // Work items: blocks of at most kTokenBlock tokens of one slot (balanced across threads).
+    std::vector<std::pair<int64_t, int64_t>> blocks;  // (slot, first plan position)
+    for (const int64_t s : short_slots)
+      for (int64_t p = seg[s]; p < seg[s + 1]; p += kTokenBlock) blocks.emplace_back(s, p);
+    at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t lo, int64_t hi) {
+      std::vector<acc_t> h(kTokenBlock * R), y_acc(kTokenBlock * out);
       for (int64_t i = lo; i < hi; ++i) {
-        const int64_t s = short_slots[i];
-        for (int64_t p = seg[s]; p < seg[s + 1]; ++p) {
-          const int64_t t = order[p];
-          token_shrink_expand<scalar_t>(x + t * in, yp + t * out, shrink_pool, shrink_pages + s * R, expand_pool,
-                                        expand_pages + s * R, in, out, rk[s], static_cast<acc_t>(sc[s]), h.data(),
-                                        y_acc.data());
-        }
+        const auto [s, p] = blocks[i];
+        block_shrink_expand<scalar_t>(x, yp, order + p, std::min<int64_t>(kTokenBlock, seg[s + 1] - p), shrink_pool,
+                                      shrink_pages + s * R, expand_pool, expand_pages + s * R, in, out, rk[s],
+                                      static_cast<acc_t>(sc[s]), h.data(), y_acc.data());
       }
     });
   });

@@ -87,10 +87,9 @@ def _run_ops(args: argparse.Namespace) -> int:
     columns = [c for c in ops.TABLE_COLUMNS if any(r.get(c) is not None for r in shown)]
     print(format_table(shown, columns))
     print("x_<baseline> = baseline time / minlora time (higher is better for minlora)")
-    for r in rows:
-        for k, v in r.items():
-            if k.endswith("_note"):
-                print(f"note: {k[:-5]}: {v}")
+    notes = {f"note: {k[:-5]}: {v}" for r in rows for k, v in r.items() if k.endswith("_note")}
+    for note in sorted(notes):
+        print(note)
     _write_outputs(args, "ops", rows, torch.device(device))
     if args.plot:
         _plot_ops(rows, args.plot)
