@@ -175,6 +175,10 @@ def _run(fn: Callable[[Any, argparse.Namespace], Any], args: argparse.Namespace)
     except (RegistryError, ValueError, TypeError, FileNotFoundError) as exc:
         print(f"minlora adapters: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader went away (`... | head`): stop quietly, as other shell tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         reg.close()
 
