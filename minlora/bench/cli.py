@@ -139,6 +139,7 @@ def _plot_ops(rows: Sequence[dict[str, Any]], path: str) -> None:
         ax2.plot(n, [r.get("frac_copy") or float("nan") for r in rs], marker="o", label=name)
     ax1.axhline(1.0, color="gray", lw=0.8)
     ax1.set_xscale("log", base=2)
+    ax1.set_yscale("log")
     ax1.set_xlabel("distinct adapters in the batch")
     ax1.set_ylabel("speed-up of minlora (baseline time / minlora time)")
     ax1.legend(fontsize=7)
