@@ -66,5 +66,7 @@ def test_bench_script_writes_json(tmp_path):
     rc = mod.main(["--adapters", "500", "--steps", "20", "--batch", "4", "--memory-sample", "100", "--hidden", "16",
                    "--kv", "8", "--no-progress", "--json", str(out)])
     assert rc == 0
-    data = json.loads(out.read_text())
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "pool" and payload["machine"]["torch"]
+    data = payload["results"]
     assert data["num_adapters"] == 500 and data["steps"] == 20 and "hit_rate" in data
