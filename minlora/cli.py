@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 COMMANDS = {
     "bench": ("minlora.bench.cli", "microbenchmarks against the baselines"),
     "adapters": ("minlora.registry.cli", "adapter registry: import, commit, log, promote, ..."),
+    "demo": ("minlora.demo", "serve a mixed batch of PEFT adapters on a small random Llama"),
 }
 
 

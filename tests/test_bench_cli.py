@@ -92,3 +92,11 @@ def test_bench_pool_tiny(tmp_path, capsys):
     res = json.loads(out_json.read_text())["results"]
     assert res["num_adapters"] == 2000 and res["steps"] == 50
     assert res["hits"] + res["misses"] == 50 * 8 - res.get("no_adapter_requests", 0)
+
+
+def test_demo_runs_and_matches_peft(capsys):
+    assert main(["demo", "--adapters", "2", "--new-tokens", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    err = float(out.split("relative error ")[1].split()[0])
+    assert err < 1e-5
+    assert "user-0:" in out and "user-1:" in out and "(no adapter):" in out
