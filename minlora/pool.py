@@ -87,7 +87,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import itertools
-import json
 import math
 import os
 import threading
@@ -100,6 +99,7 @@ import torch
 
 from . import _C
 from .adapter import Adapter, LoraWeights
+from .adapter_file import load_adapter_file, save_adapter_file
 from .plan import BatchPlan, build_plan
 
 __all__ = [
@@ -151,46 +151,7 @@ class ModuleTables:
 # ----------------------------------------------------------------------------- files
 
 
-_SCALES_KEY = "minlora.scales"
-
-
-def save_adapter_file(adapter: Adapter, path: Union[str, "os.PathLike[str]"]) -> None:
-    """Writes `adapter` as one safetensors file: "<module>.lora_A.weight" [r, in],
-    "<module>.lora_B.weight" [out, r], and the scales as JSON metadata (load_adapter_file)."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    scales = {}
-    for name, w in adapter.modules.items():
-        tensors[f"{name}.lora_A.weight"] = w.a.detach().cpu().contiguous()
-        tensors[f"{name}.lora_B.weight"] = w.b.detach().cpu().contiguous()
-        scales[name] = float(w.scale)
-    meta = {_SCALES_KEY: json.dumps(scales), "minlora.config": json.dumps(adapter.config, default=str)}
-    tmp = os.fspath(path) + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)  # readers never see half a file
-
-
-def load_adapter_file(path: Union[str, "os.PathLike[str]"]) -> Adapter:
-    """Reads a file written by save_adapter_file."""
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        if _SCALES_KEY not in meta:
-            raise ValueError(
-                f"{path!r} has no {_SCALES_KEY!r} metadata: not a minlora adapter file "
-                "(a PEFT adapter is a directory; register the directory)"
-            )
-        scales = json.loads(meta[_SCALES_KEY])
-        modules = {}
-        for name, scale in scales.items():
-            modules[name] = LoraWeights(
-                f.get_tensor(f"{name}.lora_A.weight"), f.get_tensor(f"{name}.lora_B.weight"), float(scale)
-            )
-        config = json.loads(meta.get("minlora.config", "{}"))
-    return Adapter(modules, config)
+# save_adapter_file / load_adapter_file: minlora/adapter_file.py (the format the registry stores too).
 
 
 # ----------------------------------------------------------------------------- internals

@@ -1,4 +1,4 @@
-"""Content identity of an adapter revision, and its on-disk (safetensors) form.
+"""Content identity of an adapter revision (its on-disk form is minlora/adapter_file.py).
 
 The content hash is defined over a canonical serialisation that we own, not over the bytes
 of a safetensors file: a future safetensors version may order or pad its header
@@ -14,60 +14,17 @@ order (A then B per module), as little-endian row-major data.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import struct
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from ..adapter import Adapter, LoraWeights
+from ..adapter import Adapter
+from ..adapter_file import FORMAT, canonical_config, canonical_json, check_adapter, deserialize, serialize, tensor_cpu
 
 __all__ = ["FORMAT", "canonical_config", "content_hash", "deserialize", "serialize"]
 
-FORMAT = "minlora-adapter-v1"
 _MAGIC = FORMAT.encode() + b"\0"
-_SUFFIX_A = ".lora_A"
-_SUFFIX_B = ".lora_B"
-
-
-def canonical_json(value: Any) -> str:
-    """Compact, key-sorted JSON; NaN/inf are refused (they have no JSON spelling)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def canonical_config(config: Any) -> dict[str, Any]:
-    """The config as it will be stored and hashed: a JSON round trip (tuples become lists)."""
-    if config is None:
-        return {}
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    try:
-        return json.loads(canonical_json(config))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"config is not JSON-serialisable: {exc}") from None
-
-
-def _tensor_cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu").contiguous()
-
-
-def _check_adapter(adapter: Adapter) -> None:
-    if not isinstance(adapter, Adapter):
-        raise TypeError(f"weights must be a minlora.adapter.Adapter, got {type(adapter).__name__}")
-    if not adapter.modules:
-        raise ValueError("an adapter must have at least one module")
-    for name, w in adapter.modules.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"module names must be non-empty strings, got {name!r}")
-        if not isinstance(w, LoraWeights):
-            raise TypeError(f"module {name!r}: expected LoraWeights, got {type(w).__name__}")
-        if not math.isfinite(float(w.scale)):
-            raise ValueError(f"module {name!r}: scale {w.scale!r} is not finite")
-        if w.a.dtype != w.b.dtype:
-            raise ValueError(f"module {name!r}: a is {w.a.dtype} but b is {w.b.dtype}")
 
 
 def _header(adapter: Adapter, config: dict[str, Any]) -> bytes:
@@ -84,7 +41,7 @@ def _header(adapter: Adapter, config: dict[str, Any]) -> bytes:
 
 def content_hash(adapter: Adapter) -> str:
     """sha256 (hex) of the canonical serialisation of the adapter's tensors, scales and config."""
-    _check_adapter(adapter)
+    check_adapter(adapter)
     config = canonical_config(adapter.config)
     header = _header(adapter, config)
     h = hashlib.sha256()
@@ -96,56 +53,7 @@ def content_hash(adapter: Adapter) -> str:
         for t in (w.a, w.b):
             # Raw bytes via a uint8 view: works for bfloat16, which numpy cannot represent.
             # x86 and ARM are little-endian, which is what the canonical form specifies.
-            h.update(_tensor_cpu(t).view(torch.uint8).numpy().tobytes())
+            h.update(tensor_cpu(t).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def serialize(adapter: Adapter) -> bytes:
-    """The blob: a safetensors file with tensors `<module>.lora_A`/`.lora_B` and metadata
-    holding the format, the canonical config and the per-module scales."""
-    _check_adapter(adapter)
-    config = canonical_config(adapter.config)
-    tensors: dict[str, torch.Tensor] = {}
-    scales: dict[str, float] = {}
-    for name in sorted(adapter.modules):
-        w = adapter.modules[name]
-        tensors[name + _SUFFIX_A] = _tensor_cpu(w.a)
-        tensors[name + _SUFFIX_B] = _tensor_cpu(w.b)
-        scales[name] = float(w.scale)
-    metadata = {"format": FORMAT, "config": canonical_json(config), "scales": canonical_json(scales)}
-    return st_save(tensors, metadata=metadata)
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    # safetensors layout: u64 little-endian header length, then that many bytes of JSON.
-    if len(data) < 8:
-        raise ValueError("file is shorter than a safetensors header")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise ValueError("safetensors header length exceeds the file")
-    header = json.loads(data[8 : 8 + n])
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ValueError("safetensors metadata is not an object")
-    return meta
-
-
-def deserialize(data: bytes) -> Adapter:
-    """Inverse of `serialize`. Raises ValueError on anything malformed."""
-    meta = _metadata(data)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"not a {FORMAT} blob (format={meta.get('format')!r})")
-    config = json.loads(meta["config"])
-    scales = json.loads(meta["scales"])
-    tensors = st_load(data)
-    modules: dict[str, LoraWeights] = {}
-    for name, scale in scales.items():
-        try:
-            a = tensors.pop(name + _SUFFIX_A)
-            b = tensors.pop(name + _SUFFIX_B)
-        except KeyError:
-            raise ValueError(f"module {name!r} is missing a tensor") from None
-        modules[name] = LoraWeights(a=a, b=b, scale=float(scale))
-    if tensors:
-        raise ValueError(f"unexpected tensors in blob: {sorted(tensors)[:5]}")
-    return Adapter(modules=modules, config=config)

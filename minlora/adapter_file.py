@@ -1,0 +1,139 @@
+"""minlora's own adapter file: one safetensors file holding a whole Adapter.
+
+Tensors "<module>.lora_A" [r, in] and "<module>.lora_B" [out, r]; metadata: the format name,
+the canonical config and the per-module scales (all JSON).  The registry stores revisions in
+this form (content-addressed) and the AdapterPool spills to it and registers from it, so a
+file written by either is read by both.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Any, Union
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .adapter import Adapter, LoraWeights
+
+__all__ = ["FORMAT", "canonical_config", "canonical_json", "check_adapter", "deserialize", "load_adapter_file",
+           "save_adapter_file", "serialize"]
+
+FORMAT = "minlora-adapter-v1"
+_SUFFIX_A = ".lora_A"
+_SUFFIX_B = ".lora_B"
+
+
+def canonical_json(value: Any) -> str:
+    """Compact, key-sorted JSON; NaN/inf are refused (they have no JSON spelling)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def canonical_config(config: Any) -> dict[str, Any]:
+    """The config as it will be stored and hashed: a JSON round trip (tuples become lists)."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    try:
+        return json.loads(canonical_json(config))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config is not JSON-serialisable: {exc}") from None
+
+
+def tensor_cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous()
+
+
+def check_adapter(adapter: Adapter) -> None:
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"weights must be a minlora.adapter.Adapter, got {type(adapter).__name__}")
+    if not adapter.modules:
+        raise ValueError("an adapter must have at least one module")
+    for name, w in adapter.modules.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"module names must be non-empty strings, got {name!r}")
+        if not isinstance(w, LoraWeights):
+            raise TypeError(f"module {name!r}: expected LoraWeights, got {type(w).__name__}")
+        if not math.isfinite(float(w.scale)):
+            raise ValueError(f"module {name!r}: scale {w.scale!r} is not finite")
+        if w.a.dtype != w.b.dtype:
+            raise ValueError(f"module {name!r}: a is {w.a.dtype} but b is {w.b.dtype}")
+
+
+def serialize(adapter: Adapter) -> bytes:
+    """The blob: a safetensors file with tensors `<module>.lora_A`/`.lora_B` and metadata
+    holding the format, the canonical config and the per-module scales."""
+    check_adapter(adapter)
+    config = canonical_config(adapter.config)
+    tensors: dict[str, torch.Tensor] = {}
+    scales: dict[str, float] = {}
+    for name in sorted(adapter.modules):
+        w = adapter.modules[name]
+        tensors[name + _SUFFIX_A] = tensor_cpu(w.a)
+        tensors[name + _SUFFIX_B] = tensor_cpu(w.b)
+        scales[name] = float(w.scale)
+    metadata = {"format": FORMAT, "config": canonical_json(config), "scales": canonical_json(scales)}
+    return st_save(tensors, metadata=metadata)
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    # safetensors layout: u64 little-endian header length, then that many bytes of JSON.
+    if len(data) < 8:
+        raise ValueError("file is shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError("safetensors header length exceeds the file")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("safetensors metadata is not an object")
+    return meta
+
+
+def deserialize(data: bytes) -> Adapter:
+    """Inverse of `serialize`. Raises ValueError on anything malformed."""
+    meta = _metadata(data)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} blob (format={meta.get('format')!r})")
+    config = json.loads(meta["config"])
+    scales = json.loads(meta["scales"])
+    tensors = st_load(data)
+    modules: dict[str, LoraWeights] = {}
+    for name, scale in scales.items():
+        try:
+            a = tensors.pop(name + _SUFFIX_A)
+            b = tensors.pop(name + _SUFFIX_B)
+        except KeyError:
+            raise ValueError(f"module {name!r} is missing a tensor") from None
+        modules[name] = LoraWeights(a=a, b=b, scale=float(scale))
+    if tensors:
+        raise ValueError(f"unexpected tensors in blob: {sorted(tensors)[:5]}")
+    return Adapter(modules=modules, config=config)
+
+
+def save_adapter_file(adapter: Adapter, path: Union[str, "os.PathLike[str]"]) -> None:
+    """Writes `adapter` to `path` atomically (readers never see half a file)."""
+    data = serialize(adapter)
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_adapter_file(path: Union[str, "os.PathLike[str]"]) -> Adapter:
+    """Reads a file written by save_adapter_file (or a registry blob); ValueError if it is not one."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return deserialize(data)
+    except ValueError as exc:
+        raise ValueError(
+            f"{path!r} is not a minlora adapter file ({exc}); a PEFT adapter is a directory: register the directory"
+        ) from None
