@@ -7,11 +7,12 @@ they come back from "disk"), so registration stores only an id and a tiny loader
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import time
 import tracemalloc
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -268,7 +269,7 @@ CLI_DEFAULTS = {"adapters": 100_000, "steps": 5_000}
 FULL_SCALE = {"adapters": 1_000_000, "steps": 100_000}
 
 
-def add_arguments(p: "argparse.ArgumentParser") -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by `minlora bench pool` and bench/bench_pool.py)."""
     p.add_argument("--adapters", type=int, default=CLI_DEFAULTS["adapters"], help="adapters to register")
     p.add_argument("--steps", type=int, default=CLI_DEFAULTS["steps"], help="steps of the Zipf trace")
@@ -289,7 +290,7 @@ def add_arguments(p: "argparse.ArgumentParser") -> None:
     p.add_argument("--memory-sample", type=int, default=100_000)
 
 
-def kwargs_from_args(a: "argparse.Namespace") -> dict[str, Any]:
+def kwargs_from_args(a: argparse.Namespace) -> dict[str, Any]:
     """run_pool_bench's keyword arguments from parsed options."""
     return dict(
         num_adapters=a.adapters,
@@ -313,7 +314,7 @@ def kwargs_from_args(a: "argparse.Namespace") -> dict[str, Any]:
     )
 
 
-def run_from_args(a: "argparse.Namespace") -> dict[str, Any]:
+def run_from_args(a: argparse.Namespace) -> dict[str, Any]:
     """`minlora bench pool`: runs the benchmark; the result carries its printable table."""
     result = run_pool_bench(**kwargs_from_args(a))
     result["table"] = format_report(result)
