@@ -43,6 +43,15 @@ def slot_matrices(
     return a, b, a_idx, b_idx
 
 
+def _slot_segments(a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot):
+    """For each slot with tokens: (rows [n], A_s [r, in], B_s [out, r], a_idx [r], b_idx [r], scale)."""
+    slots = token_slot.detach().cpu().long()
+    for s in range(ranks.shape[0]):
+        rows = (slots == s).nonzero().flatten()
+        if rows.numel():
+            yield (rows, *slot_matrices(a_pool, b_pool, a_pages, b_pages, ranks, s), float(scales[s]))
+
+
 def lora_forward_ref(
     x: torch.Tensor,
     a_pool: torch.Tensor,
@@ -55,14 +64,9 @@ def lora_forward_ref(
 ) -> torch.Tensor:
     """The LoRA delta [T, out] in float64: y_t = scale_s * B_s (A_s x_t); rows with slot -1 are 0."""
     xd = x.detach().cpu().double()
-    slots = token_slot.detach().cpu().long()
     y = torch.zeros(x.shape[0], b_pool.shape[1], dtype=torch.float64)
-    for s in range(ranks.shape[0]):
-        rows = (slots == s).nonzero().flatten()
-        if rows.numel() == 0:
-            continue
-        a, b, _, _ = slot_matrices(a_pool, b_pool, a_pages, b_pages, ranks, s)
-        y[rows] = float(scales[s]) * (xd[rows] @ a.t()) @ b.t()
+    for rows, a, b, _, _, scale in _slot_segments(a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot):
+        y[rows] = scale * (xd[rows] @ a.t()) @ b.t()
     return y
 
 
@@ -85,16 +89,11 @@ def lora_backward_ref(
     """
     g = grad_y.detach().cpu().double()
     xd = x.detach().cpu().double()
-    slots = token_slot.detach().cpu().long()
     grad_x = torch.zeros_like(xd)
     grad_a = torch.zeros(a_pool.shape, dtype=torch.float64)
     grad_b = torch.zeros(b_pool.shape, dtype=torch.float64)
-    for s in range(ranks.shape[0]):
-        rows = (slots == s).nonzero().flatten()
-        if rows.numel() == 0:
-            continue
-        a, b, a_idx, b_idx = slot_matrices(a_pool, b_pool, a_pages, b_pages, ranks, s)
-        scale = float(scales[s])
+    segments = _slot_segments(a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot)
+    for rows, a, b, a_idx, b_idx, scale in segments:
         gs, xs = g[rows], xd[rows]
         u = gs @ b  # [n, r] = B_s^T g_t
         h = xs @ a.t()  # [n, r] = A_s x_t
