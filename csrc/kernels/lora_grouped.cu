@@ -19,7 +19,7 @@ constexpr size_t kAlign = 256;
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 struct Workspace {
-  size_t shrink_sizes, expand_sizes, seg_begin, partial, hs, total;
+  size_t shrink_sizes, expand_sizes, seg_begin, expand_idx, partial, hs, total;
   int32_t k_splits;
   int64_t k_split_len;
 };
@@ -51,7 +51,8 @@ Workspace layout(const GroupedParams& p, int sm_count) {
   w.shrink_sizes = 0;
   w.expand_sizes = w.shrink_sizes + align_up(coord * S * w.k_splits);
   w.seg_begin = w.expand_sizes + align_up(coord * S);
-  w.partial = w.seg_begin + align_up(sizeof(int32_t) * S);
+  w.expand_idx = w.seg_begin + align_up(sizeof(int32_t) * S);
+  w.partial = w.expand_idx + align_up(sizeof(int32_t) * S * W);
   w.hs = w.partial + (w.k_splits > 1 ? align_up(sizeof(float) * w.k_splits * T * W) : 0);
   w.total = w.hs + (p.hs == nullptr ? align_up(2 * T * W) : 0);
   return w;
@@ -65,8 +66,8 @@ static_assert(sizeof(cutlass::gemm::GemmCoord) == 3 * sizeof(int), "GemmCoord is
 // captured graph replays unchecked contents; the slot then contributes nothing).
 __global__ void __launch_bounds__(128) grouped_prep_kernel(GroupedParams p, cutlass::gemm::GemmCoord* shrink_sizes,
                                                            cutlass::gemm::GemmCoord* expand_sizes,
-                                                           int32_t* seg_begin, int32_t k_splits,
-                                                           int64_t k_split_len) {
+                                                           int32_t* seg_begin, int32_t* expand_idx,
+                                                           int32_t k_splits, int64_t k_split_len) {
   const int64_t T = p.num_tokens, R = p.max_rank, s = blockIdx.x;
   const int64_t b0 = p.seg_offsets[s], b1 = p.seg_offsets[s + 1];
   const int64_t begin = b0 < 0 ? 0 : (b0 > T ? T : b0);
@@ -86,8 +87,21 @@ __global__ void __launch_bounds__(128) grouped_prep_kernel(GroupedParams p, cutl
     }
   }
   bad = __syncthreads_or(bad);
+  const bool ok = wanted && !bad;
+  // The expand's K is r rounded up to 8, not r: its A operand (hs, row-major, K contiguous)
+  // is read with 16-byte cp.async, and CUTLASS takes the K residue (K % 32) as the FIRST
+  // k-tile, then advances the A pointer by that residue; with K % 8 != 0 (e.g. r = 36) every
+  // later 16-byte load of hs would be misaligned (a fault).  hs columns r..K-1 are exact zeros
+  // (zero-filled in the shrink), so the padded rows of B add nothing; they must still be
+  // gathered from a valid page, so they repeat the slot's page 0 (a page this slot reads
+  // anyway: never an unused, possibly NaN page, never a page-table entry past the rank).
+  const int64_t k_expand = (static_cast<int64_t>(r) + 7) / 8 * 8;
+  if (ok) {
+    const int64_t W = (R + 7) / 8 * 8;  // grouped_hs_width(R) (a host function)
+    for (int64_t j = threadIdx.x; j < k_expand; j += blockDim.x)
+      expand_idx[s * W + j] = p.expand_pages[s * R + (j < r ? j : 0)];
+  }
   if (threadIdx.x == 0) {
-    const bool ok = wanted && !bad;
     const int m = ok ? static_cast<int>(len) : 0;
     for (int32_t q = 0; q < k_splits; ++q) {
       const int64_t k0 = q * k_split_len;
@@ -95,7 +109,8 @@ __global__ void __launch_bounds__(128) grouped_prep_kernel(GroupedParams p, cutl
       const bool some = ok && k > 0;
       shrink_sizes[s * k_splits + q] = cutlass::gemm::GemmCoord(some ? m : 0, some ? r : 0, some ? static_cast<int>(k) : 0);
     }
-    expand_sizes[s] = cutlass::gemm::GemmCoord(m, ok ? static_cast<int>(p.out_features) : 0, ok ? r : 0);
+    expand_sizes[s] = cutlass::gemm::GemmCoord(m, ok ? static_cast<int>(p.out_features) : 0,
+                                               ok ? static_cast<int>(k_expand) : 0);
     seg_begin[s] = static_cast<int32_t>(begin);
   }
 }
@@ -126,6 +141,7 @@ cudaError_t launch_grouped(const GroupedParams& p, DType dtype, void* workspace,
   auto* shrink_sizes = reinterpret_cast<cutlass::gemm::GemmCoord*>(base + w.shrink_sizes);
   auto* expand_sizes = reinterpret_cast<cutlass::gemm::GemmCoord*>(base + w.expand_sizes);
   auto* seg_begin = reinterpret_cast<int32_t*>(base + w.seg_begin);
+  auto* expand_idx = reinterpret_cast<int32_t*>(base + w.expand_idx);
   void* hs = p.hs != nullptr ? p.hs : base + w.hs;
   // hs starts at 0: rows of skipped segments and the padding columns r..ldh-1 must read as 0.
   cudaError_t err = cudaMemsetAsync(hs, 0, 2 * static_cast<size_t>(p.num_tokens) * grouped_hs_width(p.max_rank), stream);
@@ -138,13 +154,14 @@ cudaError_t launch_grouped(const GroupedParams& p, DType dtype, void* workspace,
     if (err != cudaSuccess) return err;
   }
   grouped_prep_kernel<<<static_cast<unsigned>(p.num_slots), 128, 0, stream>>>(p, shrink_sizes, expand_sizes,
-                                                                              seg_begin, w.k_splits,
+                                                                              seg_begin, expand_idx, w.k_splits,
                                                                               w.k_split_len);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   grouped::GroupedKernelParams k{};
   k.shrink_sizes = shrink_sizes;
   k.expand_sizes = expand_sizes;
   k.seg_begin = seg_begin;
+  k.expand_idx = expand_idx;
   k.x = p.x;
   k.y = p.y;
   k.hs = hs;

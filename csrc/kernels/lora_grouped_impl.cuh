@@ -5,7 +5,8 @@
 //   shrink  hs[pos, n]    = scale_s * sum_k x[order[b + m], k] * S_pool[S_pages[s, n], k]
 //           A = x rows gathered by order (row-major), B = pages as the gathered columns of a
 //           column-major [K = in, N = r] operand, D = hs (row-major, plan order).
-//   expand  y[order[b + m], c] += sum_k hs[b + m, k] * E_pool[E_pages[s, k], c]
+//   expand  y[order[b + m], c] += sum_k hs[b + m, k] * E_pool[E_pages[s, k], c]   (K = r rounded
+//           up to 8 so hs loads stay 16-byte aligned; the padded k read hs = 0, see the prep kernel)
 //           A = hs (row-major), B = pages as the gathered rows of a row-major [K = r, N = out]
 //           operand, C = D = y with rows scattered by order.
 // CUTLASS gathers the strided coordinate of each operand and reads an index only for
@@ -140,7 +141,8 @@ __global__ void __launch_bounds__(Traits<Element, kShrink, ElementOut>::kThreads
       idx_A = nullptr;
       ptr_B = static_cast<const Element*>(p.expand_pool);
       ld_B = p.out_features;  // row k of B is page E_pages[s, k], of length out
-      idx_B = p.expand_pages + static_cast<int64_t>(s) * p.max_rank;
+      // K = r rounded up to 8 (prep kernel): padded gather indices, not the page table.
+      idx_B = p.expand_idx + static_cast<int64_t>(s) * p.ldh;
       ptr_D = static_cast<ElementOut*>(p.y);
       ld_D = p.out_features;
       idx_D = tokens;

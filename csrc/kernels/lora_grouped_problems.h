@@ -17,7 +17,10 @@ namespace minlora::kernels::grouped {
 // are invalid (then the slot's tokens get nothing from this path).
 struct GroupedKernelParams {
   const cutlass::gemm::GemmCoord* shrink_sizes;  // [S * k_splits]: (seg len, r, split length)
-  const cutlass::gemm::GemmCoord* expand_sizes;  // [S]: (seg len, out, r)
+  const cutlass::gemm::GemmCoord* expand_sizes;  // [S]: (seg len, out, r rounded up to 8)
+  // [S, ldh]: the expand's B gather indices.  Its K is r rounded up to 8 (see the prep kernel),
+  // so rows r..K-1 need indices too: they repeat the slot's page 0 (hs is 0 in those columns).
+  const int32_t* expand_idx;
   const int32_t* seg_begin;                      // [S]: clamped segment start
   const void* x;
   void* y;
