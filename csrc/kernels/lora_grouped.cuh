@@ -16,7 +16,8 @@ namespace minlora::kernels {
 // y[t] += scale_s * E_s (S_s x[t]) for the tokens of every segment with at least
 // min_segment tokens (the others are left to the gather kernel), in two grouped GEMMs:
 //   shrink: hs[pos, 0:r] = scale_s * x[order[pos]] @ S_s^T     (M = seg len, N = r, K = in)
-//   expand: y[order[pos]] += hs[pos, 0:r] @ E_s^T               (M = seg len, N = out, K = r)
+//   expand: y[order[pos]] += hs[pos, 0:r] @ E_s^T               (M = seg len, N = out, K = r
+//           rounded up to 8: hs's 16-byte loads stay aligned; hs is 0 in the padded columns)
 // hs [T, ldh] (operand dtype) is the intermediate in plan order; the shrink accumulates
 // in float32 and scales in float32 before rounding hs (DESIGN.md, The math).
 struct GroupedParams {
