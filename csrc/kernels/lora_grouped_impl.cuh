@@ -184,8 +184,10 @@ cudaError_t launch_one(const GroupedKernelParams& p, int sm_count, cudaStream_t 
   static const int per_sm = [] {
     int n = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lora_grouped_kernel<Element, kShrink, ElementOut>, Tr::kThreads,
-                                                      smem) != cudaSuccess)
+                                                      smem) != cudaSuccess) {
+      (void)cudaGetLastError();  // clear it: the launch below must not report the query's error
       n = 1;
+    }
     return n > 0 ? n : 1;
   }();
   const int blocks = (sm_count > 0 ? sm_count : 1) * per_sm;
