@@ -412,14 +412,15 @@ def test_prefill_paths_agree_on_real_shape(dtype, mode_name, monkeypatch):
     check_forward(case, "planned_add", want=forward_ref_gpu(case).cpu())
 
 
+@pytest.mark.parametrize("in_features", [256, 4096])  # 4096: the shrink is split along K (float32 partials)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_grouped_ranks_not_multiple_of_8_above_32(dtype, monkeypatch):
+def test_grouped_ranks_not_multiple_of_8_above_32(dtype, in_features, monkeypatch):
     """The grouped expand's K is the rank: ranks above one 32-wide k-tile that are not multiples
     of 8 (33, 36, 47, 100, 127) once made CUTLASS advance hs's 16-byte loads by K % 32 elements
     (misaligned address).  Forward and backward, every segment on the grouped path."""
     monkeypatch.setenv("MINLORA_CUDA_KERNELS", "grouped")
     ranks, lens = [36, 33, 100, 5, 47, 127, 64], [40, 64, 130, 33, 70, 90, 35]
-    case = make_gpu_case(256, 136, ranks, lens, dtype, no_adapter=6, seed=3)
+    case = make_gpu_case(in_features, 136, ranks, lens, dtype, no_adapter=6, seed=3)
     want = forward_ref_gpu(case).cpu()
     check_forward(case, "planned", want=want)
     check_forward(case, "planned_add", want=want)
