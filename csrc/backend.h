@@ -25,9 +25,9 @@ Plan build_plan(const at::Tensor& token_slot, int64_t num_slots);
 
 namespace cuda {
 bool available();
-// True while the current CUDA stream is being captured into a graph: host reads of
+// True while the current CUDA stream of `device` is being captured into a graph: host reads of
 // device memory (value checks) are then skipped; the kernels guard every index instead.
-bool stream_is_capturing();
+bool stream_is_capturing(const at::Device& device);
 void lora_forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan);
 Grads lora_backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan,
                     std::array<bool, 3> output_mask);

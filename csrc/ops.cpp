@@ -11,7 +11,7 @@ bool on_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
 
 // Value checks read index tensors on the host.  On CUDA that is skipped while a graph is
 // being captured (a host read would break the capture); the kernels guard indices instead.
-bool should_check_values(const LoraArgs& args) { return !on_cuda(args.x) || !cuda::stream_is_capturing(); }
+bool should_check_values(const LoraArgs& args) { return !on_cuda(args.x) || !cuda::stream_is_capturing(args.x.device()); }
 
 void forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {
   if (args.num_tokens() == 0 || args.num_slots() == 0) return;
@@ -95,7 +95,7 @@ Grads lora_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
 
 std::tuple<at::Tensor, at::Tensor> build_plan(const at::Tensor& token_slot, int64_t num_slots) {
   const auto ts = check_token_slot(token_slot, num_slots);
-  if (!on_cuda(ts) || !cuda::stream_is_capturing()) {
+  if (!on_cuda(ts) || !cuda::stream_is_capturing(ts.device())) {
     const auto host = ts.cpu();
     const int32_t* p = host.data_ptr<int32_t>();
     for (int64_t t = 0; t < host.size(0); ++t)

@@ -209,8 +209,11 @@ bool grouped_aligned(const at::Tensor* y, const at::Tensor& x, const at::Tensor&
 
 bool available() { return true; }
 
-bool stream_is_capturing() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+bool stream_is_capturing(const at::Device& device) {
+  // The current stream of the tensors' device, not of the current device: they may differ.
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()).stream(), &status));
+  return status != cudaStreamCaptureStatusNone;
 }
 
 void lora_forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {

@@ -9,7 +9,7 @@ namespace {
 }  // namespace
 
 bool available() { return false; }
-bool stream_is_capturing() { return false; }
+bool stream_is_capturing(const at::Device&) { return false; }
 void lora_forward_add(at::Tensor&, const LoraArgs&, const Plan*) { unavailable(); }
 Grads lora_backward(const at::Tensor&, const LoraArgs&, const Plan*, std::array<bool, 3>) { unavailable(); }
 Plan build_plan(const at::Tensor&, int64_t) { unavailable(); }
