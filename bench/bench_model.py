@@ -7,31 +7,12 @@ The same driver backs `minlora bench model`; every size is an argument (see --he
 """
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 
-from minlora.bench.common import machine_info, write_json
-from minlora.bench.model import add_arguments, run_from_args
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    parser.add_argument("--json", metavar="FILE", help="write results and machine info to FILE")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    result = run_from_args(args)
-    print(result["table"])
-    if args.json:
-        import torch
-
-        write_json(args.json, {"benchmark": "model", "machine": machine_info(torch.device(args.device)),
-                               "results": result})
-        print(f"wrote {args.json}")
-    return 0
-
+from minlora.bench.cli import script_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(script_main("model", sys.argv[1:], __doc__))

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minlora
-from lora_cases import TOLERANCE, make_case, mixed_ranks, opcheck_cases, rel_error
+from lora_cases import TOLERANCE, check_autograd, make_case, mixed_ranks, opcheck_cases, rel_error
 from minlora.reference import build_plan_ref, lora_backward_ref, lora_forward_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -138,16 +138,7 @@ def test_backward_with_plan_and_mask():
 @pytest.mark.parametrize("planned", [False, True])
 def test_autograd_matches_reference(planned):
     case = make_case(80, 32, 24, [4, 8, 1, 0], torch.float32, slot_weights=[5, 1, 2, 1])
-    x = case.x.clone().requires_grad_()
-    a_pool = case.a_pool.clone().requires_grad_()
-    b_pool = case.b_pool.clone().requires_grad_()
-    plan = minlora.build_plan(case.token_slot, 4) if planned else None
-    y = minlora.lora(x, a_pool, b_pool, *case.args()[3:], plan=plan)
-    grad_y = torch.randn_like(y)
-    y.backward(grad_y)
-    want = lora_backward_ref(grad_y, *case.args())
-    for got, w in zip((x.grad, a_pool.grad, b_pool.grad), want):
-        assert rel_error(got, w) <= 3e-5
+    check_autograd(case, planned, 3e-5)
 
 
 def test_gradcheck_float64():

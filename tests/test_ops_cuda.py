@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minlora
-from lora_cases import TOLERANCE, LoraCase, make_case, mixed_ranks, opcheck_cases, rel_error
+from lora_cases import TOLERANCE, check_autograd, LoraCase, make_case, mixed_ranks, opcheck_cases, rel_error
 from minlora.reference import build_plan_ref, lora_backward_ref, lora_forward_ref
 
 pytestmark = pytest.mark.cuda
@@ -190,16 +190,7 @@ def test_backward_with_plan_and_mask(mask, mode):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_autograd_matches_reference(planned, dtype, mode):
     case = make_case(80, 32, 24, [4, 8, 1, 0], dtype, slot_weights=[5, 1, 2, 1]).to("cuda")
-    x = case.x.clone().requires_grad_()
-    a_pool = case.a_pool.clone().requires_grad_()
-    b_pool = case.b_pool.clone().requires_grad_()
-    plan = minlora.build_plan(case.token_slot, 4) if planned else None
-    y = minlora.lora(x, a_pool, b_pool, *case.args()[3:], plan=plan)
-    grad_y = torch.randn_like(y)
-    y.backward(grad_y)
-    want = lora_backward_ref(grad_y, *case.args())
-    for got, w in zip((x.grad, a_pool.grad, b_pool.grad), want):
-        assert rel_error(got, w) <= 3 * TOLERANCE[dtype]
+    check_autograd(case, planned, 3 * TOLERANCE[dtype])
 
 
 def test_build_plan_matches_reference():

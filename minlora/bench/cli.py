@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -48,6 +49,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         driver.add_arguments(parser)
         _add_output_args(parser)
         parser.set_defaults(func=lambda args, driver=driver: _run_driver(driver, args))
+
+
+def script_main(name: str, argv: Optional[Sequence[str]], description: str, **defaults: Any) -> int:
+    """The bench/bench_<name>.py scripts: the driver's options (with `defaults` overriding the
+    CLI's), the same table / --json / --plot output as `minlora bench <name>`."""
+    driver = importlib.import_module(f"minlora.bench.{name}")
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    driver.add_arguments(parser)
+    _add_output_args(parser)
+    parser.set_defaults(**defaults)
+    return _run_driver(driver, parser.parse_args(argv))
 
 
 def _missing(exc: Exception) -> int:
