@@ -166,3 +166,17 @@ def check_autograd(case: LoraCase, planned: bool, tol: float) -> None:
     want = lora_backward_ref(grad_y, *case.args())
     for got, w in zip((x.grad, a_pool.grad, b_pool.grad), want):
         assert rel_error(got, w) <= tol
+
+
+def run_forward(case: LoraCase, variant: str, y0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The op's delta through one of its four variants: functional, add, planned, planned_add
+    (the add variants start from a copy of y0 and return it)."""
+    import minlora
+
+    args = case.args()
+    plan = minlora.build_plan(case.token_slot, case.ranks.shape[0]) if variant.startswith("planned") else None
+    if variant in ("functional", "planned"):
+        return minlora.lora(*args, plan=plan)
+    y = y0.clone()
+    minlora.ops.lora_add_(y, *args, plan=plan)
+    return y

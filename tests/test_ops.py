@@ -7,24 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minlora
-from lora_cases import TOLERANCE, check_autograd, make_case, mixed_ranks, opcheck_cases, rel_error
+from lora_cases import TOLERANCE, check_autograd, run_forward, make_case, mixed_ranks, opcheck_cases, rel_error
 from minlora.reference import build_plan_ref, lora_backward_ref, lora_forward_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Long and short segments in one batch, so both CPU paths (matrix products, token loop) run.
 SLOT_WEIGHTS = [20, 1, 10, 1, 1, 5, 1, 10, 0.5, 1, 3, 1]
 VARIANTS = ["functional", "add", "planned", "planned_add"]
-
-
-def run_forward(case, variant: str, y0: torch.Tensor | None = None) -> torch.Tensor:
-    """The op's delta through one of its four variants (add variants start from y0)."""
-    args = case.args()
-    plan = minlora.build_plan(case.token_slot, case.ranks.shape[0]) if variant.startswith("planned") else None
-    if variant in ("functional", "planned"):
-        return minlora.lora(*args, plan=plan)
-    y = y0.clone()
-    minlora.ops.lora_add_(y, *args, plan=plan)
-    return y
 
 
 def check_forward(case, variant: str) -> None:

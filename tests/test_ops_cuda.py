@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minlora
-from lora_cases import TOLERANCE, check_autograd, LoraCase, make_case, mixed_ranks, opcheck_cases, rel_error
+from lora_cases import TOLERANCE, check_autograd, run_forward, LoraCase, make_case, mixed_ranks, opcheck_cases, rel_error
 from minlora.reference import build_plan_ref, lora_backward_ref, lora_forward_ref
 
 pytestmark = pytest.mark.cuda
@@ -42,16 +42,6 @@ def mode(request, monkeypatch):
     """The kernel choice, read by the extension on every call."""
     monkeypatch.setenv("MINLORA_CUDA_KERNELS", request.param)
     return request.param
-
-
-def run_forward(case, variant: str, y0=None) -> torch.Tensor:
-    args = case.args()
-    plan = minlora.build_plan(case.token_slot, case.ranks.shape[0]) if variant.startswith("planned") else None
-    if variant in ("functional", "planned"):
-        return minlora.lora(*args, plan=plan)
-    y = y0.clone()
-    minlora.ops.lora_add_(y, *args, plan=plan)
-    return y
 
 
 def check_forward(case, variant: str, want=None, tol=None) -> None:

@@ -1,15 +1,13 @@
 """The pool benchmark driver (minlora.bench.pool) at toy size, and the per-adapter memory bound."""
 from __future__ import annotations
 
-import gc
 import importlib.util
 import json
 import os
-import tracemalloc
 
 import torch
 
-from minlora.bench.pool import SeedSource, run_pool_bench, synthetic_modules
+from minlora.bench.pool import SeedSource, registration_bytes_per_adapter, run_pool_bench, synthetic_modules
 from minlora.pool import AdapterPool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,14 +20,7 @@ def test_registration_costs_at_most_256_bytes_per_adapter():
     SeedSource.configure(mods, 1, 16)
     pool = AdapterPool(mods, capacity_bytes=1 << 20)
     n = 50_000
-    gc.collect()
-    tracemalloc.start()
-    before, _ = tracemalloc.get_traced_memory()
-    for i in range(n):
-        pool.register(f"adapter-{i:07d}", SeedSource(i))
-    after, _ = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    per = (after - before) / n
+    per = registration_bytes_per_adapter(pool, n)
     assert per <= 256, f"{per:.0f} bytes per registered adapter"
     assert pool.residency("adapter-0000007") == "disk" and len(pool) == n
     pool.close()

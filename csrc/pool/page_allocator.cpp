@@ -129,14 +129,19 @@ bool PageAllocator::fits_locked(const std::vector<Request>& requests, const std:
   return true;
 }
 
-std::optional<std::vector<std::vector<int32_t>>> PageAllocator::alloc(const std::vector<Request>& requests) {
-  std::lock_guard<std::mutex> lock(mu_);
+std::vector<int64_t> PageAllocator::checked_free_in_pools_locked(const std::vector<Request>& requests) const {
   for (const auto& [p, n] : requests) {
     check_pool(p);
     if (n < 0) throw std::invalid_argument("cannot allocate a negative number of pages (" + str(n) + ")");
   }
   std::vector<int64_t> fip(pools_.size());
   for (size_t i = 0; i < pools_.size(); ++i) fip[i] = pools_[i].free_in_chunks;
+  return fip;
+}
+
+std::optional<std::vector<std::vector<int32_t>>> PageAllocator::alloc(const std::vector<Request>& requests) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<int64_t> fip = checked_free_in_pools_locked(requests);
   if (!fits_locked(requests, fip, {})) return std::nullopt;
 
   std::vector<std::vector<int32_t>> out;
@@ -247,12 +252,7 @@ void PageAllocator::free(int32_t pool, const std::vector<int32_t>& pages) {
 int64_t PageAllocator::plan_evictions(const std::vector<Request>& requests,
                                       const std::vector<std::vector<PageList>>& candidates) const {
   std::lock_guard<std::mutex> lock(mu_);
-  for (const auto& [p, n] : requests) {
-    check_pool(p);
-    if (n < 0) throw std::invalid_argument("cannot allocate a negative number of pages (" + str(n) + ")");
-  }
-  std::vector<int64_t> fip(pools_.size());
-  for (size_t i = 0; i < pools_.size(); ++i) fip[i] = pools_[i].free_in_chunks;
+  std::vector<int64_t> fip = checked_free_in_pools_locked(requests);
   std::vector<int32_t> emptied;  // chunks the simulated frees give back, in order
   if (fits_locked(requests, fip, emptied)) return 0;
   std::unordered_map<int32_t, int32_t> used;  // simulated used count of touched chunks

@@ -87,6 +87,9 @@ class PageAllocator {
   int64_t chunk_of(int32_t pool, int32_t page) const;
   void partial_push(int32_t pool, int32_t chunk);
   void partial_remove(int32_t pool, int32_t chunk);
+  // Validates `requests` (known pools, non-negative counts); returns each pool's free pages
+  // inside its chunks, the starting point of fits_locked.
+  std::vector<int64_t> checked_free_in_pools_locked(const std::vector<Request>& requests) const;
   // Whether `requests` fit given per-pool free pages `fip` and free-chunk stacks (taken from
   // the back of `extra` first, then from the back of free_chunks_).
   bool fits_locked(const std::vector<Request>& requests, const std::vector<int64_t>& fip,

@@ -82,6 +82,19 @@ class SeedSource:
         return Adapter(mods)
 
 
+def registration_bytes_per_adapter(pool: AdapterPool, n: int) -> float:
+    """Host bytes each of n SeedSource registrations keeps (tracemalloc): the id string, the
+    loader object and the pool's dict entry, everything registration stores."""
+    gc.collect()
+    tracemalloc.start()
+    before, _ = tracemalloc.get_traced_memory()
+    for i in range(n):
+        pool.register(f"adapter-{i:07d}", SeedSource(i))
+    after, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return (after - before) / n
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -159,14 +172,7 @@ def run_pool_bench(
     sample = min(memory_sample, num_adapters)
     if sample > 0:
         probe = AdapterPool(modules, dtype=dtype, device=device, capacity_bytes=max(fast_bytes, 1 << 20))
-        gc.collect()
-        tracemalloc.start()
-        t0, _ = tracemalloc.get_traced_memory()
-        for i in range(sample):
-            probe.register(f"adapter-{i:07d}", SeedSource(i))
-        t1, _ = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        out["host_bytes_per_adapter_tracemalloc"] = (t1 - t0) / sample
+        out["host_bytes_per_adapter_tracemalloc"] = registration_bytes_per_adapter(probe, sample)
         out["memory_sample"] = sample
         probe.close()
         del probe
