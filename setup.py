@@ -1,8 +1,10 @@
 """Build of minlora and its extension minlora._C (torch.utils.cpp_extension, ninja).
 
-The CPU sources are always built.  The CUDA sources are built when torch has CUDA and a
-CUDA toolkit is found, for the architectures in MINLORA_CUDA_ARCHS (default "80;90a");
-MINLORA_FORCE_CPU=1 skips them.  CUTLASS headers come from the nvidia-cutlass wheel
+The schemas (csrc/ops.cpp), the shared argument checks, the CPU backend (csrc/cpu) and the
+page allocator (csrc/pool) are always built.  The CUDA backend (csrc/cuda: its host side and
+csrc/cuda/kernels) is built when torch has CUDA and a CUDA toolkit is found, for the
+architectures in MINLORA_CUDA_ARCHS (default "80;90a"); MINLORA_FORCE_CPU=1 skips it.  Each
+backend registers its own kernels, so a CPU-only build simply leaves the CUDA sources out.  CUTLASS headers come from the nvidia-cutlass wheel
 (CUTLASS_DIR overrides); see third_party/README.md.
 """
 from __future__ import annotations
@@ -61,8 +63,8 @@ common_sources = rel(
 
 if want_cuda():
     sources = common_sources + rel(
-        glob.glob(os.path.join(ROOT, "csrc", "cuda", "lora_cuda*.cpp"))
-        + glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cu"))
+        glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))
+        + glob.glob(os.path.join(ROOT, "csrc", "cuda", "kernels", "*.cu"))
     )
     include_dirs = find_deps.cuda_include_dirs() + find_deps.cutlass_include_dirs()
     nvcc_flags = [
@@ -85,8 +87,7 @@ if want_cuda():
         extra_link_args=link_flags,
     )
 else:
-    sources = common_sources + ["csrc/cuda/no_cuda.cpp"]
-    ext = CppExtension("minlora._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+    ext = CppExtension("minlora._C", common_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 setup(
     name="minlora",

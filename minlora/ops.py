@@ -18,6 +18,10 @@ _ops = torch.ops.minlora
 Tensor = torch.Tensor
 
 
+def _plan_tensors(plan: Optional[BatchPlan]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    return (plan.order, plan.seg_offsets) if plan is not None else (None, None)
+
+
 def lora(
     x: Tensor,
     a_pool: Tensor,
@@ -33,11 +37,8 @@ def lora(
 
     `plan` (from minlora.build_plan(token_slot, S)) saves rebuilding it in every layer.
     """
-    if plan is None:
-        return _ops.lora_forward(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot)
-    return _ops.lora_forward_planned(
-        x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, plan.order, plan.seg_offsets
-    )
+    order, seg = _plan_tensors(plan)
+    return _ops.lora_forward(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg)
 
 
 def lora_add_(
@@ -53,12 +54,8 @@ def lora_add_(
     plan: Optional[BatchPlan] = None,
 ) -> Tensor:
     """y [T, out] += the LoRA delta, in place (no autograd); returns y."""
-    if plan is None:
-        _ops.lora_forward_add_(y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot)
-    else:
-        _ops.lora_forward_planned_add_(
-            y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, plan.order, plan.seg_offsets
-        )
+    order, seg = _plan_tensors(plan)
+    _ops.lora_forward_add_(y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg)
     return y
 
 
@@ -79,7 +76,7 @@ def lora_backward(
 
     Only the pool pages the batch uses are non-zero.
     """
-    order, seg = (plan.order, plan.seg_offsets) if plan is not None else (None, None)
+    order, seg = _plan_tensors(plan)
     grads = _ops.lora_backward(
         grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, list(output_mask)
     )
@@ -97,11 +94,11 @@ def _build_plan_fake(token_slot: Tensor, num_slots: int) -> tuple[Tensor, Tensor
 _ARG_NAMES = ("x", "a_pool", "b_pool", "a_pages", "b_pages", "ranks", "scales", "token_slot", "order", "seg_offsets")
 
 
-def _delta_fake(*args: Tensor) -> Tensor:
+def _delta_fake(*args: Optional[Tensor]) -> Tensor:
     """Shape of the delta, after the checks that need no values (the real kernels check the rest)."""
     x, b_pool = args[0], args[2]
     for name, t in zip(_ARG_NAMES, args):
-        if t.device != x.device:
+        if t is not None and t.device != x.device:
             raise RuntimeError(f"{name} must be on {x.device} like x, got {t.device}")
     torch._check(x.dim() == 2, lambda: f"x must be 2-D [T, in] (flatten leading dims), got shape {tuple(x.shape)}")
     torch._check(b_pool.dim() == 2, lambda: f"b_pool must be 2-D [num_pages, row_length], got {tuple(b_pool.shape)}")
@@ -109,22 +106,12 @@ def _delta_fake(*args: Tensor) -> Tensor:
 
 
 @torch.library.register_fake("minlora::lora_forward")
-def _lora_forward_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot):
-    return _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot)
-
-
-@torch.library.register_fake("minlora::lora_forward_planned")
-def _lora_forward_planned_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg):
+def _lora_forward_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order=None, seg=None):
     return _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg)
 
 
 @torch.library.register_fake("minlora::lora_forward_add_")
-def _lora_forward_add_fake(y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot):
-    _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot)
-
-
-@torch.library.register_fake("minlora::lora_forward_planned_add_")
-def _lora_forward_planned_add_fake(y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg):
+def _lora_forward_add_fake(y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order=None, seg=None):
     _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg)
 
 
@@ -140,8 +127,9 @@ def _lora_backward_fake(grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scal
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, *plan = inputs
-    ctx.has_plan = bool(plan)
+    x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg = inputs
+    ctx.has_plan = order is not None
+    plan = (order, seg) if ctx.has_plan else ()
     ctx.save_for_backward(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, *plan)
 
 
@@ -157,4 +145,3 @@ def _backward(ctx, grad_y: Tensor):
 
 
 torch.library.register_autograd("minlora::lora_forward", _backward, setup_context=_setup_context)
-torch.library.register_autograd("minlora::lora_forward_planned", _backward, setup_context=_setup_context)

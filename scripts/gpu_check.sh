@@ -8,7 +8,7 @@
 # 3. runs compute-sanitizer memcheck and racecheck on a small forward + backward of every path;
 # 4. runs the GPU benchmarks (minlora bench ops: decode, prefill, backward; bf16, Llama-3-8B);
 # 5. writes into OUTDIR at most 8 files: gpu_check.log, build.log, pytest.log, sanitizer.log,
-#    bench.log, bench.json, summary.json (everything in one JSON, with the targets
+#    bench.log, bench.json, summary.json (everything in one JSON, with the GPU targets
 #    checked) and summary.md (a short table).
 # Budget: under 8 minutes on an H200 with 16 cores (GPU_CHECK_BUDGET_S, default 470 s);
 # each step gets what is left, later steps are skipped, not started, when time runs out.
@@ -104,7 +104,7 @@ import torch
 import minlora
 from lora_cases import make_case, mixed_ranks
 weights = [20, 1, 10, 1, 1, 5, 1, 10, 0.5, 1, 3, 1]
-for mode in ("gather", "grouped", "auto", "simple"):
+for mode in ("gather", "grouped", "auto", "fallback"):
     os.environ["MINLORA_CUDA_KERNELS"] = mode
     for dtype, (i, o) in ((torch.bfloat16, (64, 40)), (torch.float16, (72, 24)), (torch.float32, (33, 17))):
         c = make_case(160, i, o, mixed_ranks(), dtype, slot_weights=weights).to("cuda")
@@ -199,7 +199,7 @@ summary["sanitizer"] = {
     "racecheck_rc": steps.get("sanitizer_racecheck", {}).get("rc"),
 }
 
-# Benchmarks: every row, merged into bench.json, and the targets.
+# Benchmarks: every row, merged into bench.json, and the GPU targets.
 rows, machine = [], None
 for path in sorted(glob.glob(os.path.join(work, "bench_*.json"))):
     data = json.load(open(path))

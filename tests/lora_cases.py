@@ -146,8 +146,8 @@ def opcheck_cases(device: str = "cpu", dtype: torch.dtype = torch.float32, num_t
         (ops.build_plan, (case.token_slot, 4)),
         (ops.lora_forward, (x, ap, bp, *rest)),
         (ops.lora_forward_add_, (y, *a)),
-        (ops.lora_forward_planned, (x, ap, bp, *rest, plan.order, plan.seg_offsets)),
-        (ops.lora_forward_planned_add_, (y.clone(), *a, plan.order, plan.seg_offsets)),
+        (ops.lora_forward, (x, ap, bp, *rest, plan.order, plan.seg_offsets)),
+        (ops.lora_forward_add_, (y.clone(), *a, plan.order, plan.seg_offsets)),
         (ops.lora_backward, (grad_y, *a, None, None, [True, True, True])),
         (ops.lora_backward, (grad_y, *a, plan.order, plan.seg_offsets, [True, False, True])),
     ]

@@ -14,8 +14,7 @@ from minlora.build_info import cuda_kernels_registered
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "third_party"))
 import find_deps  # noqa: E402
 
-OPS = ["build_plan", "lora_forward", "lora_forward_add_", "lora_forward_planned", "lora_forward_planned_add_",
-       "lora_backward"]
+OPS = ["build_plan", "lora_forward", "lora_forward_add_", "lora_backward"]
 CUDA_EXPECTED = (
     torch.version.cuda is not None
     and find_deps.cuda_home() is not None
@@ -43,3 +42,10 @@ def test_cuda_code_compiled_for_sm80_and_sm90a():
     archs = os.environ.get("MINLORA_CUDA_ARCHS", "80;90a").split(";")
     for arch in archs:
         assert f"-arch sm_{arch} ".encode() in data, f"no sm_{arch} code in {Path(minlora._C.__file__).name}"
+
+
+def test_registered_backends_match_the_build():
+    """Each backend registers itself: a build without the CUDA sources has no CUDA kernels (no stubs)."""
+    for op in OPS:
+        has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(f"minlora::{op}", "CUDA")
+        assert has_cuda == minlora._C.cuda_built(), op

@@ -1,7 +1,7 @@
 """The LoRA ops on a CUDA GPU against the float64 reference (all marked `cuda`).
 
 Every case of the CPU suite runs here under each kernel choice the dispatcher can make
-(MINLORA_CUDA_KERNELS = auto / gather / grouped / simple), then real shapes: Llama-3-8B's
+(MINLORA_CUDA_KERNELS = auto / gather / grouped / fallback), then real shapes: Llama-3-8B's
 seven projections with mixed ranks 1..128, decode and prefill, up to 1024 distinct adapters;
 backward against the reference; CUDA-graph capture with the plan in fixed buffers replayed
 with new assignments; real CUDA streams; and graphs replayed with unchecked bad indices.
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.cuda
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SLOT_WEIGHTS = [20, 1, 10, 1, 1, 5, 1, 10, 0.5, 1, 3, 1]
 VARIANTS = ["functional", "add", "planned", "planned_add"]
-MODES = ["auto", "gather", "grouped", "simple"]
+MODES = ["auto", "gather", "grouped", "fallback"]
 # Llama-3-8B: hidden 4096, kv 1024, intermediate 14336; projection -> (in, out).
 LLAMA3_8B = {
     "q": (4096, 4096),
@@ -251,11 +251,11 @@ def _kernel_names(fn) -> set[str]:
     "mode_name, tokens_per_slot, dtype, want, unwanted",
     [
         ("auto", 1, torch.bfloat16, "gather_kernel", "lora_grouped_kernel"),  # decode: no grouped launch
-        ("auto", 256, torch.bfloat16, "lora_grouped_kernel", "shrink_expand_simple"),  # prefill
+        ("auto", 256, torch.bfloat16, "lora_grouped_kernel", "shrink_expand_fallback"),  # prefill
         ("auto", 256, torch.float32, "gather_kernel", "lora_grouped_kernel"),  # float32: no tensor-op GEMM
         ("gather", 256, torch.float16, "gather_kernel", "lora_grouped_kernel"),
         ("grouped", 1, torch.float16, "lora_grouped_kernel", "gather_kernel"),
-        ("simple", 256, torch.bfloat16, "shrink_expand_simple", "gather_kernel"),
+        ("fallback", 256, torch.bfloat16, "shrink_expand_fallback", "gather_kernel"),
     ],
 )
 def test_dispatcher_launches_the_chosen_kernels(mode_name, tokens_per_slot, dtype, want, unwanted, monkeypatch):
@@ -397,7 +397,7 @@ def test_prefill_paths_agree_on_real_shape(dtype, mode_name, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_grouped_ranks_not_multiple_of_8_above_32(dtype, in_features, monkeypatch):
     """The grouped expand's K is the rank: ranks above one 32-wide k-tile that are not multiples
-    of 8 (33, 36, 47, 100, 127) once made CUTLASS advance hs's 16-byte loads by K % 32 elements
+    of 8 (33, 36, 47, 100, 127) would make CUTLASS advance hs's 16-byte loads by K % 32 elements
     (misaligned address).  Forward and backward, every segment on the grouped path."""
     monkeypatch.setenv("MINLORA_CUDA_KERNELS", "grouped")
     ranks, lens = [36, 33, 100, 5, 47, 127, 64], [40, 64, 130, 33, 70, 90, 35]

@@ -216,11 +216,14 @@ def test_plan_built_once_per_forward(setups):
     layers = sum(isinstance(m, PatchedLayer) for m in s.model.modules())
     ids = _ids(4, 5, seed=7)
     with torch.no_grad(), minlora.adapters(s.model, ["a1", None, "a2", "a1"]):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             s.model(ids)
             s.model(ids)
     counts = {e.key: e.count for e in prof.key_averages()}
     assert counts.get("minlora::build_plan") == 2
-    # Inference accumulates in place into the base layer's output, one planned op per layer.
-    assert counts.get("minlora::lora_forward_planned_add_") == 2 * layers
+    # Inference accumulates in place into the base layer's output, one planned op per layer
+    # (the plan's order and seg_offsets are the op's last two inputs).
+    adds = [e for e in prof.events() if e.name == "minlora::lora_forward_add_"]
+    assert len(adds) == 2 * layers
+    assert all(e.input_shapes[-2] and e.input_shapes[-1] for e in adds), "a layer ran without the step's plan"
     assert "minlora::lora_forward" not in counts

@@ -1,4 +1,4 @@
-// CPU kernels of the LoRA ops.
+// The CPU backend of the LoRA ops: its kernels and TORCH_LIBRARY_IMPL(minlora, CPU).
 //
 // Short segments (decode: one or a few tokens per adapter) run a per-token
 // shrink/expand in parallel over slots; long segments (prefill, training) run as
@@ -9,7 +9,7 @@
 
 #include <vector>
 
-#include "../backend.h"
+#include "../lora_op.h"
 
 namespace minlora::cpu {
 namespace {
@@ -261,8 +261,8 @@ void pool_grads(at::Tensor& grad_a, at::Tensor& grad_b, const at::Tensor& g, con
     if (gb != nullptr) rank1_updates(gb, out, b_pages, h, gp);
   });
 }
-}  // namespace
 
+// Counting sort, stable: the plan of a token_slot already checked to lie in -1..num_slots-1.
 Plan build_plan(const at::Tensor& token_slot, int64_t num_slots) {
   const int64_t T = token_slot.size(0);
   auto order = at::empty({T}, token_slot.options());
@@ -270,7 +270,7 @@ Plan build_plan(const at::Tensor& token_slot, int64_t num_slots) {
   const int32_t* ts = token_slot.data_ptr<int32_t>();
   int32_t* od = order.data_ptr<int32_t>();
   int32_t* sg = seg.data_ptr<int32_t>();
-  // Counting sort, stable; slot -1 (and, defensively, anything out of range) goes last.
+  // Slot -1 (and, defensively, anything out of range) goes last.
   std::vector<int32_t> cursor(num_slots + 2, 0);
   auto key = [&](int32_t s) { return (s >= 0 && s < num_slots) ? s : static_cast<int32_t>(num_slots); };
   for (int64_t t = 0; t < T; ++t) ++cursor[key(ts[t]) + 1];
@@ -280,14 +280,13 @@ Plan build_plan(const at::Tensor& token_slot, int64_t num_slots) {
   return Plan{order, seg};
 }
 
-void lora_forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {
+void forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {
   const Plan built = plan ? *plan : build_plan(args.token_slot, args.num_slots());
   shrink_expand_add(y, ShrinkExpand{args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages}, args.ranks,
                     args.scales, built);
 }
 
-Grads lora_backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan,
-                    std::array<bool, 3> output_mask) {
+Grads backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan, std::array<bool, 3> output_mask) {
   const Plan built = plan ? *plan : build_plan(args.token_slot, args.num_slots());
   const auto g = grad_y.contiguous();
   const auto empty = at::empty({0}, args.x.options());
@@ -308,5 +307,17 @@ Grads lora_backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* 
   }
   return {grad_x, grad_a, grad_b};
 }
+
+// The backend interface of lora_op.h.  CPU tensors are always value-checked.
+struct CpuBackend {
+  static bool check_values(const at::Tensor&) { return true; }
+  static constexpr auto forward_add = &cpu::forward_add;
+  static constexpr auto backward = &cpu::backward;
+  static constexpr auto build_plan = &cpu::build_plan;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(minlora, CPU, m) { register_lora_ops<CpuBackend>(m); }
 
 }  // namespace minlora::cpu

@@ -1,5 +1,6 @@
-// CUDA side of the minlora ops: turns validated tensors into kernel parameters, chooses
-// the kernels (kernels/dispatch.h) and launches them on the current stream.  Nothing here
+// The CUDA backend of the LoRA ops: turns validated tensors into kernel parameters, chooses
+// the kernels (kernels/dispatch.h), launches them on the current stream, and registers
+// TORCH_LIBRARY_IMPL(minlora, CUDA).  Nothing here
 // synchronises the host (no reads of device memory, no blocking calls), so the ops can be
 // captured into CUDA graphs; workspaces come from the caching allocator.
 // c10's CUDA headers only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE and
@@ -10,11 +11,11 @@
 
 #include <algorithm>
 
-#include "../backend.h"
-#include "../kernels/dispatch.h"
-#include "../kernels/lora_gather.cuh"
-#include "../kernels/lora_grouped.cuh"
-#include "../kernels/lora_simple.cuh"
+#include "../lora_op.h"
+#include "kernels/dispatch.h"
+#include "kernels/lora_fallback.cuh"
+#include "kernels/lora_gather.cuh"
+#include "kernels/lora_grouped.cuh"
 
 namespace minlora::cuda {
 namespace {
@@ -33,8 +34,15 @@ void check_launch(cudaError_t err, const char* what) {
 }
 
 void check_rank_width(const LoraArgs& args) {
-  TORCH_CHECK_VALUE(args.max_rank() <= kernels::kSimpleMaxRank, "a_pages has R = ", args.max_rank(),
-                    " columns; the CUDA kernels take at most ", kernels::kSimpleMaxRank);
+  TORCH_CHECK_VALUE(args.max_rank() <= kernels::kFallbackMaxRank, "a_pages has R = ", args.max_rank(),
+                    " columns; the CUDA kernels take at most ", kernels::kFallbackMaxRank);
+}
+
+kernels::KernelMode kernel_mode() {
+  const kernels::KernelMode mode = kernels::kernel_mode_from_env();
+  TORCH_CHECK_VALUE(mode != kernels::KernelMode::kUnknown, "MINLORA_CUDA_KERNELS = '",
+                    std::getenv("MINLORA_CUDA_KERNELS"), "' is none of auto, fallback, gather, grouped");
+  return mode;
 }
 
 // Multiprocessors of t's device (a host-side attribute query: no synchronisation).
@@ -47,7 +55,7 @@ int sm_count(const at::Tensor& t) {
   return n;
 }
 
-// The fields every shrink-then-expand kernel's parameters share (the simple, gather and
+// The fields every shrink-then-expand kernel's parameters share (the fallback, gather and
 // grouped kernels name them alike): x [T, in] -> shrink pages (length in) -> expand pages
 // (length out).  The forward is (x, a_pool, a_pages, b_pool, b_pages); grad_x is
 // (grad_y, b_pool, b_pages, a_pool, a_pages).
@@ -70,27 +78,27 @@ void fill_shrink_expand(Params& p, const at::Tensor& x, const at::Tensor& shrink
   p.num_expand_pages = expand_pool.size(0);
 }
 
-// ---- the foundation's simple kernels (MINLORA_CUDA_KERNELS=simple, and R > 1024) ----
+// ---- the fallback kernels (MINLORA_CUDA_KERNELS=fallback, and R > kGatherMaxRank) ----
 
 // y += scale_s * E_s (S_s x) on the current stream (see kernels::ShrinkExpandParams).
-void simple_shrink_expand_add(at::Tensor& y, const at::Tensor& x, const at::Tensor& shrink_pool,
+void fallback_shrink_expand_add(at::Tensor& y, const at::Tensor& x, const at::Tensor& shrink_pool,
                               const at::Tensor& shrink_pages, const at::Tensor& expand_pool,
                               const at::Tensor& expand_pages, const LoraArgs& args) {
   kernels::ShrinkExpandParams p{};
   p.x = x.data_ptr();
   p.y = y.data_ptr();
   fill_shrink_expand(p, x, shrink_pool, shrink_pages, expand_pool, expand_pages, args);
-  check_launch(kernels::launch_shrink_expand_simple(p, kernel_dtype(x.scalar_type()),
+  check_launch(kernels::launch_shrink_expand_fallback(p, kernel_dtype(x.scalar_type()),
                                                     c10::cuda::getCurrentCUDAStream()),
                "the LoRA shrink/expand kernel");
 }
 
-Grads simple_backward(const at::Tensor& g, const LoraArgs& args, std::array<bool, 3> output_mask) {
+Grads fallback_backward(const at::Tensor& g, const LoraArgs& args, std::array<bool, 3> output_mask) {
   const auto empty = at::empty({0}, args.x.options());
   at::Tensor grad_x = empty, grad_a = empty, grad_b = empty;
   if (output_mask[0]) {
     grad_x = at::zeros_like(args.x);
-    simple_shrink_expand_add(grad_x, g, args.b_pool, args.b_pages, args.a_pool, args.a_pages, args);
+    fallback_shrink_expand_add(grad_x, g, args.b_pool, args.b_pages, args.a_pool, args.a_pages, args);
   }
   if (output_mask[1] || output_mask[2]) {
     const auto f32 = args.x.options().dtype(at::kFloat);
@@ -115,7 +123,7 @@ Grads simple_backward(const at::Tensor& g, const LoraArgs& args, std::array<bool
     p.out_features = args.out_features();
     p.num_a_pages = args.a_pool.size(0);
     p.num_b_pages = args.b_pool.size(0);
-    check_launch(kernels::launch_pool_grads_simple(p, kernel_dtype(args.x.scalar_type()),
+    check_launch(kernels::launch_pool_grads_fallback(p, kernel_dtype(args.x.scalar_type()),
                                                    c10::cuda::getCurrentCUDAStream()),
                  "the LoRA pool-gradient kernel");
     if (output_mask[1]) grad_a = grad_a32.to(args.x.scalar_type());
@@ -205,10 +213,6 @@ bool grouped_aligned(const at::Tensor* y, const at::Tensor& x, const at::Tensor&
       grouped_params(y, x, shrink_pool, args.a_pages, expand_pool, args.b_pages, args, none, 1));
 }
 
-}  // namespace
-
-bool available() { return true; }
-
 bool stream_is_capturing(const at::Device& device) {
   // The current stream of the tensors' device, not of the current device: they may differ.
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -216,15 +220,17 @@ bool stream_is_capturing(const at::Device& device) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-void lora_forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {
+Plan build_plan(const at::Tensor& token_slot, int64_t num_slots);
+
+void forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {
   check_rank_width(args);
   const c10::cuda::CUDAGuard guard(args.x.device());
   kernels::OpShape shape = op_shape(args, plan);
   shape.grouped_aligned = shape.grouped_compiled && shape.half_precision &&
                           grouped_aligned(&y, args.x, args.a_pool, args.b_pool, args);
-  const kernels::Choice c = kernels::choose_kernels(shape, kernels::kernel_mode_from_env());
-  if (c.simple) {
-    simple_shrink_expand_add(y, args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages, args);
+  const kernels::Choice c = kernels::choose_kernels(shape, kernel_mode());
+  if (c.fallback) {
+    fallback_shrink_expand_add(y, args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages, args);
     return;
   }
   Plan built;
@@ -243,8 +249,7 @@ void lora_forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {
   }
 }
 
-Grads lora_backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan,
-                    std::array<bool, 3> output_mask) {
+Grads backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan, std::array<bool, 3> output_mask) {
   check_rank_width(args);
   const c10::cuda::CUDAGuard guard(args.x.device());
   const auto g = grad_y.contiguous();
@@ -253,8 +258,8 @@ Grads lora_backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* 
   shape.grouped_aligned = shape.grouped_compiled && shape.half_precision &&
                           grouped_aligned(nullptr, g, args.b_pool, args.a_pool, args) &&
                           grouped_aligned(nullptr, args.x, args.a_pool, args.b_pool, args);
-  const kernels::BackwardChoice c = kernels::choose_backward(shape, kernels::kernel_mode_from_env());
-  if (c.simple) return simple_backward(g, args, output_mask);
+  const kernels::BackwardChoice c = kernels::choose_backward(shape, kernel_mode());
+  if (c.fallback) return fallback_backward(g, args, output_mask);
   // The pool gradients sum over each slot's tokens: they need the plan's segments.
   Plan built;
   if (plan == nullptr) {
@@ -352,5 +357,19 @@ Plan build_plan(const at::Tensor& token_slot, int64_t num_slots) {
   seg.narrow(0, 1, num_slots).copy_(at::cumsum(counts.narrow(0, 0, num_slots), 0));
   return Plan{order, seg};
 }
+
+// The backend interface of lora_op.h.  Index values are checked on the host except while the
+// tensors' stream is being captured into a graph (a host read would break the capture; the
+// kernels guard every index instead).
+struct CudaBackend {
+  static bool check_values(const at::Tensor& like) { return !stream_is_capturing(like.device()); }
+  static constexpr auto forward_add = &cuda::forward_add;
+  static constexpr auto backward = &cuda::backward;
+  static constexpr auto build_plan = &cuda::build_plan;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(minlora, CUDA, m) { register_lora_ops<CudaBackend>(m); }
 
 }  // namespace minlora::cuda

@@ -5,12 +5,12 @@ Baselines (each computes the same delta y [T, out] from the same adapters):
   gather_bmm  tokens grouped by adapter, padded to the longest group, two batched matmuls
               over dense per-adapter stacks (the Punica-style "gather + bmm").
   grouped_mm  torch.nn.functional.grouped_mm over tokens sorted by adapter (where available).
-  simple      (CUDA) the op forced onto the foundation's one-block-per-token kernels.
+  simple      (CUDA) the op forced onto the one-block-per-token fallback kernels.
   minlora     the op, reading paged pools in place; the BatchPlan is built inside the timing.
   (op_us)     the op alone with a plan built beforehand, as each layer of a model runs it.
 
 On CUDA the op's kernels can be chosen with MINLORA_CUDA_KERNELS (auto, gather, grouped,
-simple; read on every call); `minlora` runs with the caller's setting, `simple` forces it.
+fallback; read on every call); `minlora` runs with the caller's setting, `simple` forces fallback.
 """
 from __future__ import annotations
 
@@ -154,11 +154,11 @@ def run_grouped_mm(p: Problem) -> torch.Tensor:
 
 
 def run_simple(p: Problem) -> torch.Tensor:
-    """The op on the foundation's simple CUDA kernels (MINLORA_CUDA_KERNELS=simple for this call).
+    """The op on the fallback CUDA kernels (MINLORA_CUDA_KERNELS=fallback for this call).
 
     The variable is read by the extension at each call, forward and backward, so the
     autograd backward this output feeds must also run under it: see _timed_fn."""
-    with kernels("simple"):
+    with kernels("fallback"):
         return run_minlora(p)
 
 
@@ -207,7 +207,7 @@ def _timed_fn(method: str, problems: Sequence[Problem], backward: bool,
         for t in [p.x, *p.weights()]:
             t.grad = None
         if method == "simple":
-            with kernels("simple"):
+            with kernels("fallback"):
                 run(p).backward(grads[k])
         else:
             run(p).backward(grads[k])

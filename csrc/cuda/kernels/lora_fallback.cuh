@@ -1,15 +1,16 @@
-// The simple CUDA LoRA kernels: one thread block per token, pages read in place through
-// the page tables, float32 accumulation.  Correct for every shape; the fast kernels are
-// separate.  Raw pointers, shapes and a stream: no torch headers here.
+// The fallback CUDA LoRA kernels: one thread block per token, pages read in place through
+// the page tables, float32 accumulation.  Correct for every shape, including page tables too
+// wide for the gather kernels (R > kGatherMaxRank); the fast kernels are lora_gather and
+// lora_grouped.  Raw pointers, shapes and a stream: no torch headers here.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-namespace minlora::kernels {
+#include "kernel_types.h"
 
-enum class DType { kFloat16, kBFloat16, kFloat32 };
+namespace minlora::kernels {
 
 // y[t] += scale_s * E_s (S_s x[t]) for every token t with slot s = token_slot[t] >= 0,
 // where row j of S_s is shrink_pool[shrink_pages[s, j]] (length in) and column j of E_s
@@ -46,10 +47,8 @@ struct PoolGradParams {
   int64_t num_tokens, num_slots, max_rank, in_features, out_features, num_a_pages, num_b_pages;
 };
 
-// Largest page-table width the simple kernels take (their per-token rank vector lives in shared memory).
-constexpr int64_t kSimpleMaxRank = 4096;
-
-cudaError_t launch_shrink_expand_simple(const ShrinkExpandParams& p, DType dtype, cudaStream_t stream);
-cudaError_t launch_pool_grads_simple(const PoolGradParams& p, DType dtype, cudaStream_t stream);
+// Both take R <= kFallbackMaxRank.
+cudaError_t launch_shrink_expand_fallback(const ShrinkExpandParams& p, DType dtype, cudaStream_t stream);
+cudaError_t launch_pool_grads_fallback(const PoolGradParams& p, DType dtype, cudaStream_t stream);
 
 }  // namespace minlora::kernels

@@ -1,4 +1,5 @@
-#include "lora_args.h"
+// The argument checks shared by every backend of the minlora ops (lora_op.h).
+#include "lora_op.h"
 
 #include <c10/util/Exception.h>
 
@@ -56,11 +57,15 @@ LoraArgs check_lora_args(const at::Tensor& x, const at::Tensor& a_pool, const at
                   b_pages.contiguous(), ranks.contiguous(), scales.contiguous(), token_slot.contiguous()};
 }
 
-Plan check_plan_shapes(const LoraArgs& args, const at::Tensor& order, const at::Tensor& seg_offsets) {
+std::optional<Plan> check_plan(const LoraArgs& args, const std::optional<at::Tensor>& order,
+                               const std::optional<at::Tensor>& seg_offsets) {
+  TORCH_CHECK_VALUE(order.has_value() == seg_offsets.has_value(),
+                    "order and seg_offsets must be given together (a BatchPlan) or not at all");
+  if (!order) return std::nullopt;
   const auto dev = args.x.device();
-  check_int32_vector(order, "order", args.num_tokens(), dev);
-  check_int32_vector(seg_offsets, "seg_offsets", args.num_slots() + 1, dev);
-  return Plan{order.contiguous(), seg_offsets.contiguous()};
+  check_int32_vector(*order, "order", args.num_tokens(), dev);
+  check_int32_vector(*seg_offsets, "seg_offsets", args.num_slots() + 1, dev);
+  return Plan{order->contiguous(), seg_offsets->contiguous()};
 }
 
 void check_index_values(const LoraArgs& args, const Plan* plan) {
@@ -138,6 +143,14 @@ at::Tensor check_token_slot(const at::Tensor& token_slot, int64_t num_slots) {
   TORCH_CHECK(token_slot.scalar_type() == at::kInt, "token_slot must be int32, got ", token_slot.scalar_type());
   TORCH_CHECK_VALUE(token_slot.dim() == 1, "token_slot must be 1-D, got shape ", token_slot.sizes());
   return token_slot.contiguous();
+}
+
+void check_token_slot_values(const at::Tensor& token_slot, int64_t num_slots) {
+  const auto host = token_slot.cpu();
+  const int32_t* p = host.data_ptr<int32_t>();
+  for (int64_t t = 0; t < host.size(0); ++t)
+    TORCH_CHECK_VALUE(p[t] >= -1 && p[t] < num_slots, "token_slot[", t, "] = ", p[t],
+                      " is outside -1..num_slots-1 = -1..", num_slots - 1);
 }
 
 }  // namespace minlora

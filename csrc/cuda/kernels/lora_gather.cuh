@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "lora_simple.cuh"  // DType
+#include "kernel_types.h"
 
 namespace minlora::kernels {
 
@@ -21,7 +21,7 @@ namespace minlora::kernels {
 // Modes: h_in != null skips the shrink (h read from h_in [T, R]); h_out != null skips the
 // expand (h written to h_out [T, R]; columns j >= r of a token's row are not written).
 // With a plan (order, seg_offsets: tokens of slot s are order[seg_offsets[s]:seg_offsets[s+1]])
-// a block takes up to kGatherTokens tokens of one slot, so pages are read once per block;
+// a block takes up to kGatherTokens (kernel_types.h) tokens of one slot, so pages are read once per block;
 // without one, a block takes one token.  Segments of at least skip_segments_from tokens
 // are skipped (the grouped path takes them); 0 skips none.
 // Every index is guarded: slots outside 0..S-1, ranks outside 1..R are skipped, pages
@@ -65,11 +65,6 @@ struct SegmentGradParams {
   int64_t num_tokens, num_slots, max_rank, len, num_pages;
   int32_t token_splits;  // >= 1: each segment's tokens are split among this many blocks
 };
-
-// Tokens of one slot one gather block takes with a plan.
-constexpr int kGatherTokens = 4;
-// Largest page-table width the gather kernels take (h lives in shared memory).
-constexpr int64_t kGatherMaxRank = 1024;
 
 // True when every row the kernels touch starts on a 16-byte boundary, so the 16-byte paths
 // may be used: base pointers 16-byte aligned and row lengths (in bytes) multiples of 16.

@@ -9,7 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "lora_simple.cuh"  // DType
+#include "kernel_types.h"
 
 namespace minlora::kernels {
 
@@ -40,9 +40,6 @@ struct GroupedParams {
   void* hs;
   bool skip_expand;  // shrink only (y may be null)
 };
-
-// Row length of hs: R rounded up to 8 elements (16-byte rows).
-inline int64_t grouped_hs_width(int64_t max_rank) { return (max_rank + 7) / 8 * 8; }
 
 // True when this build holds the grouped GEMM kernels (CUTLASS headers were found).
 bool grouped_compiled();

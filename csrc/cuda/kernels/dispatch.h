@@ -8,20 +8,23 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "kernel_types.h"
+
 namespace minlora::kernels {
 
 // MINLORA_CUDA_KERNELS (read on every call, so benchmarks can switch it):
-//   auto (default) | simple (the foundation's one-block-per-token kernels) |
+//   auto (default) | fallback (the one-block-per-token kernels) |
 //   gather (gather kernels only) | grouped (grouped GEMM for every segment it can take).
-enum class KernelMode { kAuto, kSimple, kGather, kGrouped };
+// kUnknown: any other value (the host side refuses it).
+enum class KernelMode { kAuto, kFallback, kGather, kGrouped, kUnknown };
 
 inline KernelMode kernel_mode_from_env() {
   const char* v = std::getenv("MINLORA_CUDA_KERNELS");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return KernelMode::kAuto;
-  if (std::strcmp(v, "simple") == 0) return KernelMode::kSimple;
+  if (std::strcmp(v, "fallback") == 0) return KernelMode::kFallback;
   if (std::strcmp(v, "gather") == 0) return KernelMode::kGather;
   if (std::strcmp(v, "grouped") == 0) return KernelMode::kGrouped;
-  return KernelMode::kAuto;
+  return KernelMode::kUnknown;
 }
 
 struct OpShape {
@@ -33,7 +36,7 @@ struct OpShape {
 };
 
 struct Choice {
-  bool simple = false;          // the foundation's kernels, nothing else
+  bool fallback = false;        // the fallback kernels, nothing else
   bool build_plan = false;      // build a plan on the device first
   bool gather = false;          // launch the gather kernel
   bool gather_planned = false;  // ... with the plan (several tokens of one slot per block)
@@ -44,8 +47,6 @@ struct Choice {
 // Segments at least this long are worth the grouped GEMM's tiles (its M tile is 64 or 128 rows;
 // shorter segments leave most of a tile idle and the gather kernel's reuse of 4 tokens wins).
 constexpr int64_t kGroupedMinSegment = 32;
-// Largest page-table width of the gather kernels (lora_gather.cuh kGatherMaxRank).
-constexpr int64_t kDispatchGatherMaxRank = 1024;
 
 // Whether the grouped GEMM is worth launching without reading the plan: with few tokens per
 // slot (decode) every segment is short, and its launches (memset, prep, two GEMMs that find
@@ -57,15 +58,23 @@ constexpr bool may_have_long_segments(const OpShape& s) {
   return avg >= 4 || s.num_tokens >= 2048;
 }
 
+// The fallback kernels: when asked for, or when the page table is too wide for the gather kernels.
+constexpr bool wants_fallback(const OpShape& s, KernelMode mode) {
+  return mode == KernelMode::kFallback || s.max_rank > kGatherMaxRank;
+}
+
+// Whether the grouped GEMM runs (for the long segments, or for all of them when forced).
+constexpr bool wants_grouped(const OpShape& s, KernelMode mode) {
+  const bool grouped_ok = s.half_precision && s.grouped_compiled && s.grouped_aligned;
+  return grouped_ok && mode != KernelMode::kGather && (mode == KernelMode::kGrouped || may_have_long_segments(s));
+}
+
 constexpr Choice choose_kernels(const OpShape& s, KernelMode mode) {
   Choice c;
-  if (mode == KernelMode::kSimple || s.max_rank > kDispatchGatherMaxRank) {
-    c.simple = true;
-    return c;
-  }
-  const bool grouped_ok = s.half_precision && s.grouped_compiled && s.grouped_aligned;
+  c.fallback = wants_fallback(s, mode);
+  if (c.fallback) return c;
   const int64_t avg = s.num_slots > 0 ? s.num_tokens / s.num_slots : 0;
-  if (grouped_ok && mode != KernelMode::kGather && (mode == KernelMode::kGrouped || may_have_long_segments(s))) {
+  if (wants_grouped(s, mode)) {
     c.grouped = true;
     c.grouped_min_segment = mode == KernelMode::kGrouped ? 1 : kGroupedMinSegment;
   }
@@ -78,22 +87,18 @@ constexpr Choice choose_kernels(const OpShape& s, KernelMode mode) {
   return c;
 }
 
-// The backward: the simple kernels, or the grouped GEMMs for every segment (u = scale B^T g,
+// The backward: the fallback kernels, or the grouped GEMMs for every segment (u = scale B^T g,
 // grad_x, h = scale A x), else the gather kernels; the pool gradients always use the
 // segment-gradient kernel (float32 sums, atomics, so pages shared by slots add up).
 struct BackwardChoice {
-  bool simple = false;
+  bool fallback = false;
   bool grouped = false;
 };
 
 constexpr BackwardChoice choose_backward(const OpShape& s, KernelMode mode) {
   BackwardChoice c;
-  if (mode == KernelMode::kSimple || s.max_rank > kDispatchGatherMaxRank) {
-    c.simple = true;
-    return c;
-  }
-  const bool grouped_ok = s.half_precision && s.grouped_compiled && s.grouped_aligned;
-  c.grouped = grouped_ok && mode != KernelMode::kGather && (mode == KernelMode::kGrouped || may_have_long_segments(s));
+  c.fallback = wants_fallback(s, mode);
+  c.grouped = !c.fallback && wants_grouped(s, mode);
   return c;
 }
 
@@ -104,7 +109,7 @@ constexpr OpShape shape(int64_t T, int64_t S, int64_t R, bool half, bool plan, b
 }
 // Decode, 256 adapters x 1 token, with a plan: gather only, several tokens per block allowed.
 constexpr Choice kDecode = choose_kernels(shape(256, 256, 16, true, true), KernelMode::kAuto);
-static_assert(!kDecode.simple && kDecode.gather && kDecode.gather_planned && !kDecode.grouped && !kDecode.build_plan);
+static_assert(!kDecode.fallback && kDecode.gather && kDecode.gather_planned && !kDecode.grouped && !kDecode.build_plan);
 // Decode without a plan: no device sort, one token per block.
 constexpr Choice kDecodeNoPlan = choose_kernels(shape(256, 256, 16, true, false), KernelMode::kAuto);
 static_assert(kDecodeNoPlan.gather && !kDecodeNoPlan.gather_planned && !kDecodeNoPlan.build_plan);
@@ -119,10 +124,10 @@ static_assert(!choose_kernels(shape(4096, 8, 16, true, true, false), KernelMode:
 constexpr Choice kForcedGrouped = choose_kernels(shape(64, 64, 16, true, true), KernelMode::kGrouped);
 static_assert(kForcedGrouped.grouped && kForcedGrouped.grouped_min_segment == 1 && !kForcedGrouped.gather);
 static_assert(!choose_kernels(shape(4096, 8, 16, true, true), KernelMode::kGather).grouped);
-static_assert(choose_kernels(shape(4096, 8, 16, true, true), KernelMode::kSimple).simple);
-// Page tables wider than the gather kernels' shared memory allows go to the simple kernels.
-static_assert(choose_kernels(shape(16, 4, 2048, true, true), KernelMode::kAuto).simple);
-static_assert(choose_backward(shape(16, 4, 2048, true, true), KernelMode::kAuto).simple);
+static_assert(choose_kernels(shape(4096, 8, 16, true, true), KernelMode::kFallback).fallback);
+// Page tables wider than the gather kernels' shared memory allows go to the fallback kernels.
+static_assert(choose_kernels(shape(16, 4, 2048, true, true), KernelMode::kAuto).fallback);
+static_assert(choose_backward(shape(16, 4, 2048, true, true), KernelMode::kAuto).fallback);
 static_assert(choose_backward(shape(8192, 64, 16, true, true), KernelMode::kAuto).grouped);
 static_assert(!choose_backward(shape(64, 64, 16, true, true), KernelMode::kAuto).grouped);
 }  // namespace dispatch_checks

@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(128) grouped_prep_kernel(GroupedParams p, cutl
   // anyway: never an unused, possibly NaN page, never a page-table entry past the rank).
   const int64_t k_expand = (static_cast<int64_t>(r) + 7) / 8 * 8;
   if (ok) {
-    const int64_t W = (R + 7) / 8 * 8;  // grouped_hs_width(R) (a host function)
+    const int64_t W = grouped_hs_width(R);
     for (int64_t j = threadIdx.x; j < k_expand; j += blockDim.x)
       expand_idx[s * W + j] = p.expand_pages[s * R + (j < r ? j : 0)];
   }

@@ -1,5 +1,6 @@
+// The fallback kernels (see lora_fallback.cuh).
 #include "common.cuh"
-#include "lora_simple.cuh"
+#include "lora_fallback.cuh"
 
 namespace minlora::kernels {
 namespace {
@@ -36,7 +37,7 @@ __device__ void block_page_dots(const T* v, const T* pool, const int32_t* pages,
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) shrink_expand_simple_kernel(ShrinkExpandParams p) {
+__global__ void __launch_bounds__(kThreads) shrink_expand_fallback_kernel(ShrinkExpandParams p) {
   extern __shared__ float h[];  // [rank]
   const int64_t t = blockIdx.x;
   int32_t s;
@@ -74,7 +75,7 @@ __device__ void block_rank1_updates(float* grad_pool, const T* v, const int32_t*
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) pool_grads_simple_kernel(PoolGradParams p) {
+__global__ void __launch_bounds__(kThreads) pool_grads_fallback_kernel(PoolGradParams p) {
   extern __shared__ float shared[];  // h [max_rank], u [max_rank]
   float* h = shared;
   float* u = shared + p.max_rank;
@@ -98,22 +99,22 @@ __global__ void __launch_bounds__(kThreads) pool_grads_simple_kernel(PoolGradPar
 template <typename T>
 cudaError_t launch_typed_shrink_expand(const ShrinkExpandParams& p, cudaStream_t stream) {
   const size_t smem = sizeof(float) * static_cast<size_t>(p.max_rank);
-  shrink_expand_simple_kernel<T><<<static_cast<unsigned>(p.num_tokens), kThreads, smem, stream>>>(p);
+  shrink_expand_fallback_kernel<T><<<static_cast<unsigned>(p.num_tokens), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_typed_pool_grads(const PoolGradParams& p, cudaStream_t stream) {
   const size_t smem = 2 * sizeof(float) * static_cast<size_t>(p.max_rank);
-  pool_grads_simple_kernel<T><<<static_cast<unsigned>(p.num_tokens), kThreads, smem, stream>>>(p);
+  pool_grads_fallback_kernel<T><<<static_cast<unsigned>(p.num_tokens), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t launch_shrink_expand_simple(const ShrinkExpandParams& p, DType dtype, cudaStream_t stream) {
+cudaError_t launch_shrink_expand_fallback(const ShrinkExpandParams& p, DType dtype, cudaStream_t stream) {
   if (p.num_tokens == 0 || p.num_slots == 0 || p.max_rank == 0) return cudaSuccess;
-  if (p.max_rank > kSimpleMaxRank) return cudaErrorInvalidValue;
+  if (p.max_rank > kFallbackMaxRank) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat16: return launch_typed_shrink_expand<__half>(p, stream);
     case DType::kBFloat16: return launch_typed_shrink_expand<__nv_bfloat16>(p, stream);
@@ -122,9 +123,9 @@ cudaError_t launch_shrink_expand_simple(const ShrinkExpandParams& p, DType dtype
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_pool_grads_simple(const PoolGradParams& p, DType dtype, cudaStream_t stream) {
+cudaError_t launch_pool_grads_fallback(const PoolGradParams& p, DType dtype, cudaStream_t stream) {
   if (p.num_tokens == 0 || p.num_slots == 0 || p.max_rank == 0) return cudaSuccess;
-  if (p.max_rank > kSimpleMaxRank) return cudaErrorInvalidValue;
+  if (p.max_rank > kFallbackMaxRank) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat16: return launch_typed_pool_grads<__half>(p, stream);
     case DType::kBFloat16: return launch_typed_pool_grads<__nv_bfloat16>(p, stream);
