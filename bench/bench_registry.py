@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from minlora.adapter import Adapter, LoraWeights
+from minlora.formats import Adapter, LoraWeights
 from minlora.registry import Gate, Registry
 
 

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import minlora
-    from minlora.patch import target_shapes
+    from minlora.targets import target_shapes
 
     if args.adapters < 1:
         raise SystemExit("--adapters must be at least 1")

@@ -6,13 +6,14 @@ a_pages, b_pages [S, R] int32; ranks [S] int32; scales [S] float32; token_slot [
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .plan import BatchPlan
 
-__all__ = ["lora", "lora_add_", "lora_backward"]
+__all__ = ["ModuleTables", "lora", "lora_add_", "lora_backward"]
 
 _ops = torch.ops.minlora
 Tensor = torch.Tensor
@@ -20,6 +21,27 @@ Tensor = torch.Tensor
 
 def _plan_tensors(plan: Optional[BatchPlan]) -> tuple[Optional[Tensor], Optional[Tensor]]:
     return (plan.order, plan.seg_offsets) if plan is not None else (None, None)
+
+
+# ---------------------------------------------------------------- the op's argument bundle
+
+@dataclass(frozen=True)
+class ModuleTables:
+    """The op arguments of one target module for one step (DESIGN.md, "The op contract").
+
+    a_pool:  [Pa, in]  the shared pool of row length `in` (A rows)
+    b_pool:  [Pb, out] the shared pool of row length `out` (B columns)
+    a_pages: [S, R] int32, b_pages: [S, R] int32 (entries past ranks[s] are 0 and ignored)
+    ranks:   [S] int32, 0 for a slot whose adapter does not target this module
+    scales:  [S] float32
+    """
+
+    a_pool: Tensor
+    b_pool: Tensor
+    a_pages: Tensor
+    b_pages: Tensor
+    ranks: Tensor
+    scales: Tensor
 
 
 def lora(

@@ -91,15 +91,16 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from . import _C
-from .adapter import Adapter, LoraWeights
-from .adapter_file import load_adapter_file, save_adapter_file
+from .formats.adapter import Adapter, LoraWeights, check_adapter
+from .formats.load import load_adapter
+from .formats.native import load_adapter_file, save_adapter_file
+from .ops import ModuleTables
 from .plan import BatchPlan, build_plan
 
 __all__ = [
@@ -127,31 +128,6 @@ class PoolExhaustedError(RuntimeError):
 
 class AdapterLoadError(RuntimeError):
     """Materialising an adapter from its source failed; `__cause__` is the original error."""
-
-
-@dataclass(frozen=True)
-class ModuleTables:
-    """The op arguments of one target module for one step (DESIGN.md, "The op contract").
-
-    a_pool:  [Pa, in]  the shared pool of row length `in` (A rows)
-    b_pool:  [Pb, out] the shared pool of row length `out` (B columns)
-    a_pages: [S, R] int32, b_pages: [S, R] int32 (entries past ranks[s] are 0 and ignored)
-    ranks:   [S] int32, 0 for a slot whose adapter does not target this module
-    scales:  [S] float32
-    """
-
-    a_pool: torch.Tensor
-    b_pool: torch.Tensor
-    a_pages: torch.Tensor
-    b_pages: torch.Tensor
-    ranks: torch.Tensor
-    scales: torch.Tensor
-
-
-# ----------------------------------------------------------------------------- files
-
-
-# save_adapter_file / load_adapter_file: minlora/adapter_file.py (the format the registry stores too).
 
 
 # ----------------------------------------------------------------------------- internals
@@ -410,26 +386,19 @@ class AdapterPool:
     # ------------------------------------------------------------------ registration
 
     def _check_adapter(self, adapter: Adapter, what: str) -> None:
-        if not isinstance(adapter, Adapter):
-            raise TypeError(f"{what} must be a minlora.adapter.Adapter, got {type(adapter).__name__}")
+        check_adapter(adapter, what)
         for name, w in adapter.modules.items():
             if name not in self._index:
                 raise ValueError(
                     f"{what} targets module {name!r}, which this pool does not know "
                     f"(it has {len(self.module_names)} modules, e.g. {self.module_names[:3]})"
                 )
-            if not isinstance(w, LoraWeights):
-                raise TypeError(f"{what}: modules[{name!r}] must be LoraWeights, got {type(w).__name__}")
             fin, fout = self._features[self._index[name]]
             if w.a.shape[1] != fin or w.b.shape[0] != fout:
                 raise ValueError(
                     f"{what}: module {name!r} has a {tuple(w.a.shape)} and b {tuple(w.b.shape)}, "
                     f"expected a [r, {fin}] and b [{fout}, r]"
                 )
-            if not (w.a.is_floating_point() and w.b.is_floating_point()):
-                raise TypeError(f"{what}: module {name!r} weights must be floating point, got {w.a.dtype}/{w.b.dtype}")
-            if not math.isfinite(float(w.scale)):
-                raise ValueError(f"{what}: module {name!r} has a non-finite scale {w.scale}")
 
     def register(self, adapter_id: str, source: Source) -> None:
         """Registers an adapter (metadata only, O(1)): an `Adapter`, a callable returning one,
@@ -601,12 +570,7 @@ class AdapterPool:
     def _materialise(self, source: Any) -> _HostCopy:
         """Runs on a fetch worker: source -> Adapter -> host copy in page layout."""
         if isinstance(source, str):
-            if os.path.isdir(source):
-                from . import peft_io  # the PEFT reader (minlora/peft_io.py)
-
-                adapter = peft_io.load_peft(source)
-            else:
-                adapter = load_adapter_file(source)
+            adapter = load_adapter(source)
         elif isinstance(source, Adapter):
             adapter = source
         else:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from minlora.adapter import Adapter, LoraWeights
+from minlora.formats import Adapter, LoraWeights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from minlora.adapter import Adapter, LoraWeights
+from minlora.formats import Adapter, LoraWeights
 from minlora.registry import Registry
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import minlora
-from minlora.patch import PatchedLayer, is_patched, target_shapes
+from minlora.patching import PatchedLayer, is_patched
 from minlora.pool import AdapterPool
+from minlora.targets import target_shapes
 from test_patch_fixtures import VOCAB, build_family, peft_reference, rel_err
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
@@ -26,7 +27,7 @@ class Setup:
         self.model = copy.deepcopy(fam.model)
         self.pool = AdapterPool(target_shapes(self.model, list(fam.dirs.values())), capacity_bytes=1 << 24)
         for aid, path in fam.dirs.items():
-            self.pool.register(aid, path)  # PEFT directories, read by minlora.peft_io
+            self.pool.register(aid, path)  # PEFT directories, read by minlora.formats.peft
         minlora.patch(self.model, self.pool)
 
 
@@ -227,3 +228,34 @@ def test_plan_built_once_per_forward(setups):
     assert len(adds) == 2 * layers
     assert all(e.input_shapes[-2] and e.input_shapes[-1] for e in adds), "a layer ran without the step's plan"
     assert "minlora::lora_forward" not in counts
+
+
+def test_patch_layer_imports_neither_the_pool_nor_adapter_files():
+    """The patch reaches a pool only through its protocol and PEFT only through the targeting
+    rules; `minlora.patch` is the function and the module has its own name."""
+    import ast
+    import pathlib
+
+    import minlora.patching
+
+    allowed = {"minlora.ops", "minlora.plan", "minlora.formats.targeting"}
+    for path in pathlib.Path(minlora.patching.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = "minlora" if node.level == 2 else "minlora.patching"
+                name = f"{base}.{node.module}" if node.module else base
+                names = [name] + [f"{name}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name.startswith("minlora") and not name.startswith("minlora.patching"):
+                    ok = name == "minlora" or any(name == a or name.startswith(a + ".") for a in allowed)
+                    assert ok, f"{path.name} imports {name}"
+    assert callable(minlora.patch) and minlora.patch is minlora.patching.patch
+    from minlora.targets import target_shapes
+
+    assert target_shapes is minlora.target_shapes

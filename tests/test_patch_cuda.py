@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import minlora
-from minlora.patch import target_shapes
+from minlora.targets import target_shapes
 from minlora.pool import AdapterPool
 from test_patch_fixtures import VOCAB, build_family, peft_reference, rel_err
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minlora
-from minlora.patch import target_shapes
+from minlora.targets import target_shapes
 from minlora.pool import AdapterPool
 from test_patch_fixtures import VOCAB, Family, make_peft_adapter, peft_reference, rel_err
 

@@ -1,4 +1,4 @@
-"""minlora.peft_io against PEFT itself: what PEFT builds from a directory is what load_peft reads,
+"""minlora.formats.peft against PEFT itself: what PEFT builds from a directory is what load_peft reads,
 save_peft writes what PEFT loads, and unsupported variants are refused by name."""
 from __future__ import annotations
 
@@ -10,15 +10,9 @@ import warnings
 import pytest
 import torch
 
-from minlora.adapter import Adapter, LoraWeights
-from minlora.peft_io import (
-    UnsupportedAdapterError,
-    load_peft,
-    module_scale,
-    read_config,
-    save_peft,
-    targets_module,
-)
+from minlora.formats import Adapter, LoraWeights
+from minlora.formats.peft import UnsupportedAdapterError, load_peft, read_config, save_peft
+from minlora.formats.targeting import module_scale, targets_module
 from test_patch_fixtures import build_family, make_peft_adapter, rel_err, tiny_model
 
 FAMILIES = ["llama", "qwen2", "gpt2"]

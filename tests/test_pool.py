@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from minlora.adapter import Adapter, LoraWeights
+from minlora.formats import Adapter, LoraWeights
 from minlora.pool import (
     AdapterLoadError,
     AdapterPool,
@@ -264,7 +264,7 @@ def test_file_sources_and_spill_to_disk(tmp_path):
 
 
 def test_peft_directory_source(tmp_path):
-    peft_io = pytest.importorskip("minlora.peft_io")
+    peft_io = pytest.importorskip("minlora.formats.peft")
     ad = make_adapter(60, subset=False)
     d = tmp_path / "peft"
     try:

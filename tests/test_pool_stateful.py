@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from minlora.adapter import Adapter
+from minlora.formats import Adapter
 from minlora.pool import AdapterPool, PoolExhaustedError
 from test_pool_support import MODULES, assert_bit_exact, check_step_against_reference, make_adapter
 

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 
 import minlora
-from minlora.adapter import Adapter, LoraWeights
+from minlora.formats import Adapter, LoraWeights
 from minlora.pool import AdapterPool, Step
 from minlora.reference import lora_forward_ref
 

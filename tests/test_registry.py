@@ -22,7 +22,8 @@ from registry_fixtures import (  # noqa: F401  (fixtures)
     registry_location,
 )
 
-from minlora.adapter import Adapter, LoraWeights
+from minlora.formats import Adapter, LoraWeights
+from minlora.formats import native as content
 from minlora.registry import (
     AdapterNotFoundError,
     Gate,
@@ -32,7 +33,6 @@ from minlora.registry import (
     RegistryError,
     RevisionNotFoundError,
     TagExistsError,
-    content,
     fingerprint_base_model,
     migrate,
     normalize_adapter_id,
@@ -538,24 +538,21 @@ def test_postgres_tests_skip_without_server_but_fail_under_ci(tmp_path, monkeypa
         assert require_postgres_bindir()  # under CI the real binaries are there
 
 
-def test_peft_seam_uses_the_reader_and_the_fallback_interoperates(tmp_path):
-    """Import/export go through minlora.peft_io when it exists; the built-in fallback writes
-    directories that the real reader loads identically (and reads its own)."""
-    from minlora.registry import peft_bridge
+def test_peft_export_is_read_back_by_the_one_reader(reg, tmp_path):
+    """Export writes a directory (mixed ranks: rank_pattern) that minlora.formats' reader loads
+    identically, and importing it back gives the same weights."""
+    from minlora.formats import load_adapter, load_peft
 
-    has_reader = os.path.exists(os.path.join(os.path.dirname(content.__file__), "..", "peft_io.py"))
-    assert peft_bridge.using_peft_io() == has_reader
     x = make_adapter(6, rank=3, scale=0.25, config={"r": 3, "lora_alpha": 0.75, "peft_type": "LORA"})
     x.modules["layers.1.q_proj"] = LoraWeights(torch.randn(1, 16), torch.randn(16, 1), 2.0)  # another rank
-    peft_bridge._fallback_write(x, str(tmp_path / "fb"))
-    readers = [peft_bridge._fallback_read]
-    if has_reader:
-        from minlora.peft_io import load_peft
-
-        readers.append(load_peft)
-    for read in readers:
+    reg.commit("x", x)
+    reg.export_peft("x", str(tmp_path / "fb"))
+    for read in (load_peft, load_adapter):
         y = read(str(tmp_path / "fb"))
         assert sorted(y.modules) == sorted(x.modules)
         for name, w in x.modules.items():
             assert torch.equal(y.modules[name].a, w.a) and torch.equal(y.modules[name].b, w.b)
             assert y.modules[name].scale == pytest.approx(w.scale), (read, name)
+    z = reg.load("x2", reg.import_peft(str(tmp_path / "fb"), "x2").number)
+    assert sorted(z.modules) == sorted(x.modules)
+    assert all(torch.equal(z.modules[n].a, w.a) and torch.equal(z.modules[n].b, w.b) for n, w in x.modules.items())

@@ -19,7 +19,8 @@ from registry_fixtures import (  # noqa: F401  (fixtures)
 )
 
 from minlora.cli import main
-from minlora.registry import Registry, content
+from minlora.formats import native as content
+from minlora.registry import Registry
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,7 @@ adapter.  All three run in one process on the same weights; the figures are medi
 times and their ratios to the base model (the target: patched <= 1.3x base).
 
 The adapters are made by PEFT (init_lora_weights=False, so B is not zero), saved with
-save_pretrained, and read by the pool through minlora.peft_io, the path a user takes.
+save_pretrained, and read by the pool through minlora.formats (load_adapter), the path a user takes.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _build(cfg: ModelBenchConfig, workdir: str):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..patch import target_shapes
+    from ..targets import target_shapes
     from ..pool import AdapterPool
 
     dtype = getattr(torch, cfg.dtype)

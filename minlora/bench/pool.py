@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter import Adapter, LoraWeights
+from ..formats import Adapter, LoraWeights
 from ..pool import AdapterPool
 
 __all__ = ["run_pool_bench", "SeedSource", "synthetic_modules"]

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from ..formats.atomic import TMP_MARK, write_atomic
+
 __all__ = ["BlobFile", "BlobStore"]
 
 _SUFFIX = ".safetensors"
-_TMP_MARK = ".tmp-"
+_TMP_MARK = TMP_MARK  # temporary files of write_atomic, which gc removes when stale
 
 
 @dataclass
@@ -66,29 +67,8 @@ class BlobStore:
 
     @staticmethod
     def _put_local(final: str, data: bytes) -> None:
-        directory = os.path.dirname(final)
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{final}{_TMP_MARK}{uuid.uuid4().hex}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        # os.replace is atomic on POSIX: readers see the old name, or the whole new file.
-        os.replace(tmp, final)
-        # fsync the directory so the rename itself survives a power cut.
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        write_atomic(final, data)
 
     def get(self, content_hash: str) -> bytes:
         """The blob's bytes. Raises FileNotFoundError when it is absent."""

@@ -217,26 +217,17 @@ def _commit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _read_weights(path: str) -> Any:
-    from . import content, peft_bridge
+    from ..formats.load import load_adapter
 
-    if os.path.isdir(path):
-        return peft_bridge.read_peft(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return content.deserialize(data)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a PEFT directory nor a minlora adapter file ({exc})") from None
+    return load_adapter(path)
 
 
 # ---------------------------------------------------------------------- commands
 
 
 def _import(reg: Any, args: argparse.Namespace) -> int:
-    from . import peft_bridge
-
     adapter_id = args.adapter or os.path.basename(os.path.normpath(args.path))
-    rev = reg.commit(adapter_id, peft_bridge.read_peft(args.path), **_commit_kwargs(args))
+    rev = reg.import_peft(args.path, adapter_id, **_commit_kwargs(args))
     _emit(args, rev.to_dict(), f"{rev.adapter_id} revision {rev.number} ({rev.content_hash[:12]})")
     return 0
 
@@ -248,15 +239,13 @@ def _commit(reg: Any, args: argparse.Namespace) -> int:
 
 
 def _export(reg: Any, args: argparse.Namespace) -> int:
-    from . import content
+    from ..formats.native import save_adapter_file
 
     if args.format == "peft":
         rev = reg.export_peft(args.adapter, args.path, args.rev)
     else:
         rev = reg.show(args.adapter, args.rev)
-        data = content.serialize(reg.load(args.adapter, rev.number))
-        with open(args.path, "wb") as f:
-            f.write(data)
+        save_adapter_file(reg.load(args.adapter, rev.number), args.path)
     _emit(
         args,
         {"path": args.path, **rev.to_dict()},

@@ -26,8 +26,11 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
-from ..adapter import Adapter, LoraWeights
-from . import content, migrate, peft_bridge
+from ..formats import native as content
+from ..formats.adapter import Adapter, LoraWeights
+from ..formats.load import load_adapter
+from ..formats.peft import save_peft
+from . import migrate
 from . import schema as S
 from .blobs import BlobStore
 from .db import make_engine, run_transaction
@@ -1195,13 +1198,14 @@ class Registry:
     # ------------------------------------------------------------------ PEFT
 
     def import_peft(self, path: str, adapter_id: str, **commit_kwargs: Any) -> Revision:
-        """Commit the PEFT adapter directory `path` as a new revision of `adapter_id`."""
-        return self.commit(adapter_id, peft_bridge.read_peft(path), **commit_kwargs)
+        """Commit the PEFT adapter directory `path` (or a minlora adapter file: whatever
+        `minlora.formats.load_adapter` reads) as a new revision of `adapter_id`."""
+        return self.commit(adapter_id, load_adapter(path), **commit_kwargs)
 
     def export_peft(self, adapter_id: str, path: str, rev: RevRef = "head") -> Revision:
         """Write a (verified) revision as a PEFT adapter directory."""
         info = self.show(adapter_id, rev)
-        peft_bridge.write_peft(self._load_blob(info.adapter_id, info.number, info.content_hash), path)
+        save_peft(self._load_blob(info.adapter_id, info.number, info.content_hash), path)
         return info
 
     # ------------------------------------------------------------------ maintenance

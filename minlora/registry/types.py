@@ -25,7 +25,7 @@ class Revision:
 
     adapter_id: str
     number: int  # 1, 2, 3, ... per adapter
-    content_hash: str  # sha256 of the canonical serialisation (minlora.registry.content)
+    content_hash: str  # sha256 of the canonical serialisation (minlora.formats.native.content_hash)
     parent: int | None  # the parent revision's number (same adapter), None for a root
     message: str
     author: str

@@ -1,14 +1,24 @@
-"""minlora's own adapter file: one safetensors file holding a whole Adapter.
+"""minlora's own adapter file: one safetensors file holding a whole Adapter, and its content hash.
 
 Tensors "<module>.lora_A" [r, in] and "<module>.lora_B" [out, r]; metadata: the format name,
 the canonical config and the per-module scales (all JSON).  The registry stores revisions in
 this form (content-addressed) and the AdapterPool spills to it and registers from it, so a
 file written by either is read by both.
+
+The content hash is defined over a canonical serialisation that we own, not over the bytes
+of a safetensors file: a future safetensors version may order or pad its header
+differently, and the same weights must keep the same hash.  The canonical form is
+
+    b"minlora-adapter-v1\\0" + len(header) (8 bytes LE) + header + tensor bytes
+
+where `header` is compact, key-sorted JSON of the config and, for each module in sorted
+order, the dtype and shape of A and B and the scale; the tensor bytes follow in the same
+order (A then B per module), as little-endian row-major data.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
 import struct
 from typing import Any, Union
@@ -17,9 +27,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .adapter import Adapter, LoraWeights
+from .adapter import Adapter, LoraWeights, check_adapter
+from .atomic import write_atomic
 
-__all__ = ["FORMAT", "canonical_config", "canonical_json", "check_adapter", "deserialize", "load_adapter_file",
+__all__ = ["FORMAT", "canonical_config", "canonical_json", "content_hash", "deserialize", "load_adapter_file",
            "save_adapter_file", "serialize"]
 
 FORMAT = "minlora-adapter-v1"
@@ -46,22 +57,6 @@ def canonical_config(config: Any) -> dict[str, Any]:
 
 def tensor_cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
-
-
-def check_adapter(adapter: Adapter) -> None:
-    if not isinstance(adapter, Adapter):
-        raise TypeError(f"weights must be a minlora.adapter.Adapter, got {type(adapter).__name__}")
-    if not adapter.modules:
-        raise ValueError("an adapter must have at least one module")
-    for name, w in adapter.modules.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"module names must be non-empty strings, got {name!r}")
-        if not isinstance(w, LoraWeights):
-            raise TypeError(f"module {name!r}: expected LoraWeights, got {type(w).__name__}")
-        if not math.isfinite(float(w.scale)):
-            raise ValueError(f"module {name!r}: scale {w.scale!r} is not finite")
-        if w.a.dtype != w.b.dtype:
-            raise ValueError(f"module {name!r}: a is {w.a.dtype} but b is {w.b.dtype}")
 
 
 def serialize(adapter: Adapter) -> bytes:
@@ -117,13 +112,7 @@ def deserialize(data: bytes) -> Adapter:
 
 def save_adapter_file(adapter: Adapter, path: Union[str, "os.PathLike[str]"]) -> None:
     """Writes `adapter` to `path` atomically (readers never see half a file)."""
-    data = serialize(adapter)
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, serialize(adapter))
 
 
 def load_adapter_file(path: Union[str, "os.PathLike[str]"]) -> Adapter:
@@ -135,5 +124,41 @@ def load_adapter_file(path: Union[str, "os.PathLike[str]"]) -> Adapter:
         return deserialize(data)
     except ValueError as exc:
         raise ValueError(
-            f"{path!r} is not a minlora adapter file ({exc}); a PEFT adapter is a directory: register the directory"
+            f"{path!r}: not a minlora adapter file ({exc}), and not a PEFT directory "
+            "(a PEFT adapter is the directory holding adapter_config.json)"
         ) from None
+
+
+# ----------------------------------------------------------------------------- content hash
+
+_MAGIC = FORMAT.encode() + b"\0"
+
+
+def _hash_header(adapter: Adapter, config: dict[str, Any]) -> bytes:
+    modules = {}
+    for name in sorted(adapter.modules):
+        w = adapter.modules[name]
+        modules[name] = {
+            "a": [str(w.a.dtype).removeprefix("torch."), list(w.a.shape)],
+            "b": [str(w.b.dtype).removeprefix("torch."), list(w.b.shape)],
+            "scale": float(w.scale),
+        }
+    return canonical_json({"config": config, "modules": modules}).encode()
+
+
+def content_hash(adapter: Adapter) -> str:
+    """sha256 (hex) of the canonical serialisation of the adapter's tensors, scales and config."""
+    check_adapter(adapter)
+    config = canonical_config(adapter.config)
+    header = _hash_header(adapter, config)
+    h = hashlib.sha256()
+    h.update(_MAGIC)
+    h.update(struct.pack("<Q", len(header)))
+    h.update(header)
+    for name in sorted(adapter.modules):
+        w = adapter.modules[name]
+        for t in (w.a, w.b):
+            # Raw bytes via a uint8 view: works for bfloat16, which numpy cannot represent.
+            # x86 and ARM are little-endian, which is what the canonical form specifies.
+            h.update(tensor_cpu(t).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

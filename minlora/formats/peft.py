@@ -19,9 +19,12 @@ from collections import Counter
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 
-from .adapter import Adapter, LoraWeights
+from .adapter import Adapter, LoraWeights, check_adapter
+from .atomic import write_atomic
+from .targeting import module_rank, module_scale, targets_module
 
 __all__ = [
     "CONFIG_NAME",
@@ -29,10 +32,8 @@ __all__ = [
     "UnsupportedAdapterError",
     "check_supported",
     "load_peft",
-    "module_scale",
     "read_config",
     "save_peft",
-    "targets_module",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -93,80 +94,6 @@ def read_config(path: PathLike) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ValueError(f"{CONFIG_NAME} must hold a JSON object")
     return config
-
-
-def _as_list(v: Any) -> list:
-    return [v] if isinstance(v, (str, int)) else list(v)
-
-
-def _layer_index(config: Mapping[str, Any], name: str) -> Optional[int]:
-    """The layer number in `name` the way PEFT finds it: the first number after `layers_pattern`
-    (or after any second-level component when no pattern is given)."""
-    patterns = config.get("layers_pattern")
-    if not patterns:
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        m = None
-        for p in _as_list(patterns):
-            m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
-            if m:
-                break
-    return int(m.group("idx")) if m else None
-
-
-def targets_module(config: Mapping[str, Any], name: str) -> bool:
-    """Whether PEFT would put this adapter on the module called `name` (its full name in the model).
-
-    target_modules: a list matches a name exactly or as a dotted suffix; a string is a regex that
-    must match the whole name.  exclude_modules wins over target_modules (same two forms).
-    layers_to_transform / layers_pattern restrict list targets to the given layer numbers.
-    """
-    exclude = config.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, name):
-                return False
-        elif name in exclude or any(name.endswith("." + e) for e in exclude):
-            return False
-    targets = config.get("target_modules")
-    if targets is None:
-        return False
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    if name in targets:
-        # An exact name is taken as given, even with layers_to_transform (PEFT does the same).
-        return True
-    if not any(name.endswith("." + t) for t in targets):
-        return False
-    layers = config.get("layers_to_transform")
-    if layers is None or (isinstance(layers, list) and not layers):
-        return True
-    idx = _layer_index(config, name)
-    return idx is not None and idx in _as_list(layers)
-
-
-def _pattern_value(patterns: Optional[Mapping[str, Any]], name: str, default: Any) -> Any:
-    # PEFT's rule: the first pattern key that matches a dotted suffix of the name, as a regex.
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def module_rank(config: Mapping[str, Any], name: str) -> int:
-    """r for this module: `rank_pattern` if a key matches, else `r`."""
-    return int(_pattern_value(config.get("rank_pattern"), name, config.get("r", 8)))
-
-
-def module_scale(config: Mapping[str, Any], name: str, rank: Optional[int] = None) -> float:
-    """The final scale of this module: alpha / r, or alpha / sqrt(r) with use_rslora.
-
-    alpha comes from `alpha_pattern` if a key matches, else `lora_alpha`; r from `rank`
-    (the stored tensors' rank) or the config.
-    """
-    r = module_rank(config, name) if rank is None else rank
-    alpha = float(_pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
-    return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
 
 
 # Tensor name parts that mark a variant, checked over the whole file first so the refusal names
@@ -266,7 +193,9 @@ def load_peft(
         modules[module] = LoraWeights(a=a.contiguous(), b=b.contiguous(), scale=scale)
     if not modules:
         raise ValueError(f"{weights_file!r} holds no LoRA weights")
-    return Adapter(modules=modules, config=config)
+    adapter = Adapter(modules=modules, config=config)
+    check_adapter(adapter, repr(weights_file))
+    return adapter
 
 
 def _round_alpha(alpha: float) -> Union[int, float]:
@@ -277,6 +206,13 @@ def _round_alpha(alpha: float) -> Union[int, float]:
 
 # Fields of the source config that describe the model and task, not the weights; kept on write.
 _KEPT_FIELDS = ("base_model_name_or_path", "task_type", "revision", "auto_mapping", "fan_in_fan_out")
+# Fields every written config sets the same way: targets are full names, and none of the refused
+# variants is on.
+_WRITTEN_FIXED: dict[str, Any] = {
+    "peft_type": "LORA", "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
+    "lora_dropout": 0.0, "bias": "none", "use_dora": False, "lora_bias": False, "modules_to_save": None,
+    "init_lora_weights": True, "inference_mode": True,
+}
 
 
 def save_peft(adapter: Adapter, path: PathLike, *, config: Optional[Mapping[str, Any]] = None) -> None:
@@ -287,9 +223,8 @@ def save_peft(adapter: Adapter, path: PathLike, *, config: Optional[Mapping[str,
     (default: `adapter.config`) supplies use_rslora and the descriptive fields (base model name,
     task type, fan_in_fan_out for Conv1D models).
     """
+    check_adapter(adapter)
     source = dict(adapter.config if config is None else config)
-    if not adapter.modules:
-        raise ValueError("the adapter has no modules")
     rslora = bool(source.get("use_rslora", False))
     names = sorted(adapter.modules)
 
@@ -310,25 +245,9 @@ def save_peft(adapter: Adapter, path: PathLike, *, config: Optional[Mapping[str,
             alpha_pattern[key] = alpha
 
     out: dict[str, Any] = {k: source[k] for k in _KEPT_FIELDS if k in source}
-    out.update(
-        peft_type="LORA",
-        r=r,
-        lora_alpha=lora_alpha,
-        use_rslora=rslora,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-        target_modules=names,
-        exclude_modules=None,
-        layers_to_transform=None,
-        layers_pattern=None,
-        lora_dropout=0.0,
-        bias="none",
-        use_dora=False,
-        lora_bias=False,
-        modules_to_save=None,
-        init_lora_weights=True,
-        inference_mode=True,
-    )
+    out.update(_WRITTEN_FIXED)
+    out.update(r=r, lora_alpha=lora_alpha, use_rslora=rslora, rank_pattern=rank_pattern,
+               alpha_pattern=alpha_pattern, target_modules=names)
     out.setdefault("fan_in_fan_out", False)
 
     tensors: dict[str, torch.Tensor] = {}
@@ -338,11 +257,7 @@ def save_peft(adapter: Adapter, path: PathLike, *, config: Optional[Mapping[str,
         tensors[f"{_KEY_PREFIX}{n}.lora_B.weight"] = w.b.detach().to("cpu").contiguous()
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=2, sort_keys=True)
-
-
-def target_names(adapters: Iterable[Adapter]) -> list[str]:
-    """The union of the module names the adapters hold, sorted."""
-    return sorted({n for a in adapters for n in a.modules})
+    # Each file is replaced whole; the weights go first, so a reader that finds the new
+    # config also finds the weights it describes.
+    write_atomic(os.path.join(path, WEIGHTS_NAME), st_save(tensors, metadata={"format": "pt"}))
+    write_atomic(os.path.join(path, CONFIG_NAME), json.dumps(out, indent=2, sort_keys=True).encode())

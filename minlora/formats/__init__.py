@@ -1,0 +1,59 @@
+"""The one home of adapter I/O: the in-memory adapter, minlora's own file, PEFT read/write and
+PEFT's targeting rules.
+
+    adapter.py    Adapter, LoraWeights and check_adapter (the one validation of an adapter)
+    native.py     minlora's safetensors file: serialize / deserialize / save / load, content hash
+    peft.py       PEFT LoRA directories: read_config, check_supported, load_peft, save_peft
+    targeting.py  PEFT's rules on module names: target_modules, exclude_modules, layers, patterns
+    load.py       load_adapter(path): a file or a PEFT directory, whichever `path` is
+    atomic.py     write_atomic: the file writer every format (and the registry's blobs) uses
+
+Names are imported on first use (PEP 562), so `from minlora.formats.targeting import ...`
+loads neither safetensors nor the file readers.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_NAMES = {
+    "Adapter": "adapter",
+    "LoraWeights": "adapter",
+    "check_adapter": "adapter",
+    "FORMAT": "native",
+    "canonical_config": "native",
+    "canonical_json": "native",
+    "content_hash": "native",
+    "deserialize": "native",
+    "load_adapter_file": "native",
+    "save_adapter_file": "native",
+    "serialize": "native",
+    "CONFIG_NAME": "peft",
+    "WEIGHTS_NAME": "peft",
+    "UnsupportedAdapterError": "peft",
+    "check_supported": "peft",
+    "load_peft": "peft",
+    "read_config": "peft",
+    "save_peft": "peft",
+    "module_rank": "targeting",
+    "module_scale": "targeting",
+    "select_modules": "targeting",
+    "targets_module": "targeting",
+    "load_adapter": "load",
+    "write_atomic": "atomic",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    module = _NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_NAMES))

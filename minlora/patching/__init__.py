@@ -1,0 +1,13 @@
+"""Drop-in patching of HuggingFace / torch models (see model.py): `patch`, `unpatch`, `adapters`.
+
+The patch talks to a pool only through the `PoolLike` / `StepLike` protocols and knows nothing
+about adapter files; which of a model's layers a set of PEFT adapters needs is
+`minlora.targets.target_shapes`.
+"""
+from __future__ import annotations
+
+from .layers import PatchedLayer, linear_shape
+from .model import adapters, is_patched, patch, unpatch
+from .protocol import PoolLike, StepLike
+
+__all__ = ["PatchedLayer", "PoolLike", "StepLike", "adapters", "is_patched", "linear_shape", "patch", "unpatch"]

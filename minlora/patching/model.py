@@ -1,0 +1,208 @@
+"""Drop-in patching of HuggingFace / torch models: every batch row may use its own adapter.
+
+    pool = AdapterPool(minlora.target_shapes(model, ["alice/", "bob/"]), capacity_bytes=2**28)
+    pool.register("alice", "alice/"); pool.register("bob", "bob/")
+    minlora.patch(model, pool)
+    with minlora.adapters(model, ["alice", None, "bob"]):
+        logits = model(input_ids).logits          # row 1 runs the base model alone
+    model(input_ids, adapters=["bob", "alice", None])   # the same, as a forward keyword
+    minlora.unpatch(model)
+
+How a patched layer works: minlora/patching/layers.py.
+
+Per step (a `with adapters(...)` block, or one forward call with `adapters=`), the pool's
+`prepare` gives each request a slot and each module its page tables; these are fetched once
+per step.  Per forward, the first patched layer to run turns the request slots into per-token
+slots and a BatchPlan (tensor ops only, so torch.compile traces them); every other layer of the
+same forward reuses that plan.  A forward pre-hook on the model drops the plan before each call.
+The pool is reached only through `PoolLike` / `StepLike` (protocol.py).
+
+torch.compile: choose adapters with `adapters(...)` around the compiled call (the keyword form
+calls the pool inside the forward, which a fullgraph trace cannot hold).  Page tables are padded
+to sizes that only grow, so a new assignment of the same batch shape does not recompile.
+
+Not thread-safe: one patched model serves one forward (or generate) at a time.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..formats.targeting import TargetModules, select_modules
+from .layers import PatchedLayer, PatchState, linear_shape, patched_class
+from .protocol import PoolLike, StepLike
+
+__all__ = ["adapters", "is_patched", "patch", "unpatch"]
+
+_STATE = "_minlora_patch_state"
+_FORWARD_KEYWORD = "adapters"
+# PEFT's mixed-batch forward spells "no adapter" this way; accept it so its callers can switch.
+_PEFT_BASE = "__base__"
+
+AdapterIds = Sequence[Optional[str]]
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether `patch` was applied to this model (and not undone)."""
+    return getattr(model, _STATE, None) is not None
+
+
+def patch(model: nn.Module, pool: PoolLike, target_modules: TargetModules = None) -> nn.Module:
+    """Makes the pool's adapters usable per batch row in `model` (in place); returns the model.
+
+    pool: an AdapterPool (or any PoolLike) whose module names are the model's (`model.named_modules()`) and whose
+        (in_features, out_features) match the layers.
+    target_modules: which of the pool's modules to patch; a list matches names exactly or as a
+        dotted suffix, a string is a regex matching the whole name (PEFT's rules).  Default: all of
+        the pool's modules, i.e. the union of what its adapters target.
+    Until a step is chosen (`adapters(...)` or the `adapters=` keyword) the model computes exactly
+    what it did before.
+    """
+    if is_patched(model):
+        raise RuntimeError("minlora: this model is already patched; call minlora.unpatch(model) first")
+    names = list(pool.module_names)
+    chosen = select_modules(names, target_modules)
+    if not chosen:
+        raise ValueError(f"minlora: target_modules={target_modules!r} selects none of the pool's modules")
+    found = dict(model.named_modules())
+    missing = [n for n in chosen if n not in found]
+    if missing:
+        raise ValueError(
+            f"minlora: the model has no module {missing[0]!r} (the pool's names must be the model's, "
+            f"as in model.named_modules(); {len(missing)} missing)"
+        )
+    layers: dict[str, nn.Module] = {}
+    for name in chosen:
+        module = found[name]
+        shape = linear_shape(module)
+        if shape is None:
+            raise TypeError(
+                f"minlora: {name!r} is a {type(module).__name__}; "
+                "only nn.Linear and transformers' Conv1D are patched"
+            )
+        if isinstance(module, PatchedLayer):
+            raise RuntimeError(f"minlora: {name!r} is already patched")
+        layers[name] = module
+
+    state = PatchState(pool=pool, layers=layers)
+    for name, module in layers.items():
+        # Plain attributes (not submodules / buffers): state_dict and parameters stay the model's.
+        module.__dict__["_minlora_name"] = name
+        module.__dict__["_minlora_state"] = state
+        module.__class__ = patched_class(type(module))
+    state.hooks.append(model.register_forward_pre_hook(_pre_forward, with_kwargs=True))
+    state.hooks.append(model.register_forward_hook(_post_forward, with_kwargs=True, always_call=True))
+    generate = getattr(model, "generate", None)
+    if callable(generate):
+        # generate() refuses keywords its model's forward does not declare, so the `adapters=`
+        # keyword is taken here: one step for the whole generation, as with `adapters(...)`.
+        @functools.wraps(generate)
+        def generate_with_adapters(*args: Any, **kwargs: Any) -> Any:
+            if _FORWARD_KEYWORD not in kwargs:
+                return generate(*args, **kwargs)
+            ids = kwargs.pop(_FORWARD_KEYWORD)
+            with adapters(model, [None] * _batch_rows(args, kwargs) if ids is None else ids):
+                return generate(*args, **kwargs)
+
+        model.__dict__["generate"] = generate_with_adapters
+    model.__dict__[_STATE] = state
+    return model
+
+
+def _batch_rows(args: tuple, kwargs: dict) -> int:
+    x = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) else 1
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undoes `patch`: the original layer classes, no hooks; returns the model."""
+    state: Optional[PatchState] = getattr(model, _STATE, None)
+    if state is None:
+        raise RuntimeError("minlora: this model is not patched")
+    for h in state.hooks:
+        h.remove()
+    for _, step, _ in state.keyword_steps:
+        if step is not None:
+            step.release()
+    state.keyword_steps.clear()
+    for module in state.layers.values():
+        module.__class__ = module._minlora_base_class
+        module.__dict__.pop("_minlora_name", None)
+        module.__dict__.pop("_minlora_state", None)
+    state.restore((None, None, 0, {}))
+    model.__dict__.pop("generate", None)
+    del model.__dict__[_STATE]
+    return model
+
+
+def _state_of(model: nn.Module) -> PatchState:
+    # torch.compile's wrapper forwards attributes to the original module.
+    state = getattr(model, _STATE, None)
+    if state is None:
+        orig = getattr(model, "_orig_mod", None)
+        state = getattr(orig, _STATE, None) if orig is not None else None
+    if state is None:
+        raise RuntimeError("minlora: call minlora.patch(model, pool) first")
+    return state
+
+
+def _normalise(adapter_ids: AdapterIds) -> list[Optional[str]]:
+    if isinstance(adapter_ids, str):
+        raise TypeError("minlora: give one adapter id (or None) per batch row, as a list")
+    return [None if a is None or a == _PEFT_BASE else a for a in adapter_ids]
+
+
+@contextlib.contextmanager
+def adapters(model: nn.Module, adapter_ids: AdapterIds, *, wait: bool = True) -> Iterator[StepLike]:
+    """Within the block, batch row i of every forward (and `generate`) uses adapter_ids[i]
+    (None: the base model alone).  Yields the pool's Step.
+
+    wait: block until every adapter is loaded (the default, so every row gets its adapter);
+        with wait=False rows whose adapter is still loading run without it (step.ready says which).
+    """
+    state = _state_of(model)
+    step = state.pool.prepare(_normalise(adapter_ids), wait=wait)
+    previous = state.snapshot()
+    try:
+        state.activate(step)
+        yield step
+    finally:
+        state.restore(previous)
+        step.release()
+
+
+def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    state: PatchState = module.__dict__[_STATE]
+    # The post-hook runs even when this hook or the forward raises (always_call), so count first.
+    state.depth = depth = state.depth + 1
+    if _FORWARD_KEYWORD in kwargs:
+        kwargs = dict(kwargs)
+        ids = kwargs.pop(_FORWARD_KEYWORD)
+        # Keyword steps stack like nested `with` blocks; the post-hook of the same call (same
+        # depth: forward hooks see the kwargs after this hook removed the keyword) closes it.
+        previous = state.snapshot()
+        if ids is None:
+            state.keyword_steps.append((depth, None, previous))
+            state.restore((None, None, 0, {}))
+        else:
+            step = state.pool.prepare(_normalise(ids), wait=True)
+            state.keyword_steps.append((depth, step, previous))
+            state.activate(step)
+    # A new forward: the plan is rebuilt for its shape by the first patched layer.
+    state.plans = {}
+    return args, kwargs
+
+
+def _post_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    state: PatchState = module.__dict__[_STATE]
+    if state.keyword_steps and state.keyword_steps[-1][0] == state.depth:
+        _, step, previous = state.keyword_steps.pop()
+        state.restore(previous)
+        if step is not None:
+            step.release()
+    state.depth -= 1
+    return output

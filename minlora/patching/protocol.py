@@ -1,0 +1,44 @@
+"""What a patched model needs from a pool and from one of its steps: nothing about tiers,
+files or allocation, so any pool that hands out page tables can drive a patched model."""
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+from ..ops import ModuleTables
+
+__all__ = ["PoolLike", "StepLike"]
+
+
+class StepLike(Protocol):
+    """One step: a slot per request and, per module, the op's arguments for those slots."""
+
+    @property
+    def num_slots(self) -> int:
+        """S: the slots the page tables cover (the same for every module of the step)."""
+
+    @property
+    def request_slot(self) -> torch.Tensor:
+        """[B] int32: the slot of each request, -1 = no adapter."""
+
+    def tables(self, module: str) -> ModuleTables:
+        """The pools and [S, R] page tables of `module` for this step."""
+
+    def release(self) -> None:
+        """The step is over: its adapters may be evicted and its tables reused."""
+
+
+class PoolLike(Protocol):
+    """A source of steps over a fixed set of modules (the model's names, as in named_modules())."""
+
+    @property
+    def module_names(self) -> Sequence[str]:
+        """Every module the pool holds adapters for."""
+
+    @property
+    def max_slots(self) -> int:
+        """The most distinct adapters one step may use."""
+
+    def prepare(self, adapter_ids: Sequence[Optional[str]], *, wait: bool = False) -> StepLike:
+        """A step with one entry per request (an adapter id, or None for the base model)."""
