@@ -184,14 +184,18 @@ def test_pinned_and_referenced_are_never_evicted():
     pool.check_invariants()
 
 
-def snapshot(pool: AdapterPool) -> tuple:
+def snapshot(pool: AdapterPool, ids) -> tuple:
+    """Counters, the residency of every registered adapter (`ids`: all of them), the fast
+    tier's allocated pages and its LRU order."""
     s = pool.stats()
+    snap = pool.snapshot()
+    assert snap.registered == len(ids)
     keys = ("hits", "misses", "evictions", "promotions", "fast_used_bytes", "steps_in_flight", "resident")
     return (
         tuple(s[k] for k in keys),
-        tuple(sorted((k, pool.residency(k)) for k in pool._reg)),
-        tuple(tuple(pool._alloc.used_pages(p).tolist()) for p in pool._views),
-        tuple(pool._lru),
+        tuple(sorted((k, pool.residency(k)) for k in ids)),
+        snap.used_pages,
+        snap.lru,
     )
 
 
@@ -207,11 +211,11 @@ def test_exhaustion_is_a_clear_error_and_changes_nothing():
     pool.pin("a2")
     with pool.prepare(["a2"], wait=True):
         pass
-    before = snapshot(pool)
+    before = snapshot(pool, ads)
     weights_before = {k: pool.read_adapter(k) for k in ("a0", "a1", "a2")}
     with pytest.raises(PoolExhaustedError, match="cannot hold"):
         pool.prepare(["a3", "a4", "a6", "a7"], wait=True)
-    assert snapshot(pool)[:3] == before[:3] and snapshot(pool)[3] == before[3]
+    assert snapshot(pool, ads)[:3] == before[:3] and snapshot(pool, ads)[3] == before[3]
     for k, w in weights_before.items():
         for n, lw in pool.read_adapter(k).items():
             assert torch.equal(lw.a, w[n].a) and torch.equal(lw.b, w[n].b)
@@ -228,10 +232,10 @@ def test_one_adapter_larger_than_the_fast_tier():
     pool = new_pool(capacity=8192)
     big = make_adapter(1, subset=False, max_rank=64)
     pool.register("big", big)
-    before = snapshot(pool)
+    before = snapshot(pool, ["big"])
     with pytest.raises(PoolExhaustedError):
         pool.prepare(["big"], wait=True)
-    assert snapshot(pool)[0] == before[0]
+    assert snapshot(pool, ["big"])[0] == before[0]
     pool.check_invariants()
 
 

@@ -57,7 +57,7 @@ def check_step_against_reference(
     L = tokens_per_request
     token_slot, plan = step.plan(L)
     assert token_slot.shape == (len(ids) * L,)
-    for m, (fin, fout) in zip(pool.module_names, pool._features):
+    for m, (fin, fout) in pool.modules.items():
         x = torch.randn(len(ids) * L, fin, generator=g).to(pool.dtype)
         t = step.tables(m)
         args = (t.a_pool, t.b_pool, t.a_pages, t.b_pages, t.ranks, t.scales, token_slot)

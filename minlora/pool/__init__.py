@@ -1,0 +1,121 @@
+"""AdapterPool: the memory of many LoRA adapters, in paged pools the minlora ops read in place.
+
+DESIGN.md ("Paged adapter memory", "AdapterPool") is the architecture; this is the contract.
+
+Memory layout
+-------------
+The fast tier is ONE arena of `capacity_bytes` (GPU memory on CUDA; ordinary memory on CPU).
+For every distinct row length d among the target modules' in/out features there is one pool
+tensor `[P_d, d]`, a view of the whole arena; all modules whose A rows (length `in`) or B
+columns (length `out`) have length d share it.  A page is one row: an adapter of rank r on a
+module uses r pages of the `in` pool (the rows of A [r, in]) and r pages of the `out` pool (the
+columns of B [out, r], i.e. the rows of B^T).  The C++ allocator (`minlora._C.PageAllocator`,
+csrc/pool/) cuts the arena into chunks and lends each chunk to one row length at a time, so all
+row lengths draw on one budget; no fixed per-module split.
+
+Tiers and residency
+-------------------
+``residency(adapter_id)`` returns:
+
+* ``"gpu"``: in the fast tier (the page arena the ops read), ready for a step.  On a CPU pool
+  the fast tier is ordinary memory but is still reported as ``"gpu"``: the value names the
+  tier's role (usable by a step now), so code and tests behave the same on both devices;
+  ``AdapterPool.fast_tier_device`` says where that tier really lives.
+* ``"host"``: a copy in the host tier (pinned memory on CUDA), not (yet) in the fast tier.
+  An adapter whose copy into the fast tier is still in flight reports ``"host"``.
+* ``"disk"``: only at its source (a safetensors file, a PEFT directory, a loader callable, or
+  an in-memory `Adapter` that the pool has not converted yet).
+* ``"unregistered"``.
+
+Loads are asynchronous: source -> host copy runs on a worker thread; host -> fast tier runs
+on a side CUDA stream (on CPU: a second worker thread).  A step uses only adapters whose load
+has finished.  Fast-tier eviction is LRU among adapters that are neither pinned nor referenced
+by an unreleased `Step` nor loading; an evicted adapter keeps (or gets) a host copy while the
+host tier (`host_capacity_bytes`, None = unbounded, 0 = none) has room, and the host tier's
+LRU victims are written to `disk_dir` when their source is in memory (a loader callable or an
+`Adapter`), else just dropped (they reload from their file).
+
+Public API
+----------
+::
+
+    pool = AdapterPool(modules, dtype=torch.float32, device="cpu", capacity_bytes=...,
+                       host_capacity_bytes=None, max_slots=256, disk_dir=None)
+    # modules: module name (as in the model, "model.layers.0.self_attn.q_proj") -> (in, out)
+    pool.register(adapter_id, source)    # metadata only, O(1); source: Adapter, a callable
+                                         # returning one, or a path (safetensors file / PEFT dir)
+    pool.unregister(adapter_id)
+    with pool.prepare(["u1", None, "u2", "u1"]) as step:   # one call per step
+        step.request_slot   # [B] int32 on the pool's device; -1 for None or not ready
+        step.ready          # [B] bools; None counts as ready
+        step.num_slots      # S, the same for every module of the step
+        t = step.tables("model.layers.0.self_attn.q_proj")  # ModuleTables
+        token_slot, plan = step.plan(tokens_per_request)     # [B*L] int32, BatchPlan
+        minlora.ops.lora_add_(y, x, t.a_pool, t.b_pool, t.a_pages, t.b_pages, t.ranks,
+                              t.scales, token_slot, plan=plan)
+    pool.residency(adapter_id) -> "gpu" | "host" | "disk" | "unregistered"
+    pool.pin(adapter_id); pool.unpin(adapter_id)   # a pinned adapter is never evicted
+    pool.stats() -> dict                           # hits, misses, evictions, bytes per tier, ...
+    pool.module_names: list[str]
+    pool.modules: dict[str, tuple[int, int]]       # module name -> (in, out)
+    # also: poll() (take in finished loads), read_adapter(id) (the weights as the fast tier
+    # holds them), pool_tensor(row_length), snapshot() (an immutable PoolSnapshot of the
+    # bookkeeping: residents with refs / ready / pinned, LRU order, host tier, pages, bytes),
+    # check_invariants(), close()
+
+`Step.tables(module)` returns a `ModuleTables` (a_pool, b_pool, a_pages, b_pages, ranks,
+scales: the op's arguments).  A step builds the tables of all modules at once, on first use,
+in one int32 buffer (one host-to-device copy on CUDA); R is the step's largest rank over all
+modules, ranks[s] = 0 where slot s's adapter does not target the module, and table entries
+past ranks[s] are 0.  `Step.adapter_ids[s]` is the adapter in slot s.  Slots are numbered
+0..S-1 in order of first appearance among the ready requests.
+
+`prepare(ids, wait=False)` starts loads for what is missing and returns at once; with
+``wait=True`` it returns when every named adapter is ready.  All adapters of one step must fit
+in the fast tier together: when they cannot (even after evicting every evictable adapter)
+prepare raises `PoolExhaustedError` and the fast tier, references and pins are unchanged.  A
+load that failed raises `AdapterLoadError` from the prepare that waits for it (wait=True) or
+from the next prepare naming the adapter (the one after that retries).
+
+Steps hold a reference on each adapter they use until `release()` (or the end of their
+``with`` block).  On CUDA, enqueue a step's kernels on the current stream before releasing
+it: freeing pages records an event on the current stream, and the side stream writes freed
+pages only after it, so kernels already queued keep reading valid weights; the host never
+waits.  Every method is thread-safe.
+
+Per registered-but-unloaded adapter the pool keeps one dict entry (id -> source); nothing else.
+
+Package layout (each object owns its state; the facade holds the lock and calls the others
+with it held):
+
+* ``layout.py``: `Layout`, immutable: modules, row lengths and allocator pool ids, the arena
+  and its views, packing an adapter into rows (`PackedAdapter`) and back.
+* ``fast_tier.py``: `FastTier`: the C++ page allocator, residents, LRU, pins and references,
+  eviction planning, copies into pages (CPU copy worker / CUDA side stream, free fence).
+* ``host_tier.py``: `HostTier`: the budgeted LRU of packed copies, staged copies, spill files.
+* ``loader.py``: `Loader`: fetch workers, source -> packed copy, load errors; `load_source`
+  is the one place a source becomes an `Adapter`.
+* ``step.py``: `Step`, built from the layout, the fast tier's residents and a release callback.
+* `ModuleTables`, the op's argument bundle, comes from `minlora.ops`.  ``errors.py``, ``snapshot.py``.
+* ``adapter_pool.py``: `AdapterPool`, the facade.
+"""
+from __future__ import annotations
+
+from ..formats.native import load_adapter_file, save_adapter_file
+from .adapter_pool import AdapterPool
+from .errors import AdapterLoadError, PoolExhaustedError
+from .snapshot import PoolSnapshot, ResidentState
+from .step import Step
+from ..ops import ModuleTables
+
+__all__ = [
+    "AdapterPool",
+    "Step",
+    "ModuleTables",
+    "PoolExhaustedError",
+    "AdapterLoadError",
+    "PoolSnapshot",
+    "ResidentState",
+    "save_adapter_file",
+    "load_adapter_file",
+]

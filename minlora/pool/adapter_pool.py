@@ -1,0 +1,336 @@
+"""AdapterPool: the thread-safe facade over the layout, the tiers, the loader and the steps."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import threading
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+
+from ..formats.adapter import Adapter, LoraWeights
+from .errors import AdapterLoadError
+from .fast_tier import FastTier, Resident
+from .host_tier import HostTier
+from .layout import Layout
+from .loader import Loader, Source
+from .options import PoolOptions
+from .snapshot import PoolSnapshot
+from .step import Step
+from .tiers import Tiers
+
+__all__ = ["AdapterPool"]
+
+
+class AdapterPool:
+    """Paged memory for many LoRA adapters (the contract: minlora/pool/__init__.py).
+
+    Holds the lock and the count of unreleased steps; the objects below it (Tiers, FastTier,
+    HostTier, Loader) are called with the lock held.
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[str, tuple[int, int]],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device] = "cpu",
+        capacity_bytes: int,
+        host_capacity_bytes: Optional[int] = None,
+        max_slots: int = 256,
+        disk_dir: Union[str, "os.PathLike[str]", None] = None,
+        chunk_bytes: Optional[int] = None,
+        poison: bool = False,
+        load_workers: int = 1,
+    ) -> None:
+        """modules: target module name -> (in_features, out_features).
+        capacity_bytes: the fast tier's budget, shared by all row lengths.
+        host_capacity_bytes: the host tier's budget (None = unbounded, 0 = no host tier).
+        max_slots: the most distinct adapters one step may use.
+        disk_dir: where in-memory adapters are written when they leave the host tier.
+        chunk_bytes: the allocator's chunk size (default: chosen from the row lengths).
+        poison: NaN-fill the arena at creation and every page when it is freed (for tests:
+            a read of a page that is not the adapter's shows).
+        load_workers: threads reading sources (loader callables, files) for prepare(wait=False).
+            A loader runs on such a thread (or, with wait=True, in the caller's) and must not
+            call back into the pool.
+        """
+        o = PoolOptions.check(
+            dtype=dtype,
+            device=device,
+            capacity_bytes=capacity_bytes,
+            host_capacity_bytes=host_capacity_bytes,
+            max_slots=max_slots,
+            disk_dir=disk_dir,
+            chunk_bytes=chunk_bytes,
+            poison=poison,
+            load_workers=load_workers,
+        )
+        self.device = o.device
+        self.dtype = o.dtype
+        self.max_slots = o.max_slots
+        self.capacity_bytes = o.capacity_bytes
+        self.host_capacity_bytes = o.host_capacity_bytes
+        self.disk_dir = o.disk_dir
+        self.poison = o.poison
+        if self.disk_dir is not None:
+            os.makedirs(self.disk_dir, exist_ok=True)
+        self._layout = Layout(
+            modules, dtype=o.dtype, device=o.device, capacity_bytes=o.capacity_bytes, chunk_bytes=o.chunk_bytes,
+            poison=o.poison,
+        )
+        self.module_names: list[str] = list(self._layout.module_names)
+        self._fast = FastTier(self._layout, poison=o.poison)
+        self._host = HostTier(o.host_capacity_bytes, self.disk_dir)
+        self._loader = Loader(self._layout, o.load_workers)
+        self._tiers = Tiers(self._layout, self._fast, self._host, self._loader)
+        self._lock = threading.RLock()
+        self._steps_in_flight = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def fast_tier_device(self) -> torch.device:
+        """Where the fast tier (residency "gpu") lives: the pool's device."""
+        return self.device
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self._layout.chunk_bytes
+
+    @property
+    def modules(self) -> dict[str, tuple[int, int]]:
+        """Target module name -> (in_features, out_features), as given (a copy)."""
+        return dict(zip(self._layout.module_names, self._layout.features))
+
+    def pool_tensor(self, row_length: int) -> torch.Tensor:
+        """The shared [P, row_length] pool of that row length."""
+        return self._layout.pool_tensor(row_length)
+
+    def __len__(self) -> int:
+        return len(self._tiers.sources)
+
+    def __contains__(self, adapter_id: object) -> bool:
+        return adapter_id in self._tiers.sources
+
+    # ------------------------------------------------------------------ registration
+
+    def register(self, adapter_id: str, source: Source) -> None:
+        """Registers an adapter (metadata only, O(1)): an `Adapter`, a callable returning one,
+        or the path of a safetensors file (save_adapter_file) or a PEFT directory."""
+        if not isinstance(adapter_id, str) or not adapter_id:
+            raise TypeError(f"adapter_id must be a non-empty str, got {adapter_id!r}")
+        if isinstance(source, Adapter):
+            self._layout.check_adapter(source, f"adapter {adapter_id!r}")
+        elif isinstance(source, (str, os.PathLike)):
+            source = os.fspath(source)
+            if not os.path.exists(source):
+                raise FileNotFoundError(f"adapter {adapter_id!r}: no file or directory {source!r}")
+        elif not callable(source):
+            raise TypeError(
+                f"adapter {adapter_id!r}: source must be an Adapter, a callable returning one, or a path; "
+                f"got {type(source).__name__}"
+            )
+        with self._lock:
+            if adapter_id in self._tiers.sources:
+                raise ValueError(f"adapter {adapter_id!r} is already registered (unregister it first)")
+            self._tiers.sources[adapter_id] = source
+
+    def unregister(self, adapter_id: str) -> None:
+        """Forgets an adapter and frees its pages and copies.  Refused while a step uses it."""
+        with self._lock:
+            self._check_registered(adapter_id)
+            e = self._fast.get(adapter_id)
+            if e is not None and e.refs > 0:
+                raise ValueError(f"adapter {adapter_id!r} is used by {e.refs} unreleased step(s); release them first")
+            self._tiers.forget(adapter_id)
+
+    def _check_registered(self, adapter_id: str) -> None:
+        if adapter_id not in self._tiers.sources:
+            raise KeyError(f"unknown adapter id {adapter_id!r} (not registered)")
+
+    # ------------------------------------------------------------------ queries
+
+    def residency(self, adapter_id: str) -> str:
+        """"gpu" (fast tier, ready) | "host" | "disk" | "unregistered" (see minlora/pool/__init__.py)."""
+        with self._lock:
+            self._tiers.collect()
+            return self._tiers.residency(adapter_id)
+
+    def pin(self, adapter_id: str) -> None:
+        """Keeps the adapter in the fast tier once it is there (prepare loads it).  Idempotent."""
+        with self._lock:
+            self._check_registered(adapter_id)
+            self._fast.pin(adapter_id)
+
+    def unpin(self, adapter_id: str) -> None:
+        with self._lock:
+            self._check_registered(adapter_id)
+            if adapter_id not in self._fast.pinned:
+                raise ValueError(f"adapter {adapter_id!r} is not pinned")
+            self._fast.unpin(adapter_id)
+
+    def is_pinned(self, adapter_id: str) -> bool:
+        return adapter_id in self._fast.pinned
+
+    def poll(self) -> None:
+        """Takes in loads that finished (prepare and residency do this too)."""
+        with self._lock:
+            self._tiers.collect()
+
+    def stats(self) -> dict:
+        """Counters and gauges.  hits/misses count requests (a request whose adapter was ready in
+        the fast tier when prepare was called is a hit); bytes_* count bytes moved between tiers."""
+        with self._lock:
+            self._tiers.collect()
+            s = dict(self._tiers.counters)
+            looked = s["hits"] + s["misses"]
+            s.update(self._tiers.gauges())
+            s.update(hit_rate=s["hits"] / looked if looked else 0.0, steps_in_flight=self._steps_in_flight)
+            return s
+
+    def snapshot(self) -> PoolSnapshot:
+        """The pool's bookkeeping now, as an immutable value (for tests and diagnostics)."""
+        with self._lock:
+            self._tiers.collect()
+            return self._tiers.snapshot(self._steps_in_flight)
+
+    # ------------------------------------------------------------------ steps
+
+    def prepare(self, adapter_ids: Sequence[Optional[str]], *, wait: bool = False) -> Step:
+        """One call per step: the adapter id (or None) of every request.  Starts loads for what
+        is missing; returns a Step with what is ready now (all of them with wait=True)."""
+        if isinstance(adapter_ids, str):
+            raise TypeError("adapter_ids must be a sequence of ids (one per request), not a single str")
+        ids = list(adapter_ids)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the pool is closed")
+            tiers, fast, host, loader = self._tiers, self._fast, self._host, self._loader
+            distinct = self._check_request(ids)
+            tiers.collect()
+            self._raise_load_error(distinct)
+            protect = set(distinct)
+            was_ready = {a for a in distinct if fast.is_ready(a)}
+
+            missing = [a for a in distinct if a not in fast]
+            if missing:
+                known = [tiers.known_requests(a) for a in missing]
+                if all(r is not None for r in known):
+                    # Refuse before any fetch when the sizes are known: nothing changes.
+                    what = f"the {len(missing)} adapter(s) to load"
+                    tiers.evictions_to_fit([r for rs in known for r in rs], protect, True, what, self._steps_in_flight)
+            if wait:
+                while True:
+                    todo = [a for a in distinct if a not in fast and host.get(a) is None]
+                    if not todo:
+                        break
+                    for a in todo:
+                        if not loader.is_fetching(a):
+                            # We block anyway: read it here rather than hand it to a thread.
+                            try:
+                                h = loader.materialise(tiers.sources[a])
+                            except Exception as exc:
+                                tiers.counters["load_errors"] += 1
+                                raise AdapterLoadError(f"loading adapter {a!r} failed: {exc!r}") from exc
+                            tiers.fetched(a, h)
+                    busy = [loader.future(a) for a in todo if loader.is_fetching(a)]
+                    if busy:
+                        cf.wait(busy)
+                    tiers.collect()
+                    self._raise_load_error(todo)
+            # Strict: what has a host copy goes to the fast tier now, or nothing changes.
+            promote = [a for a in distinct if a not in fast and host.get(a) is not None]
+            if promote:
+                tiers.promote(promote, protect, True, self._steps_in_flight)
+            if not wait:
+                for a in distinct:
+                    if a not in fast and not loader.is_fetching(a) and host.get(a) is None:
+                        loader.submit(a, tiers.sources[a])
+            tiers.promote_staged(protect, self._steps_in_flight)
+            tiers.finish_copies()  # inline copies are done already
+            if wait:
+                for a in distinct:
+                    fast.wait_copy(a)
+                tiers.collect()
+                self._raise_load_error(distinct)
+            return self._new_step(ids, distinct, was_ready)
+
+    def _check_request(self, ids: list[Optional[str]]) -> list[str]:
+        """The distinct adapter ids of a request list, checked (lock held)."""
+        bad = [a for a in ids if a is not None and not isinstance(a, str)]
+        if bad:
+            raise TypeError(f"adapter ids must be str or None, got {bad[:3]!r}")
+        unknown = [a for a in dict.fromkeys(ids) if a is not None and a not in self._tiers.sources]
+        if unknown:
+            raise KeyError(f"unknown adapter id(s) {unknown[:5]!r} (not registered)")
+        distinct = list(dict.fromkeys(a for a in ids if a is not None))
+        if len(distinct) > self.max_slots:
+            raise ValueError(f"{len(distinct)} distinct adapters in one step, more than max_slots = {self.max_slots}")
+        return distinct
+
+    def _raise_load_error(self, ids: list[str]) -> None:
+        """Raises the first recorded load error among `ids` (and forgets it: the next prepare retries)."""
+        for a in ids:
+            exc = self._loader.take_error(a)
+            if exc is not None:
+                raise AdapterLoadError(f"loading adapter {a!r} failed: {exc!r}") from exc
+
+    def _new_step(self, ids: list[Optional[str]], distinct: list[str], was_ready: set[str]) -> Step:
+        """A Step over the ready adapters among `distinct`, one reference on each (lock held)."""
+        slot_of: dict[str, int] = {}
+        entries: list[Resident] = []
+        for a in distinct:
+            e = self._fast.get(a)
+            if e is not None and e.ready:
+                slot_of[a] = len(entries)
+                entries.append(e)
+                self._fast.acquire(e)
+        n_req = sum(1 for a in ids if a is not None)
+        hits = sum(1 for a in ids if a is not None and a in was_ready)
+        counters = self._tiers.counters
+        counters["hits"] += hits
+        counters["misses"] += n_req - hits
+        counters["requests"] += len(ids)
+        counters["steps"] += 1
+        self._steps_in_flight += 1
+        slots = [slot_of.get(a, -1) if a is not None else -1 for a in ids]
+        ready = [a is None or a in slot_of for a in ids]
+        return Step(self._layout, entries, slots, ready, self._release)
+
+    def _release(self, entries: list[Resident]) -> None:
+        with self._lock:
+            self._fast.release(entries)
+            self._steps_in_flight -= 1
+
+    # ------------------------------------------------------------------ tests and teardown
+
+    def read_adapter(self, adapter_id: str) -> dict[str, LoraWeights]:
+        """The weights as the fast tier holds them (a copy): module -> LoraWeights(a [r, in],
+        b [out, r], scale), in the pool's dtype.  The adapter must be ready ("gpu")."""
+        with self._lock:
+            self._check_registered(adapter_id)
+            e = self._fast.get(adapter_id)
+            if e is None or not e.ready:
+                raise ValueError(f"adapter {adapter_id!r} is not in the fast tier (residency {self.residency(adapter_id)!r})")
+            return self._layout.unpack(self._fast.read(adapter_id), e.mods).modules
+
+    def check_invariants(self) -> None:
+        """Raises AssertionError/RuntimeError if any bookkeeping invariant is broken (for tests)."""
+        with self._lock:
+            self._tiers.check_invariants()
+
+    def close(self) -> None:
+        """Waits for loads in flight and stops the worker threads."""
+        with self._lock:
+            self._closed = True
+        self._loader.close(wait=True)
+        self._fast.close(wait=True)
+
+    def __del__(self) -> None:
+        try:
+            self._loader.close(wait=False)
+            self._fast.close(wait=False)
+        except Exception:
+            pass
