@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from typing import Any, Union
@@ -31,7 +32,7 @@ from .adapter import Adapter, LoraWeights, check_adapter
 from .atomic import write_atomic
 
 __all__ = ["FORMAT", "canonical_config", "canonical_json", "content_hash", "deserialize", "load_adapter_file",
-           "save_adapter_file", "serialize"]
+           "safetensors_elements", "save_adapter_file", "serialize"]
 
 FORMAT = "minlora-adapter-v1"
 _SUFFIX_A = ".lora_A"
@@ -75,18 +76,49 @@ def serialize(adapter: Adapter) -> bytes:
     return st_save(tensors, metadata=metadata)
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-    # safetensors layout: u64 little-endian header length, then that many bytes of JSON.
-    if len(data) < 8:
+# safetensors' own limit on the JSON header.
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def _header(head: bytes, read: Any) -> dict[str, Any]:
+    """The JSON header of a safetensors file: u64 little-endian length, then that much JSON.
+    head: the file's first 8 bytes; read(n): its next n bytes."""
+    if len(head) < 8:
         raise ValueError("file is shorter than a safetensors header")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > _MAX_HEADER_BYTES:
+        raise ValueError(f"safetensors header length {n} is over {_MAX_HEADER_BYTES} bytes")
+    raw = read(n)
+    if len(raw) < n:
         raise ValueError("safetensors header length exceeds the file")
-    header = json.loads(data[8 : 8 + n])
+    header = json.loads(raw)
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not an object")
+    return header
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    header = _header(data[:8], lambda n: data[8 : 8 + n])
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise ValueError("safetensors metadata is not an object")
     return meta
+
+
+def safetensors_elements(path: Union[str, "os.PathLike[str]"]) -> int:
+    """The total number of elements a safetensors file's tensors declare, read from its
+    header only (whatever the file's size); ValueError if the header is malformed."""
+    with open(path, "rb") as f:
+        header = _header(f.read(8), f.read)
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"{os.fspath(path)!r}: tensor {name!r} has no valid shape in the header")
+        total += math.prod(shape)
+    return total
 
 
 def deserialize(data: bytes) -> Adapter:

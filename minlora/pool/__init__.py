@@ -27,20 +27,31 @@ Tiers and residency
   an in-memory `Adapter` that the pool has not converted yet).
 * ``"unregistered"``.
 
-Loads are asynchronous: source -> host copy runs on a worker thread; host -> fast tier runs
-on a side CUDA stream (on CPU: a second worker thread).  A step uses only adapters whose load
-has finished.  Fast-tier eviction is LRU among adapters that are neither pinned nor referenced
-by an unreleased `Step` nor loading; an evicted adapter keeps (or gets) a host copy while the
-host tier (`host_capacity_bytes`, None = unbounded, 0 = none) has room, and the host tier's
-LRU victims are written to `disk_dir` when their source is in memory (a loader callable or an
-`Adapter`), else just dropped (they reload from their file).
+Loads are asynchronous: source -> host copy runs on one of `load_workers` threads (never
+under the pool's lock, so a source that blocks holds up only its own load and thread); host
+-> fast tier runs on a side CUDA stream (on CPU: a copy thread, or inline when small).  A step
+uses only adapters whose load has finished.  A file source is refused (`AdapterLoadError`)
+from its safetensors header, before its data is read, when its tensors declare more bytes (in
+the pool's dtype) than the fast tier holds.
+
+Fast-tier eviction is LRU among adapters that are neither pinned nor referenced by an
+unreleased `Step` nor loading; an evicted adapter keeps (or gets) a host copy while the host
+tier (`host_capacity_bytes`, None = unbounded, 0 = none) has room, and the host tier's LRU
+victims are written to `disk_dir` when their source is in memory (a loader callable or an
+`Adapter`), else just dropped (they reload from their file).  Each pool writes into its own
+new directory under `disk_dir`, and a spill file names its pool and adapter, so pools sharing
+a `disk_dir` never read or delete each other's files; `close()` removes the directory.  When a
+spill cannot be written (disk_dir unusable) the adapter keeps its source and reloads from it
+(`stats()["spill_errors"]` counts these); a loader callable also stands behind its spill file.
 
 Public API
 ----------
 ::
 
     pool = AdapterPool(modules, dtype=torch.float32, device="cpu", capacity_bytes=...,
-                       host_capacity_bytes=None, max_slots=256, disk_dir=None)
+                       host_capacity_bytes=None, max_slots=256, disk_dir=None,
+                       chunk_bytes=None, poison=False, load_workers=4)
+    # a bad argument raises ValueError naming it (TypeError for dtype)
     # modules: module name (as in the model, "model.layers.0.self_attn.q_proj") -> (in, out)
     pool.register(adapter_id, source)    # metadata only, O(1); source: Adapter, a callable
                                          # returning one, or a path (safetensors file / PEFT dir)
@@ -71,7 +82,9 @@ past ranks[s] are 0.  `Step.adapter_ids[s]` is the adapter in slot s.  Slots are
 0..S-1 in order of first appearance among the ready requests.
 
 `prepare(ids, wait=False)` starts loads for what is missing and returns at once; with
-``wait=True`` it returns when every named adapter is ready.  All adapters of one step must fit
+``wait=True`` it returns when every named adapter is ready, and ``timeout=seconds`` bounds
+the wait for sources: past it `LoadTimeoutError` (a TimeoutError) names the adapters still
+loading, no step is made and no reference taken (the loads go on).  All adapters of one step must fit
 in the fast tier together: when they cannot (even after evicting every evictable adapter)
 prepare raises `PoolExhaustedError` and the fast tier, references and pins are unchanged.  A
 load that failed raises `AdapterLoadError` from the prepare that waits for it (wait=True) or
@@ -81,7 +94,15 @@ Steps hold a reference on each adapter they use until `release()` (or the end of
 ``with`` block).  On CUDA, enqueue a step's kernels on the current stream before releasing
 it: freeing pages records an event on the current stream, and the side stream writes freed
 pages only after it, so kernels already queued keep reading valid weights; the host never
-waits.  Every method is thread-safe.
+waits.  A released step's `tables()` and `plan()` raise RuntimeError (its pages may hold other
+adapters by then); its plain fields stay readable.  A step dropped without release hands its
+references back when it is collected (they count again from the next pool call).
+
+Every method is thread-safe, and none waits for a source under the lock: `residency`,
+`stats`, `prepare` of ready adapters and `Step.release` return promptly while a load is slow.
+`close()` returns at once: it does not wait for a source that is still being read (that
+thread ends when the source returns) and the worker threads never hold up the interpreter's
+exit.
 
 Per registered-but-unloaded adapter the pool keeps one dict entry (id -> source); nothing else.
 
@@ -94,7 +115,9 @@ with it held):
   eviction planning, copies into pages (CPU copy worker / CUDA side stream, free fence).
 * ``host_tier.py``: `HostTier`: the budgeted LRU of packed copies, staged copies, spill files.
 * ``loader.py``: `Loader`: fetch workers, source -> packed copy, load errors; `load_source`
-  is the one place a source becomes an `Adapter`.
+  is the one place a source becomes an `Adapter`.  ``workers.py``: daemon worker threads.
+* ``tiers.py``: `Tiers`: the registry of sources and the moves between the tiers.
+* ``options.py``: `PoolOptions`, the checked constructor arguments.
 * ``step.py``: `Step`, built from the layout, the fast tier's residents and a release callback.
 * `ModuleTables`, the op's argument bundle, comes from `minlora.ops`.  ``errors.py``, ``snapshot.py``.
 * ``adapter_pool.py``: `AdapterPool`, the facade.
@@ -103,7 +126,7 @@ from __future__ import annotations
 
 from ..formats.native import load_adapter_file, save_adapter_file
 from .adapter_pool import AdapterPool
-from .errors import AdapterLoadError, PoolExhaustedError
+from .errors import AdapterLoadError, LoadTimeoutError, PoolExhaustedError
 from .snapshot import PoolSnapshot, ResidentState
 from .step import Step
 from ..ops import ModuleTables
@@ -114,6 +137,7 @@ __all__ = [
     "ModuleTables",
     "PoolExhaustedError",
     "AdapterLoadError",
+    "LoadTimeoutError",
     "PoolSnapshot",
     "ResidentState",
     "save_adapter_file",

@@ -1,15 +1,17 @@
 """AdapterPool: the thread-safe facade over the layout, the tiers, the loader and the steps."""
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import os
 import threading
-from typing import Mapping, Optional, Sequence, Union
+import time
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
 from ..formats.adapter import Adapter, LoraWeights
-from .errors import AdapterLoadError
+from .errors import AdapterLoadError, LoadTimeoutError
 from .fast_tier import FastTier, Resident
 from .host_tier import HostTier
 from .layout import Layout
@@ -41,7 +43,7 @@ class AdapterPool:
         disk_dir: Union[str, "os.PathLike[str]", None] = None,
         chunk_bytes: Optional[int] = None,
         poison: bool = False,
-        load_workers: int = 1,
+        load_workers: int = 4,
     ) -> None:
         """modules: target module name -> (in_features, out_features).
         capacity_bytes: the fast tier's budget, shared by all row lengths.
@@ -51,9 +53,9 @@ class AdapterPool:
         chunk_bytes: the allocator's chunk size (default: chosen from the row lengths).
         poison: NaN-fill the arena at creation and every page when it is freed (for tests:
             a read of a page that is not the adapter's shows).
-        load_workers: threads reading sources (loader callables, files) for prepare(wait=False).
-            A loader runs on such a thread (or, with wait=True, in the caller's) and must not
-            call back into the pool.
+        load_workers: how many sources (loader callables, files) are read at once, each on its own
+            thread; a source that blocks holds one of them.  A loader must not call back into
+            the pool.
         """
         o = PoolOptions.check(
             dtype=dtype,
@@ -76,8 +78,8 @@ class AdapterPool:
         if self.disk_dir is not None:
             os.makedirs(self.disk_dir, exist_ok=True)
         self._layout = Layout(
-            modules, dtype=o.dtype, device=o.device, capacity_bytes=o.capacity_bytes, chunk_bytes=o.chunk_bytes,
-            poison=o.poison,
+            modules, dtype=o.dtype, device=o.device, capacity_bytes=o.capacity_bytes,
+            chunk_bytes=o.chunk_bytes, poison=o.poison,
         )
         self.module_names: list[str] = list(self._layout.module_names)
         self._fast = FastTier(self._layout, poison=o.poison)
@@ -86,6 +88,8 @@ class AdapterPool:
         self._tiers = Tiers(self._layout, self._fast, self._host, self._loader)
         self._lock = threading.RLock()
         self._steps_in_flight = 0
+        self._dropped: collections.deque = collections.deque()  # entries of steps collected unreleased
+        self._awaited: collections.Counter = collections.Counter()  # ids prepare(wait=True) waits for
         self._closed = False
 
     # ------------------------------------------------------------------ properties
@@ -140,6 +144,7 @@ class AdapterPool:
     def unregister(self, adapter_id: str) -> None:
         """Forgets an adapter and frees its pages and copies.  Refused while a step uses it."""
         with self._lock:
+            self._sync()
             self._check_registered(adapter_id)
             e = self._fast.get(adapter_id)
             if e is not None and e.refs > 0:
@@ -155,13 +160,14 @@ class AdapterPool:
     def residency(self, adapter_id: str) -> str:
         """"gpu" (fast tier, ready) | "host" | "disk" | "unregistered" (see minlora/pool/__init__.py)."""
         with self._lock:
-            self._tiers.collect()
+            self._sync()
             return self._tiers.residency(adapter_id)
 
     def pin(self, adapter_id: str) -> None:
         """Keeps the adapter in the fast tier once it is there (prepare loads it).  Idempotent."""
         with self._lock:
             self._check_registered(adapter_id)
+            self._sync()
             self._fast.pin(adapter_id)
 
     def unpin(self, adapter_id: str) -> None:
@@ -169,6 +175,7 @@ class AdapterPool:
             self._check_registered(adapter_id)
             if adapter_id not in self._fast.pinned:
                 raise ValueError(f"adapter {adapter_id!r} is not pinned")
+            self._sync()
             self._fast.unpin(adapter_id)
 
     def is_pinned(self, adapter_id: str) -> bool:
@@ -177,13 +184,13 @@ class AdapterPool:
     def poll(self) -> None:
         """Takes in loads that finished (prepare and residency do this too)."""
         with self._lock:
-            self._tiers.collect()
+            self._sync()
 
     def stats(self) -> dict:
         """Counters and gauges.  hits/misses count requests (a request whose adapter was ready in
         the fast tier when prepare was called is a hit); bytes_* count bytes moved between tiers."""
         with self._lock:
-            self._tiers.collect()
+            self._sync()
             s = dict(self._tiers.counters)
             looked = s["hits"] + s["misses"]
             s.update(self._tiers.gauges())
@@ -193,69 +200,116 @@ class AdapterPool:
     def snapshot(self) -> PoolSnapshot:
         """The pool's bookkeeping now, as an immutable value (for tests and diagnostics)."""
         with self._lock:
-            self._tiers.collect()
+            self._sync()
             return self._tiers.snapshot(self._steps_in_flight)
 
     # ------------------------------------------------------------------ steps
 
-    def prepare(self, adapter_ids: Sequence[Optional[str]], *, wait: bool = False) -> Step:
+    def prepare(
+        self, adapter_ids: Sequence[Optional[str]], *, wait: bool = False, timeout: Optional[float] = None
+    ) -> Step:
         """One call per step: the adapter id (or None) of every request.  Starts loads for what
-        is missing; returns a Step with what is ready now (all of them with wait=True)."""
+        is missing; returns a Step with what is ready now (all of them with wait=True).
+
+        timeout (wait=True only): the most seconds to wait for sources; past it, LoadTimeoutError
+        names the adapters still loading and nothing is changed (their loads go on).  Sources
+        are read without the pool's lock, so other threads use the pool meanwhile."""
         if isinstance(adapter_ids, str):
             raise TypeError("adapter_ids must be a sequence of ids (one per request), not a single str")
+        if timeout is not None:
+            if not wait:
+                raise ValueError("timeout applies to prepare(wait=True) only")
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+                raise ValueError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
         ids = list(adapter_ids)
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the pool is closed")
-            tiers, fast, host, loader = self._tiers, self._fast, self._host, self._loader
-            distinct = self._check_request(ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        was_ready: Optional[set[str]] = None
+        awaited: list[str] = []
+        try:
+            while True:
+                with self._lock:
+                    if self._closed:
+                        raise RuntimeError("the pool is closed")
+                    distinct = self._check_request(ids)
+                    self._sync()
+                    self._raise_load_error(distinct)
+                    if was_ready is None:  # hits count what was ready when prepare was called
+                        was_ready = {a for a in distinct if self._fast.is_ready(a)}
+                        self._refuse_known(distinct)
+                    loads = self._start_loads(distinct) if wait else {}
+                    if not loads:
+                        return self._make_step(ids, distinct, was_ready, wait)
+                    if not awaited:
+                        awaited = distinct
+                        self._awaited.update(awaited)
+                # Without the lock: read in-memory adapters here, wait for the workers' reads.
+                for future, source in loads.values():
+                    if source is not None:
+                        self._loader.run(future, source)
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                _, pending = cf.wait([f for f, _ in loads.values()], timeout=left)
+                if pending:
+                    slow = [a for a, (f, _) in loads.items() if f in pending]
+                    raise LoadTimeoutError(
+                        f"prepare(wait=True, timeout={timeout}): adapter(s) {slow[:5]!r} still loading "
+                        f"({len(slow)} in all); no step was made, their loads go on",
+                        slow,
+                    )
+        finally:
+            if awaited:
+                with self._lock:
+                    self._awaited -= collections.Counter(awaited)  # (drops ids that reach 0)
+
+    def _refuse_known(self, distinct: list[str]) -> None:
+        """PoolExhaustedError before any fetch when the sizes of the missing adapters are known
+        and they cannot fit (lock held; nothing changes)."""
+        missing = [a for a in distinct if a not in self._fast]
+        known = [self._tiers.known_requests(a) for a in missing]
+        if missing and all(r is not None for r in known):
+            what = f"the {len(missing)} adapter(s) to load"
+            requests = [r for rs in known for r in rs]
+            self._tiers.evictions_to_fit(requests, set(distinct), True, what, self._steps_in_flight)
+
+    def _start_loads(self, distinct: list[str]) -> dict[str, tuple[cf.Future, Any]]:
+        """Starts reading what has no copy in any tier (lock held): id -> (future, source), the
+        source set when the caller reads it itself (an in-memory Adapter: no I/O, never blocks)."""
+        loads = {}
+        for a in distinct:
+            if a in self._fast or self._host.get(a) is not None:
+                continue
+            future = self._loader.future(a)
+            source = None
+            if future is None:
+                src = self._tiers.sources[a]
+                if isinstance(src, Adapter):
+                    future, source = self._loader.claim(a, src), src
+                else:
+                    self._loader.submit(a, src)
+                    future = self._loader.future(a)
+            loads[a] = (future, source)
+        return loads
+
+    def _make_step(
+        self, ids: list[Optional[str]], distinct: list[str], was_ready: set[str], wait: bool
+    ) -> Step:
+        """Moves what has a host copy to the fast tier (all or nothing), starts the other loads
+        (wait=False), and makes the step (lock held)."""
+        tiers, fast, protect = self._tiers, self._fast, set(distinct)
+        promote = [a for a in distinct if a not in fast and self._host.get(a) is not None]
+        if promote:
+            tiers.promote(promote, protect, True, self._steps_in_flight)
+        if not wait:
+            for a in distinct:
+                if a not in fast and not self._loader.is_fetching(a) and self._host.get(a) is None:
+                    self._loader.submit(a, tiers.sources[a])
+        tiers.promote_staged(protect, self._steps_in_flight, self._awaited)
+        tiers.finish_copies()  # inline copies are done already
+        if wait:
+            for a in distinct:
+                fast.wait_copy(a)  # a memcpy or a DMA: bounded
             tiers.collect()
             self._raise_load_error(distinct)
-            protect = set(distinct)
-            was_ready = {a for a in distinct if fast.is_ready(a)}
-
-            missing = [a for a in distinct if a not in fast]
-            if missing:
-                known = [tiers.known_requests(a) for a in missing]
-                if all(r is not None for r in known):
-                    # Refuse before any fetch when the sizes are known: nothing changes.
-                    what = f"the {len(missing)} adapter(s) to load"
-                    tiers.evictions_to_fit([r for rs in known for r in rs], protect, True, what, self._steps_in_flight)
-            if wait:
-                while True:
-                    todo = [a for a in distinct if a not in fast and host.get(a) is None]
-                    if not todo:
-                        break
-                    for a in todo:
-                        if not loader.is_fetching(a):
-                            # We block anyway: read it here rather than hand it to a thread.
-                            try:
-                                h = loader.materialise(tiers.sources[a])
-                            except Exception as exc:
-                                tiers.counters["load_errors"] += 1
-                                raise AdapterLoadError(f"loading adapter {a!r} failed: {exc!r}") from exc
-                            tiers.fetched(a, h)
-                    busy = [loader.future(a) for a in todo if loader.is_fetching(a)]
-                    if busy:
-                        cf.wait(busy)
-                    tiers.collect()
-                    self._raise_load_error(todo)
-            # Strict: what has a host copy goes to the fast tier now, or nothing changes.
-            promote = [a for a in distinct if a not in fast and host.get(a) is not None]
-            if promote:
-                tiers.promote(promote, protect, True, self._steps_in_flight)
-            if not wait:
-                for a in distinct:
-                    if a not in fast and not loader.is_fetching(a) and host.get(a) is None:
-                        loader.submit(a, tiers.sources[a])
-            tiers.promote_staged(protect, self._steps_in_flight)
-            tiers.finish_copies()  # inline copies are done already
-            if wait:
-                for a in distinct:
-                    fast.wait_copy(a)
-                tiers.collect()
-                self._raise_load_error(distinct)
-            return self._new_step(ids, distinct, was_ready)
+        return self._new_step(ids, distinct, was_ready)
 
     def _check_request(self, ids: list[Optional[str]]) -> list[str]:
         """The distinct adapter ids of a request list, checked (lock held)."""
@@ -299,10 +353,22 @@ class AdapterPool:
         ready = [a is None or a in slot_of for a in ids]
         return Step(self._layout, entries, slots, ready, self._release)
 
-    def _release(self, entries: list[Resident]) -> None:
+    def _release(self, entries: list[Resident], dropped: bool) -> None:
+        """A step hands its references back: at once, or (a step collected unreleased, maybe
+        inside a locked section of this thread) at the next call that takes the lock."""
+        if dropped:
+            self._dropped.append(entries)
+            return
         with self._lock:
             self._fast.release(entries)
             self._steps_in_flight -= 1
+
+    def _sync(self) -> None:
+        """Takes in the references of dropped steps, finished fetches and copies (lock held)."""
+        while self._dropped:
+            self._fast.release(self._dropped.popleft())
+            self._steps_in_flight -= 1
+        self._tiers.collect()
 
     # ------------------------------------------------------------------ tests and teardown
 
@@ -319,18 +385,15 @@ class AdapterPool:
     def check_invariants(self) -> None:
         """Raises AssertionError/RuntimeError if any bookkeeping invariant is broken (for tests)."""
         with self._lock:
+            self._sync()
             self._tiers.check_invariants()
 
     def close(self) -> None:
-        """Waits for loads in flight and stops the worker threads."""
+        """Stops the worker threads and removes this pool's spill files; returns at once.  A
+        source still being read is not waited for (it may never return): its thread ends when it
+        does, and its result is dropped.  Steps still held stay readable until released."""
         with self._lock:
             self._closed = True
-        self._loader.close(wait=True)
-        self._fast.close(wait=True)
-
-    def __del__(self) -> None:
-        try:
-            self._loader.close(wait=False)
-            self._fast.close(wait=False)
-        except Exception:
-            pass
+            self._loader.close()
+            self._fast.close()
+            self._host.close()

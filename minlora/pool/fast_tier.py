@@ -13,6 +13,7 @@ import torch
 from .. import _C
 from .errors import PoolExhaustedError
 from .layout import Layout, ModulePlacement, PackedAdapter
+from .workers import Workers
 
 __all__ = ["FastTier", "Resident"]
 
@@ -91,7 +92,7 @@ class FastTier:
         self.loading: set[str] = set()
         self.pinned: set[str] = set()
         cuda = layout.cuda
-        self._copier = None if cuda else cf.ThreadPoolExecutor(1, thread_name_prefix="minlora-copy")
+        self._copier = None if cuda else Workers(1, "minlora-copy")
         self._side = torch.cuda.Stream(layout.device) if cuda else None
         # CUDA: an event on the current stream recorded when pages were last freed.  Kernels of
         # released steps that read those pages were queued before it, so a copy that may reuse
@@ -180,7 +181,9 @@ class FastTier:
                 return k
             n *= 4
 
-    def exhausted_error(self, requests: list[tuple[int, int]], what: str, steps_in_flight: int) -> PoolExhaustedError:
+    def exhausted_error(
+        self, requests: list[tuple[int, int]], what: str, steps_in_flight: int
+    ) -> PoolExhaustedError:
         """The error for `requests` that cannot fit even after every possible eviction."""
         need = sum(n * self.layout.row_bytes[p] for p, n in requests)
         pinned = sum(e.nbytes for e in self.residents.values() if e.id in self.pinned)
@@ -302,6 +305,7 @@ class FastTier:
     def used_pages(self) -> tuple[tuple[int, ...], ...]:
         return tuple(tuple(self.alloc.used_pages(pid).tolist()) for pid in range(self.layout.num_pools))
 
-    def close(self, wait: bool) -> None:
+    def close(self) -> None:
+        """Stops the copy worker once the copies queued before have run."""
         if self._copier is not None:
-            self._copier.shutdown(wait=wait)
+            self._copier.close()

@@ -1,17 +1,45 @@
 """The host tier: packed copies of adapters in host memory (pinned on CUDA), LRU within a byte
-budget, and spill files in disk_dir for adapters whose source lives only in memory."""
+budget, and spill files under disk_dir for adapters whose source lives only in memory."""
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
+import weakref
 from collections import OrderedDict
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from ..formats.adapter import Adapter
 from ..formats.native import save_adapter_file
 from .layout import PackedAdapter
 
-__all__ = ["HostTier"]
+__all__ = ["HostTier", "SpillFile"]
+
+# The config key of a spill file that says whose it is.
+_SPILL_KEY = "minlora_spill"
+
+
+@dataclass(frozen=True)
+class SpillFile:
+    """A source: the file a pool wrote for one adapter when its copy left the host tier.
+
+    The file is in the pool's own directory under disk_dir and names the pool and the adapter
+    in its config, so no other pool (and no other adapter) can be served from it.  fallback:
+    the loader callable the file stands in for, if any (called when the file is unusable).
+    """
+
+    path: str
+    pool: str
+    adapter_id: str
+    fallback: Optional[Callable[[], Adapter]] = None
+
+    def check(self, adapter: Adapter) -> Adapter:
+        """`adapter` read from the file, if the file is this pool's spill of this adapter."""
+        if adapter.config.get(_SPILL_KEY) != {"pool": self.pool, "adapter": self.adapter_id}:
+            raise ValueError(f"{self.path!r} is not this pool's spill file of adapter {self.adapter_id!r}")
+        return adapter
 
 
 class HostTier:
@@ -28,6 +56,9 @@ class HostTier:
         self.copies: OrderedDict[str, PackedAdapter] = OrderedDict()  # oldest first
         self.used_bytes = 0
         self.staged: dict[str, PackedAdapter] = {}
+        self._spill_dir: Optional[str] = None  # made at the first spill
+        self._remove_spill_dir: Optional[weakref.finalize] = None
+        self._spill_files = 0
 
     @property
     def enabled(self) -> bool:
@@ -79,21 +110,37 @@ class HostTier:
 
     # ------------------------------------------------------------------ spill files
 
-    def spill_path(self, adapter_id: str) -> str:
-        return os.path.join(self.disk_dir, hashlib.sha256(adapter_id.encode()).hexdigest()[:32] + ".safetensors")
+    def spill(
+        self, adapter_id: str, adapter: Adapter, fallback: Optional[Callable[[], Adapter]]
+    ) -> SpillFile:
+        """Writes the adapter to a file of this pool's own under disk_dir; OSError if it cannot."""
+        if self._spill_dir is None:
+            self._spill_dir = tempfile.mkdtemp(prefix="minlora-pool-", dir=self.disk_dir)
+            self._remove_spill_dir = weakref.finalize(self, shutil.rmtree, self._spill_dir, True)
+        name = hashlib.sha256(adapter_id.encode()).hexdigest()[:32] + ".safetensors"
+        pool = os.path.basename(self._spill_dir)
+        spill = SpillFile(os.path.join(self._spill_dir, name), pool, adapter_id, fallback)
+        config = {_SPILL_KEY: {"pool": spill.pool, "adapter": adapter_id}}
+        save_adapter_file(Adapter(adapter.modules, config), spill.path)
+        self._spill_files += 1
+        return spill
 
-    def spill(self, adapter_id: str, adapter: Adapter) -> str:
-        """Writes the adapter to its spill file; returns the path."""
-        path = self.spill_path(adapter_id)
-        save_adapter_file(adapter, path)
-        return path
-
-    @staticmethod
-    def remove_spill(path: str) -> None:
+    def remove_spill(self, spill: SpillFile) -> None:
+        """Deletes a spill file; the pool's directory goes with its last file."""
         try:
-            os.remove(path)
+            os.remove(spill.path)
         except OSError:
             pass
+        self._spill_files -= 1
+        if self._spill_files == 0:
+            self.close()
+
+    def close(self) -> None:
+        """Removes this pool's spill directory and files (no other pool can read them)."""
+        if self._remove_spill_dir is not None:
+            self._remove_spill_dir()
+        self._spill_dir = self._remove_spill_dir = None
+        self._spill_files = 0
 
     def check_invariants(self) -> None:
         assert self.used_bytes == sum(h.nbytes for h in self.copies.values())

@@ -8,41 +8,85 @@ from typing import Any, Callable, Optional, Union
 
 from ..formats.adapter import Adapter
 from ..formats.load import load_adapter
+from ..formats.native import safetensors_elements
+from ..formats.peft import WEIGHTS_NAME
+from .host_tier import SpillFile
 from .layout import Layout, PackedAdapter
+from .workers import Workers
 
 __all__ = ["Loader", "Source", "load_source"]
 
 Source = Union[Adapter, Callable[[], Adapter], str, "os.PathLike[str]"]
 
 
+def declared_elements(path: str) -> Optional[int]:
+    """The number of elements the tensors of the adapter at `path` declare, from the
+    safetensors header alone (None when there is no weights file to look at)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, WEIGHTS_NAME)
+    return safetensors_elements(path) if os.path.isfile(path) else None
+
+
 def load_source(source: Any) -> Adapter:
-    """source (a path, an Adapter, or a callable returning one) -> Adapter (not yet checked)."""
+    """source (a path, a spill file, an Adapter, or a callable returning one) -> Adapter
+    (not yet checked against the pool's modules)."""
     if isinstance(source, str):
         return load_adapter(source)
+    if isinstance(source, SpillFile):
+        try:
+            return source.check(load_adapter(source.path))
+        except (OSError, ValueError):
+            if source.fallback is None:
+                raise
+            return source.fallback()  # the spill file is unusable; the loader it replaced is not
     if isinstance(source, Adapter):
         return source
     return source()
 
 
 class Loader:
-    """Fetches run on `workers` threads; a finished fetch waits in `fetching` until the pool
-    collects it (under its lock).  Not thread-safe itself: the pool calls it with its lock held;
-    only `materialise` runs on the workers."""
+    """Fetches run on up to `workers` threads, so a source that blocks holds up only its own
+    thread; a finished fetch waits in `fetching` until the pool collects it (under its lock).
+    Not thread-safe itself: the pool calls it with its lock held; `materialise` and `run` run
+    without it."""
 
     def __init__(self, layout: Layout, workers: int) -> None:
         self.layout = layout
         self.fetching: dict[str, tuple[cf.Future, Any]] = {}  # id -> (future, the source it reads)
         self.errors: dict[str, BaseException] = {}  # id -> why its last load failed
-        self._workers = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="minlora-fetch")
+        self._workers = Workers(workers, "minlora-fetch")
 
     def materialise(self, source: Any) -> PackedAdapter:
-        """source -> checked Adapter -> packed host copy (on a worker thread)."""
+        """source -> checked Adapter -> packed host copy.  A file is refused from its header
+        when its tensors cannot fit the fast tier, before its data is read."""
+        if isinstance(source, str):
+            n = declared_elements(source)
+            layout = self.layout
+            if n is not None and n * layout.elem > layout.arena_bytes:
+                raise ValueError(
+                    f"{source!r} declares tensors of {n} elements, {n * layout.elem} bytes as "
+                    f"{layout.dtype}: more than the fast tier's {layout.arena_bytes} bytes"
+                )
         adapter = load_source(source)
         self.layout.check_adapter(adapter, "the loaded adapter")
         return self.layout.pack(adapter)
 
     def submit(self, adapter_id: str, source: Any) -> None:
+        """Starts reading the source on a worker."""
         self.fetching[adapter_id] = (self._workers.submit(self.materialise, source), source)
+
+    def claim(self, adapter_id: str, source: Any) -> cf.Future:
+        """Marks the adapter as being read by the caller, who then calls `run` (without the lock)."""
+        future: cf.Future = cf.Future()
+        future.set_running_or_notify_cancel()
+        self.fetching[adapter_id] = (future, source)
+        return future
+
+    def run(self, future: cf.Future, source: Any) -> None:
+        try:
+            future.set_result(self.materialise(source))
+        except BaseException as exc:
+            future.set_exception(exc)
 
     def is_fetching(self, adapter_id: str) -> bool:
         return adapter_id in self.fetching
@@ -69,5 +113,6 @@ class Loader:
     def take_error(self, adapter_id: str) -> Optional[BaseException]:
         return self.errors.pop(adapter_id, None)
 
-    def close(self, wait: bool) -> None:
-        self._workers.shutdown(wait=wait)
+    def close(self) -> None:
+        """Stops the workers without waiting for a read in flight (it may never return)."""
+        self._workers.close()

@@ -43,13 +43,23 @@ class PoolOptions:
         """Raises TypeError (dtype) or ValueError naming the argument that is wrong."""
         if dtype not in DTYPES:
             raise TypeError(f"dtype must be one of float16, bfloat16, float32; got {dtype}")
-        if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
-            raise ValueError(f"capacity_bytes must be a positive int, got {capacity_bytes!r}")
-        if host_capacity_bytes is not None and (not isinstance(host_capacity_bytes, int) or host_capacity_bytes < 0):
-            raise ValueError(f"host_capacity_bytes must be None or an int >= 0, got {host_capacity_bytes!r}")
-        if not isinstance(max_slots, int) or max_slots <= 0:
-            raise ValueError(f"max_slots must be a positive int, got {max_slots!r}")
-        device = torch.device(device)
+        _check_int("capacity_bytes", capacity_bytes, 1)
+        if host_capacity_bytes is not None:
+            _check_int("host_capacity_bytes", host_capacity_bytes, 0, "None or ")
+        _check_int("max_slots", max_slots, 1)
+        if chunk_bytes is not None:
+            _check_int("chunk_bytes", chunk_bytes, 1, "None or ")
+        _check_int("load_workers", load_workers, 1)
+        if not isinstance(poison, bool):
+            raise ValueError(f"poison must be a bool, got {poison!r}")
+        if disk_dir is not None and not isinstance(disk_dir, (str, os.PathLike)):
+            raise ValueError(f"disk_dir must be None or a path, got {disk_dir!r}")
+        if not isinstance(device, (str, torch.device)):
+            raise ValueError(f"device must be a str or torch.device, got {device!r}")
+        try:
+            device = torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"device {device!r} is not a device: {exc}") from None
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {device}")
         if device.type == "cuda" and device.index is None:
@@ -63,5 +73,11 @@ class PoolOptions:
             disk_dir=os.fspath(disk_dir) if disk_dir is not None else None,
             chunk_bytes=chunk_bytes,
             poison=poison,
-            load_workers=max(1, load_workers),
+            load_workers=load_workers,
         )
+
+
+def _check_int(name: str, value: object, least: int, also: str = "") -> None:
+    """ValueError naming `name` unless value is an int (not a bool) >= least."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be {also}an int >= {least}, got {value!r}")

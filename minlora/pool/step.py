@@ -1,6 +1,7 @@
 """Step: one step's slots and page tables over the pool's fast tier."""
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -21,8 +22,13 @@ class Step:
     call release(); until then the adapters it uses are not evicted.
 
     Built by AdapterPool.prepare from the layout, the residents of its ready adapters (slot s is
-    entries[s]; the pool has taken one reference on each) and `release`, which the step calls
-    once with those entries to hand the references back.
+    entries[s]; the pool has taken one reference on each) and `release(entries, dropped)`, which
+    hands the references back exactly once: from release() (dropped=False), or from the garbage
+    collector (dropped=True, any thread, possibly while the pool's lock is held) when the step
+    is dropped unreleased.
+
+    After release, tables() and plan() raise RuntimeError (the pages may hold other adapters
+    by then); num_slots, adapter_ids, ready and request_slot stay readable.
     """
 
     def __init__(
@@ -31,12 +37,13 @@ class Step:
         entries: list[Resident],
         slots: Sequence[int],
         ready: list[bool],
-        release: Callable[[list[Resident]], None],
+        release: Callable[[list[Resident], bool], None],
     ) -> None:
         self._layout = layout
         self._entries = entries
-        self._release_entries = release
         self._released = False
+        self._release = weakref.finalize(self, release, entries, True)
+        self._release.atexit = False
         self._tables: dict[str, ModuleTables] = {}
         self._plans: dict[int, tuple[torch.Tensor, BatchPlan]] = {}
         self._buf: Optional[tuple[torch.Tensor, int, int, int]] = None
@@ -47,11 +54,10 @@ class Step:
 
     def tables(self, module: str) -> ModuleTables:
         """The op arguments of `module` for this step (built once, then cached)."""
+        self._check_live()
         t = self._tables.get(module)
         if t is not None:
             return t
-        if self._released:
-            raise RuntimeError("this step was released; its page tables may be reused")
         layout = self._layout
         mi = layout.index.get(module)
         if mi is None:
@@ -113,6 +119,7 @@ class Step:
     def plan(self, tokens_per_request: int) -> tuple[torch.Tensor, BatchPlan]:
         """(token_slot [B*L] int32, its BatchPlan) for L tokens per request, request i's L
         tokens consecutive."""
+        self._check_live()
         L = int(tokens_per_request)
         if L < 0:
             raise ValueError(f"tokens_per_request must be >= 0, got {tokens_per_request}")
@@ -123,12 +130,19 @@ class Step:
             self._plans[L] = got
         return got
 
+    def _check_live(self) -> None:
+        if self._released:
+            raise RuntimeError("this step was released; its page tables may be reused")
+
     def release(self) -> None:
         """Drops this step's references (idempotent)."""
         if self._released:
             return
         self._released = True
-        self._release_entries(self._entries)
+        got = self._release.detach()
+        if got is not None:
+            _, release, (entries, _), _ = got
+            release(entries, False)
 
     @property
     def released(self) -> bool:

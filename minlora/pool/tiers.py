@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import types
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 from ..formats.adapter import Adapter
 from .fast_tier import FastTier
-from .host_tier import HostTier
+from .host_tier import HostTier, SpillFile
 from .layout import Layout, PackedAdapter
 from .loader import Loader
 from .snapshot import PoolSnapshot, ResidentState
@@ -24,6 +24,7 @@ COUNTERS = (
     "evictions",
     "host_evictions",
     "spills",
+    "spill_errors",
     "load_errors",
     "bytes_disk_to_host",
     "bytes_host_to_fast",
@@ -45,7 +46,6 @@ class Tiers:
         self.host = host
         self.loader = loader
         self.sources: dict[str, Any] = {}
-        self.spilled: set[str] = set()  # ids whose source is a spill file this pool wrote
         self.counters = dict.fromkeys(COUNTERS, 0)
 
     # ------------------------------------------------------------------ registry
@@ -58,8 +58,7 @@ class Tiers:
         self.host.forget(adapter_id)
         self.fast.pinned.discard(adapter_id)
         src = self.sources.pop(adapter_id)
-        if adapter_id in self.spilled:
-            self.spilled.discard(adapter_id)
+        if isinstance(src, SpillFile):
             self.host.remove_spill(src)
 
     def residency(self, adapter_id: str) -> str:
@@ -107,12 +106,19 @@ class Tiers:
             self._maybe_spill(vid, v)
 
     def _maybe_spill(self, adapter_id: str, h: PackedAdapter) -> None:
-        """Writes an adapter whose source lives in memory to disk_dir, so the pool can drop it."""
+        """Writes an adapter whose source lives in memory (an Adapter or a loader callable) to
+        disk_dir, so the pool can drop it.  When that fails the source stays as it was: the
+        adapter reloads from it."""
         src = self.sources.get(adapter_id)
-        if self.host.disk_dir is None or src is None or isinstance(src, str):
+        if self.host.disk_dir is None or src is None or isinstance(src, (str, SpillFile)):
             return
-        self.sources[adapter_id] = self.host.spill(adapter_id, self.layout.unpack(h.rows, h.mods))
-        self.spilled.add(adapter_id)
+        fallback = None if isinstance(src, Adapter) else src
+        try:
+            spill = self.host.spill(adapter_id, self.layout.unpack(h.rows, h.mods), fallback)
+        except Exception:  # disk_dir unusable (full, removed, not writable)
+            self.counters["spill_errors"] += 1
+            return
+        self.sources[adapter_id] = spill
         self.counters["spills"] += 1
         self.counters["bytes_host_to_disk"] += h.nbytes
 
@@ -137,7 +143,12 @@ class Tiers:
         return None
 
     def evictions_to_fit(
-        self, requests: list[tuple[int, int]], protect: set[str], strict: bool, what: str, steps_in_flight: int
+        self,
+        requests: list[tuple[int, int]],
+        protect: set[str],
+        strict: bool,
+        what: str,
+        steps_in_flight: int,
     ) -> int:
         """How many LRU victims (outside protect) must go for `requests` to fit, after letting
         copies in flight finish when that is the only way.  When they cannot fit: -1, or
@@ -160,7 +171,8 @@ class Tiers:
         raises PoolExhaustedError (strict) or returns [] with nothing changed."""
         hosts = [self.host.get(a) for a in ids]
         requests = [r for h in hosts for r in h.requests()]
-        k = self.evictions_to_fit(requests, protect, strict, f"the {len(ids)} adapter(s) to load", steps_in_flight)
+        what = f"the {len(ids)} adapter(s) to load"
+        k = self.evictions_to_fit(requests, protect, strict, what, steps_in_flight)
         if k < 0:
             return []
         for v in self.fast.victims(protect, k):
@@ -172,13 +184,15 @@ class Tiers:
             self.counters["bytes_host_to_fast"] += h.nbytes
         return ids
 
-    def promote_staged(self, protect: set[str], steps_in_flight: int) -> None:
-        """Best effort: adapters fetched for earlier steps go to the fast tier if they fit."""
+    def promote_staged(self, protect: set[str], steps_in_flight: int, awaited: Collection[str]) -> None:
+        """Best effort: adapters fetched for earlier steps go to the fast tier if they fit.  One
+        that does not fit is given up (it stays in the host tier if that has room), unless a
+        prepare is waiting for it (`awaited`)."""
         for a in list(self.host.staged):
             if a in self.fast or a not in self.sources:
                 self.host.unstage(a)
-            elif not self.promote([a], protect, False, steps_in_flight):
-                self.host.unstage(a)  # no room now; it stays in the host tier (if it has room)
+            elif not self.promote([a], protect, False, steps_in_flight) and a not in awaited:
+                self.host.unstage(a)
 
     # ------------------------------------------------------------------ descriptions
 
