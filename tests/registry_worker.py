@@ -97,7 +97,9 @@ def stall_commit(url: str, blobs: str, moment: str, ready) -> None:
     if moment == "blob":
         os.replace = freeze  # this process only: the rename that publishes the blob
     elif moment == "row":
-        Registry._revision_obj = freeze  # called inside the transaction, after the INSERTs
+        from minlora.registry.store import Store
+
+        Store.revision = freeze  # called inside the commit's transaction, after the INSERTs
     else:
         raise ValueError(moment)
     reg.commit("stall", _weights(random.Random(moment)), message="never committed")

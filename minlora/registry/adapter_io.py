@@ -1,0 +1,61 @@
+"""The registry's one door to adapter I/O: the in-memory adapter types, the canonical
+config, the content hash, the bytes of a blob, PEFT directories, and reading a revision's
+weights back with its hash checked.
+
+Every other module of the registry reaches adapter formats only through the names here, so
+each use of a format module is written once.
+"""
+
+from __future__ import annotations
+
+from ..adapter import Adapter, LoraWeights
+from . import content, peft_bridge
+from .blobs import BlobStore
+from .errors import CorruptBlobError
+
+__all__ = [
+    "Adapter",
+    "LoraWeights",
+    "canonical_config",
+    "content_hash",
+    "deserialize",
+    "load_verified",
+    "read_peft",
+    "serialize",
+    "write_peft",
+]
+
+canonical_config = content.canonical_config  # JSON-safe, key-sorted copy (ValueError on NaN, ...)
+content_hash = content.content_hash  # sha256 hex of the canonical serialisation
+serialize = content.serialize  # Adapter -> the bytes of a blob
+deserialize = content.deserialize  # the bytes of a blob -> Adapter (raises on garbage)
+read_peft = peft_bridge.read_peft  # a PEFT adapter directory -> Adapter
+write_peft = peft_bridge.write_peft  # Adapter -> a PEFT adapter directory
+
+
+def load_verified(blobs: BlobStore, adapter_id: str, number: int, h: str) -> Adapter:
+    """The weights of revision `number` of `adapter_id`, whose content hash is `h`.
+
+    Raises CorruptBlobError (naming the adapter and revision) when the blob is missing,
+    unreadable, or its content does not hash to `h`."""
+
+    def fail(why: str) -> CorruptBlobError:
+        return CorruptBlobError(
+            f"adapter {adapter_id!r} revision {number} (content {h[:12]}): {why}",
+            adapter_id=adapter_id,
+            revision=number,
+            content_hash=h,
+        )
+
+    try:
+        data = blobs.get(h)
+    except FileNotFoundError:
+        raise fail(f"blob {blobs.path(h)} is missing") from None
+    try:
+        adapter = deserialize(data)
+    except Exception as exc:  # safetensors raises its own types on garbage
+        raise fail(f"blob {blobs.path(h)} is unreadable ({type(exc).__name__}: {exc})") from None
+    actual = content_hash(adapter)
+    if actual != h:
+        raise fail(f"blob {blobs.path(h)} is corrupted: its content hashes to {actual[:12]}")
+    return adapter
