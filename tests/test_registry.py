@@ -9,13 +9,13 @@ import time
 import unicodedata
 
 import pytest
-import sqlalchemy as sa
 import torch
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from registry_fixtures import (  # noqa: F401  (fixtures)
     assert_same_adapter,
     backend,
+    execute_sql,
     make_adapter,
     postgres_server,
     reg,
@@ -63,10 +63,7 @@ def test_reopen_runs_no_migration_and_keeps_data(registry_location):
 def test_newer_schema_is_refused(registry_location):
     url, blobs = registry_location
     Registry(url, blobs).close()
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
-    engine.dispose()
+    execute_sql(url, "UPDATE alembic_version SET version_num = '9999'")
     with pytest.raises(RegistryError, match="9999.*upgrade minlora"):
         Registry(url, blobs)
 

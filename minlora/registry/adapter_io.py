@@ -51,6 +51,8 @@ def load_verified(blobs: BlobStore, adapter_id: str, number: int, h: str) -> Ada
         data = blobs.get(h)
     except FileNotFoundError:
         raise fail(f"blob {blobs.path(h)} is missing") from None
+    except OSError as exc:  # a directory in its place, no permission, an I/O error
+        raise fail(f"blob {blobs.path(h)} is unreadable ({type(exc).__name__}: {exc})") from None
     try:
         adapter = deserialize(data)
     except Exception as exc:  # safetensors raises its own types on garbage

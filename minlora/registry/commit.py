@@ -1,9 +1,13 @@
 """Writing revisions: one at a time (`commit`) or in bulk (`commit_many`).
 
-Protocol (why a crash never leaves half a revision): the blob is written first, atomically
-and durably; then one database transaction inserts the blob row (if new) and the revision
-row.  A crash before that transaction commits leaves at most an unreferenced blob, which
-`gc` removes; a revision row is only ever visible with its blob in place.
+Protocol (why a crash never leaves half a revision, and gc never takes a blob that a new
+revision needs): the blob is written first, atomically and durably, unless a file of the
+right size is already under its name; then one database transaction takes the lock of the
+content hash (Store.lock_blobs, which gc's deletion also holds), checks again that the file
+is in place (rewriting it if gc removed it in between), and inserts the blob row (if new)
+and the revision row.  A crash before that transaction commits leaves at most an
+unreferenced blob, which `gc` removes; a revision row is only ever visible with its blob in
+place, and once it is visible gc keeps the blob.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = ["HEAD", "Weights", "commit", "commit_many", "prepare"]
 Weights = Adapter | Mapping[str, LoraWeights]
 HEAD: Any = object()  # default `parent`: the adapter's newest revision at commit time
 _PARAMS = 900  # SQLite caps the bound parameters of one statement
+_BATCH_BYTES = 256 << 20  # new blob bytes one bulk batch holds for its in-lock check
 
 
 def _recorded(message: str, author: str, prov: dict[str, Any]) -> dict[str, Any]:
@@ -56,11 +61,10 @@ def prepare(weights: Weights, config: Mapping[str, Any] | None) -> Adapter:
     return Adapter(modules=adapter.modules, config=canonical_config(adapter.config))
 
 
-def _store_blob(store: Store, blobs: BlobStore, h: str, data: bytes) -> None:
-    # A blob row in the database means the file was durably written before that row
-    # committed.  Without a row we (re)write it: a file found without a row is an orphan
-    # of a crashed commit, and rewriting refreshes its age so a concurrent gc keeps it.
-    if not store.blob_known(h):
+def _ensure_blob(blobs: BlobStore, h: str, data: bytes) -> None:
+    # The file, not the blob row, is what a reader needs: a blob lost since its row was
+    # written (deleted by hand, a restore without the blob store) is written again here.
+    if blobs.size(h) != len(data):
         blobs.put(h, data)
 
 
@@ -78,10 +82,12 @@ def commit(
     """Record `adapter` (prepared) as the next revision of `adapter_id` (validated)."""
     h = content_hash(adapter)
     data = serialize(adapter)
-    _store_blob(store, blobs, h, data)
+    _ensure_blob(blobs, h, data)
     common = _recorded(message, author, prov)
 
     def txn(conn: Connection) -> Revision:
+        store.lock_blobs(conn, [h])
+        _ensure_blob(blobs, h, data)
         now = entities.now()
         pk = conn.execute(
             sa.select(S.adapters.c.pk).where(S.adapters.c.adapter_id == adapter_id).with_for_update()
@@ -140,37 +146,41 @@ def commit_many(
     batch_size: int,
     progress: Callable[[int], None] | None,
 ) -> int:
-    """Commit one revision for each (adapter_id, weights), `batch_size` per transaction;
-    parents are each adapter's newest revision.  Returns the number of revisions."""
+    """Commit one revision for each (adapter_id, weights), `batch_size` per transaction
+    (fewer when the batch's new blobs pass _BATCH_BYTES); parents are each adapter's newest
+    revision.  Returns the number of revisions."""
     common = _recorded(message, author, prov)
-    known: set[str] = set()
+    known: set[str] = set()  # content hashes whose blob rows an earlier batch committed
     total = 0
-    batch: list[tuple[str, str, int]] = []
+    batch: list[tuple[str, str]] = []
+    pending: dict[str, bytes] = {}  # this batch's new contents, held for the in-lock check
+    pending_bytes = 0
 
     def flush() -> None:
-        nonlocal total
+        nonlocal total, pending_bytes
         if not batch:
             return
-        rows = list(batch)
-        store.write(lambda conn: _insert_batch(store, conn, rows, common))
+        rows, blobs_of_batch = list(batch), dict(pending)
+        store.write(lambda conn: _insert_batch(store, blobs, conn, rows, blobs_of_batch, common))
         total += len(rows)
+        known.update(blobs_of_batch)
         if progress is not None:
             progress(len(rows))
         batch.clear()
+        pending.clear()
+        pending_bytes = 0
 
     for adapter_id, weights in items:
         aid = normalize_adapter_id(adapter_id)
         adapter = prepare(weights, None)
         h = content_hash(adapter)
-        if h in known:
-            size = -1  # already stored (or written earlier in this call)
-        else:
+        if h not in known and h not in pending:
             data = serialize(adapter)
-            _store_blob(store, blobs, h, data)
-            known.add(h)
-            size = len(data)
-        batch.append((aid, h, size))
-        if len(batch) >= batch_size:
+            _ensure_blob(blobs, h, data)
+            pending[h] = data
+            pending_bytes += len(data)
+        batch.append((aid, h))
+        if len(batch) >= batch_size or pending_bytes >= _BATCH_BYTES:
             flush()
     flush()
     return total
@@ -206,12 +216,21 @@ def _heads(conn: Connection, adapter_pks: list[int]) -> dict[int, tuple[int, int
 
 
 def _insert_batch(
-    store: Store, conn: Connection, rows: list[tuple[str, str, int]], common: dict[str, Any]
+    store: Store,
+    blobs: BlobStore,
+    conn: Connection,
+    rows: list[tuple[str, str]],
+    new_blobs: dict[str, bytes],
+    common: dict[str, Any],
 ) -> None:
-    """Insert the revisions (adapter_id, content_hash, blob size or -1 when known) of one batch."""
+    """Insert the revisions (adapter_id, content_hash) of one batch; `new_blobs` are the
+    contents first seen in this batch (content hash -> blob bytes)."""
+    store.lock_blobs(conn, new_blobs)
+    for h, data in new_blobs.items():
+        _ensure_blob(blobs, h, data)
     now = entities.now()
     a = S.adapters.c
-    ids = sorted({aid for aid, _, _ in rows})
+    ids = sorted({aid for aid, _ in rows})
     existing: dict[str, int] = dict(_select_in(conn, a.adapter_id, ids, a.adapter_id, a.pk))
     new = [aid for aid in ids if aid not in existing]
     if new:
@@ -219,15 +238,14 @@ def _insert_batch(
         existing.update(_select_in(conn, a.adapter_id, new, a.adapter_id, a.pk))
     new_set = set(new)
     heads = _heads(conn, [existing[aid] for aid in ids if aid not in new_set])
-    blob_rows = {h: size for _, h, size in rows if size >= 0}
-    if blob_rows:
+    if new_blobs:
         conn.execute(
             store.insert(S.blobs).on_conflict_do_nothing(),
-            [{"content_hash": h, "size": size, "created_at": now} for h, size in blob_rows.items()],
+            [{"content_hash": h, "size": len(data), "created_at": now} for h, data in new_blobs.items()],
         )
     values = []
     chained: list[tuple[int, int]] = []  # (adapter pk, number) whose parent is earlier in this batch
-    for aid, h, _ in rows:
+    for aid, h in rows:
         apk = existing[aid]
         n, parent_pk = heads.get(apk, (0, None))
         if parent_pk == -1:

@@ -38,7 +38,12 @@ class Registry:
 
     Registry()                                  -> ~/.minlora/registry.db + ~/.minlora/blobs
     Registry(root="/data/minlora")              -> same layout under that root
+    Registry("sqlite:////data/a.db")            -> /data/a.db + /data/a.blobs (beside it)
     Registry("postgresql+psycopg://...", "s3://bucket/minlora")   -> the cluster form
+
+    Blobs belong to one database (location.py): a database without a file of its own
+    (PostgreSQL, in-memory SQLite) needs its blob URL.  A damaged database raises
+    DamagedDatabaseError at open and is never re-initialised (dbcheck.py).
     """
 
     def __init__(self, url: str | None = None, blobs: str | None = None, *, root: str | None = None) -> None:

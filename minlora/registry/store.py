@@ -5,7 +5,8 @@ commit protocol) lives in the modules that use it; this one only speaks SQL."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar, Union
 
 import sqlalchemy as sa
@@ -13,9 +14,9 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
-from . import entities, migrate
+from . import dbcheck, entities
 from . import schema as S
-from .db import make_engine, run_transaction
+from .db import database_name, run_transaction
 from .errors import AdapterNotFoundError, AmbiguousRevisionError, RegistryError, RevisionNotFoundError
 from .types import Revision
 
@@ -24,7 +25,12 @@ __all__ = ["RevRef", "Store"]
 T = TypeVar("T")
 RevRef = Union[int, str]
 _HEX = re.compile(r"^[0-9a-f]{4,64}$")
+_NUMBER = re.compile(r"[0-9]+")
+MAX_REVISION = (1 << 31) - 1  # the revision number column is a 32-bit integer on PostgreSQL
 _PAGE = 10000  # rows per keyset page of a full scan
+# The two-key advisory locks are a key space apart from migrate's one-key lock.
+_BLOB_LOCK_NS = 0x6D6C6F72  # "mlor"
+_LOCK = sa.text("SELECT pg_advisory_xact_lock(:ns, :key)")
 
 
 class Store:
@@ -32,15 +38,22 @@ class Store:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = dbcheck.open_checked(url)
         self.dialect = self.engine.dialect.name
-        migrate.upgrade(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
 
     def display_url(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
+
+    def name(self) -> str:
+        """The database as messages name it (a SQLite file's path, or the URL without password)."""
+        return database_name(self.engine.url)
+
+    def problems(self) -> list[str]:
+        """Structural damage the database reports about itself ([] when none)."""
+        return dbcheck.problems(self.engine)
 
     # ------------------------------------------------------------------ transactions
 
@@ -94,12 +107,13 @@ class Store:
                 f"{adapter_id}: a revision is a number, tag, hash prefix, 'head' or 'serving', got {ref!r}"
             )
         base = self.revision_query().where(r.c.adapter_pk == adapter_pk)
-        text = str(ref).strip()
-        if isinstance(ref, int) or text.isdigit():
-            row = conn.execute(base.where(r.c.number == int(text))).first()
-            if row is None:
-                raise RevisionNotFoundError(f"{adapter_id}: no revision {text}")
-            return row
+        if isinstance(ref, int):
+            return self._numbered(conn, base, adapter_id, ref)
+        # Tags are stored NFC (ids.normalize_tag), so a reference is compared in NFC too.
+        text = unicodedata.normalize("NFC", ref.strip())
+        # A number is ASCII digits; other scripts' digits ('٣', '²') are tag names.
+        if _NUMBER.fullmatch(text):
+            return self._numbered(conn, base, adapter_id, int(text) if len(text) <= 18 else None, text)
         low = text.lower()
         if low in ("head", "latest"):
             row = conn.execute(base.order_by(r.c.number.desc()).limit(1)).first()
@@ -128,6 +142,20 @@ class Store:
             if rows:
                 return rows[0]  # identical content committed more than once: the newest
         raise RevisionNotFoundError(f"{adapter_id}: no revision, tag or hash prefix {text!r}")
+
+    @staticmethod
+    def _numbered(
+        conn: Connection, base: sa.Select, adapter_id: str, number: int | None, text: str | None = None
+    ) -> Any:
+        # `number` None: more digits than any revision number has.
+        row = None
+        if number is not None and 1 <= number <= MAX_REVISION:
+            row = conn.execute(base.where(S.revisions.c.number == number)).first()
+        if row is None:
+            if text is None:
+                text = str(number) if abs(number or 0).bit_length() < 64 else "beyond 2**63"
+            raise RevisionNotFoundError(f"{adapter_id}: no revision {text}")
+        return row
 
     @staticmethod
     def serving_pk(conn: Connection, adapter_pk: int) -> int | None:
@@ -230,14 +258,22 @@ class Store:
                 yield aid, number, h
             last = rows[-1][0]
 
-    def blob_known(self, content_hash: str) -> bool:
-        """Whether a blob row exists for `content_hash`."""
+    def lock_blobs(self, conn: Connection, hashes: Iterable[str]) -> None:
+        """Hold, until the transaction ends, the lock that commit and gc take on these
+        content hashes, so gc's "unreferenced, so delete" and commit's "referenced, and the
+        file is in place" never interleave.  SQLite's write transaction already holds the
+        database's one write lock; PostgreSQL takes one advisory lock per hash (sorted, so
+        two holders of several never deadlock)."""
+        if self.dialect != "postgresql":
+            return
+        for key in sorted({int(h[:8], 16) - (1 << 31) for h in hashes}):
+            conn.execute(_LOCK, {"ns": _BLOB_LOCK_NS, "key": key})
+
+    @staticmethod
+    def referenced(conn: Connection, hashes: Sequence[str]) -> set[str]:
+        """Which of `hashes` have a blob row."""
         b = S.blobs.c
-        return self.read(
-            lambda c: (
-                c.execute(sa.select(b.content_hash).where(b.content_hash == content_hash)).first() is not None
-            )
-        )
+        return set(conn.execute(sa.select(b.content_hash).where(b.content_hash.in_(list(hashes)))).scalars())
 
     def blob_hashes(self) -> set[str]:
         """Every content hash with a blob row."""

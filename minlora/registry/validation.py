@@ -94,8 +94,23 @@ def evaluation_input(
     return suite, clean, canonical_config(details) if details else None
 
 
+def _name(kind: str, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"gate {kind} must be a non-empty string of at most {MAX_NAME_LENGTH} characters, got {value!r}"
+        )
+
+
 def gate(g: Gate) -> Gate:
-    """A gate that can be stored."""
-    if not math.isfinite(g.tolerance) or g.tolerance < 0:
-        raise ValueError(f"gate tolerance must be a finite number >= 0, got {g.tolerance!r}")
+    """A gate that can be stored: suite and metric names, a bool direction, a finite
+    tolerance >= 0."""
+    if not isinstance(g, Gate):
+        raise TypeError(f"a gate is a minlora.registry.Gate, got {type(g).__name__}")
+    _name("suite", g.suite)
+    _name("metric", g.metric)
+    if not isinstance(g.higher_is_better, bool):
+        raise ValueError(f"gate higher_is_better must be True or False, got {g.higher_is_better!r}")
+    tol = g.tolerance
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"gate tolerance must be a finite number >= 0, got {tol!r}")
     return g
