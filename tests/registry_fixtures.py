@@ -291,7 +291,30 @@ def reg(registry_location):
     r.close()
 
 
+def execute_sql(url: str, *statements: str) -> None:
+    """Run SQL on a registry's database behind the registry's back (to damage or age it)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for statement in statements:
+            conn.execute(sa.text(statement))
+    engine.dispose()
+
+
 # ---------------------------------------------------------------------- worker processes
+
+
+def run_workers(procs: list, results, timeout: float) -> list:
+    """Start the worker processes, take one result from each off `results`, wait for them
+    to exit, and check that each exited cleanly."""
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=timeout) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    return got
 
 
 def worker_context() -> multiprocessing.context.BaseContext:

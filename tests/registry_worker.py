@@ -97,7 +97,69 @@ def stall_commit(url: str, blobs: str, moment: str, ready) -> None:
     if moment == "blob":
         os.replace = freeze  # this process only: the rename that publishes the blob
     elif moment == "row":
-        Registry._revision_obj = freeze  # called inside the transaction, after the INSERTs
+        from minlora.registry.store import Store
+
+        Store.revision = freeze  # called inside the commit's transaction, after the INSERTs
     else:
         raise ValueError(moment)
     reg.commit("stall", _weights(random.Random(moment)), message="never committed")
+
+
+def race_weights(seed: int) -> Adapter:
+    """The content both sides of a gc / commit race use (the test builds it too)."""
+    return _weights(random.Random(seed), features=32, modules=2)
+
+
+def _pause_once(cls, name: str, paused, go, *, after: bool) -> None:
+    """Make `cls.name` (this process only) stop once, before or after its real work, tell the
+    test (`paused`) and wait for `go`."""
+    real = getattr(cls, name)
+    state = {"armed": True}
+
+    def hooked(*args, **kwargs):
+        def pause() -> None:
+            if state["armed"]:
+                state["armed"] = False
+                paused.set()
+                go.wait(120)
+
+        if not after:
+            pause()
+        out = real(*args, **kwargs)
+        if after:
+            pause()
+        return out
+
+    setattr(cls, name, hooked)
+
+
+def race_commit(url: str, blobs: str, seed: int, adapter_id: str, paused, go, results) -> None:
+    """Commit race_weights(seed).  With `paused` given, stop right after the blob file is
+    written (before any row exists) until the test says `go`."""
+    from minlora.registry.blobs import BlobStore
+
+    if paused is not None:
+        _pause_once(BlobStore, "put", paused, go, after=True)
+    with Registry(url, blobs) as reg:
+        rev = reg.commit(adapter_id, race_weights(seed), message="racing gc")
+    results.put(("commit", rev.number, rev.content_hash))
+
+
+def race_gc(url: str, blobs: str, paused, go, results) -> None:
+    """gc(min_age_s=0).  With `paused` given, stop just before the first file is deleted
+    (gc has decided it is unreferenced) until the test says `go`."""
+    from minlora.registry.blobs import BlobStore
+
+    if paused is not None:
+        _pause_once(BlobStore, "delete", paused, go, after=False)
+    with Registry(url, blobs) as reg:
+        report = reg.gc(min_age_s=0)
+    results.put(("gc", report.deleted))
+
+
+def open_fresh_and_commit(url: str, blobs: str, name: str, barrier, results) -> None:
+    """Open a registry that does not exist yet, together with other processes, and commit."""
+    barrier.wait()
+    with Registry(url, blobs) as reg:
+        rev = reg.commit(name, _weights(random.Random(name), features=8, modules=1))
+    results.put((name, rev.number))

@@ -9,13 +9,13 @@ import time
 import unicodedata
 
 import pytest
-import sqlalchemy as sa
 import torch
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from registry_fixtures import (  # noqa: F401  (fixtures)
     assert_same_adapter,
     backend,
+    execute_sql,
     make_adapter,
     postgres_server,
     reg,
@@ -63,10 +63,7 @@ def test_reopen_runs_no_migration_and_keeps_data(registry_location):
 def test_newer_schema_is_refused(registry_location):
     url, blobs = registry_location
     Registry(url, blobs).close()
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
-    engine.dispose()
+    execute_sql(url, "UPDATE alembic_version SET version_num = '9999'")
     with pytest.raises(RegistryError, match="9999.*upgrade minlora"):
         Registry(url, blobs)
 
@@ -385,6 +382,39 @@ def test_rollback_walks_back_like_undo(reg):
     ]
     assert hist[3].actor == "ops"
     assert reg.log("r")[0].number == 4  # history itself untouched
+
+
+def test_rollback_stack_is_a_pure_function_of_the_event_log():
+    from minlora.registry.serving import rollback_stack, rollback_target
+
+    # promote 1, 2, 3; roll back to 2; roll back to 1; promote 3; roll back to 2
+    events = [("promote", 1), ("promote", 2), ("promote", 3), ("rollback", 2), ("rollback", 1)]
+    assert rollback_stack(events) == [1]
+    assert rollback_target([1], 1) is None
+    events += [("promote", 3)]
+    assert rollback_stack(events) == [1, 3] and rollback_target([1, 3], 3) == 1
+    # a rollback to a revision that is not on the stack starts it afresh
+    assert rollback_stack([("promote", 1), ("promote", 2), ("rollback", 7)]) == [7]
+    # the current revision is skipped even when it sits lower on the stack
+    assert rollback_target([4, 5, 4], 4) == 5
+    assert rollback_stack([]) == [] and rollback_target([], 1) is None
+
+
+def test_gate_report_is_pure():
+    from minlora.registry.gates import failures, gate_report
+
+    acc = Gate("qa", "accuracy", higher_is_better=True, tolerance=0.01)
+    lat = Gate("qa", "latency_ms", higher_is_better=False)
+    cand = {("qa", "accuracy"): 0.795, ("qa", "latency_ms"): 12.0}
+    cur = {("qa", "accuracy"): 0.80, ("qa", "latency_ms"): 10.0}
+    report = gate_report([acc, lat], lambda s, m: cand.get((s, m)), lambda s, m: cur.get((s, m)))
+    assert [g["status"] for g in report] == ["pass", "regressed"]
+    assert report[1]["candidate"] == 12.0 and report[1]["serving"] == 10.0
+    assert "latency_ms is worse by 2" in report[1]["why"]
+    assert [g["metric"] for g in failures(report)] == ["latency_ms"]
+    # nothing serving: every present metric passes, an absent one is missing
+    first = gate_report([acc, Gate("qa", "f1")], lambda s, m: cand.get((s, m)), None)
+    assert [g["status"] for g in first] == ["pass", "missing"]
 
 
 def test_evaluations_and_runner(reg):

@@ -14,6 +14,7 @@ atomic; both go through the same `put` call.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ __all__ = ["BlobFile", "BlobStore"]
 
 _SUFFIX = ".safetensors"
 _TMP_MARK = TMP_MARK  # temporary files of write_atomic, which gc removes when stale
+# The only names the store writes: <h[:2]>/<h>.safetensors and, while writing,
+# <h[:2]>/<h>.safetensors.tmp-<hex>.  Anything else under the root is not ours.
+_BLOB_NAME = re.compile(r"(?P<h>[0-9a-f]{64})\.safetensors(?P<tmp>\.tmp-[0-9a-f]+)?")
 
 
 @dataclass
@@ -70,6 +74,24 @@ class BlobStore:
         os.makedirs(os.path.dirname(final), exist_ok=True)
         write_atomic(final, data)
 
+    def size(self, content_hash: str) -> int | None:
+        """The stored blob's size in bytes; None when there is no file under its name."""
+        try:
+            info = self.fs.info(self.path(content_hash))
+        except FileNotFoundError:
+            return None
+        if info.get("type") not in (None, "file"):
+            return None
+        return int(info.get("size") or 0)
+
+    def mtime(self, path: str) -> float | None:
+        """The modification time of `path` now (seconds since the epoch; 0 when the store
+        does not say); None when it is gone."""
+        try:
+            return _mtime(self.fs.info(path))
+        except FileNotFoundError:
+            return None
+
     def get(self, content_hash: str) -> bytes:
         """The blob's bytes. Raises FileNotFoundError when it is absent."""
         return self.fs.cat_file(self.path(content_hash))
@@ -77,38 +99,53 @@ class BlobStore:
     def delete(self, path: str) -> None:
         self.fs.rm_file(path)
 
+    def parse(self, path: str) -> tuple[str, bool] | None:
+        """(content hash, is a temporary file) when `path` is a name this store writes,
+        in the directory it writes it to; None for anything else."""
+        prefix = self.root.rstrip("/") + "/"
+        if not path.startswith(prefix):
+            return None
+        parts = path[len(prefix) :].split("/")
+        if len(parts) != 2:
+            return None
+        m = _BLOB_NAME.fullmatch(parts[1])
+        if m is None or parts[0] != m["h"][:2]:
+            return None
+        return m["h"], m["tmp"] is not None
+
     def walk(self) -> Iterator[BlobFile]:
-        """Every blob and temporary file under the root."""
+        """Every blob and temporary file of this store under the root (files of other
+        names are not ours and are never listed)."""
         if not self.fs.exists(self.root):
             return
         for path, info in self.fs.find(self.root, detail=True).items():
-            name = path.rsplit("/", 1)[-1]
-            if _TMP_MARK in name:
-                h = None
-            elif name.endswith(_SUFFIX):
-                h = name[: -len(_SUFFIX)]
-            else:
+            parsed = self.parse(path)
+            if parsed is None:
                 continue  # not ours: leave it alone
-            # Each fsspec backend names the modification time its own way (local: mtime,
-            # s3: LastModified, gcs: updated, memory: created).
-            mtime = (
-                info.get("mtime")
-                or info.get("LastModified")
-                or info.get("updated")
-                or info.get("created")
-                or 0
+            h, tmp = parsed
+            yield BlobFile(
+                path=path,
+                content_hash=None if tmp else h,
+                size=int(info.get("size") or 0),
+                mtime=_mtime(info),
             )
-            if isinstance(mtime, str):
-                from datetime import datetime
-
-                try:
-                    mtime = datetime.fromisoformat(mtime.replace("Z", "+00:00"))
-                except ValueError:
-                    mtime = 0
-            if hasattr(mtime, "timestamp"):
-                mtime = mtime.timestamp()
-            yield BlobFile(path=path, content_hash=h, size=int(info.get("size") or 0), mtime=float(mtime))
 
     @staticmethod
     def now() -> float:
         return time.time()
+
+
+def _mtime(info: dict) -> float:
+    # Each fsspec backend names the modification time its own way (local: mtime,
+    # s3: LastModified, gcs: updated, memory: created).
+    value = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created") or 0
+    if isinstance(value, str):
+        from datetime import datetime
+
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            value = 0
+    if hasattr(value, "timestamp"):
+        value = value.timestamp()
+    return float(value)

@@ -14,7 +14,9 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["is_transient", "make_engine", "run_transaction", "transaction"]
+from .errors import DamagedDatabaseError
+
+__all__ = ["database_name", "is_damage", "is_transient", "make_engine", "run_transaction", "transaction"]
 
 T = TypeVar("T")
 
@@ -65,20 +67,54 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def database_name(url: str | sa.engine.URL) -> str:
+    """How messages name a database: the file of a SQLite database, else the URL without
+    its password."""
+    u = sa.engine.make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        return os.path.abspath(u.database)
+    return u.render_as_string(hide_password=True)
+
+
+def _sqlstate(exc: sa.exc.DBAPIError) -> str | None:
+    return getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+
+
+def is_damage(exc: BaseException) -> bool:
+    """True for errors that say the database file itself is broken (SQLite's "file is not a
+    database" and "database disk image is malformed"; PostgreSQL's data_corrupted and
+    index_corrupted)."""
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False
+    name = getattr(exc.orig, "sqlite_errorname", "") or ""
+    return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or _sqlstate(exc) in ("XX001", "XX002")
+
+
+def damaged(url: str | sa.engine.URL, why: object) -> DamagedDatabaseError:
+    name = database_name(url)
+    return DamagedDatabaseError(
+        f"the registry database {name} is damaged ({why}); the registry will not use it "
+        "(restore it from a backup)",
+        database=name,
+    )
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors that a fresh attempt of the same transaction may not hit again."""
     if isinstance(exc, sa.exc.IntegrityError):
-        # Two writers allocated the same revision number or created the same adapter; the
-        # next attempt sees the winner's row and picks the next number / reuses the adapter.
-        return True
+        # Two PostgreSQL writers allocated the same revision number or created the same
+        # adapter: a unique violation that the next attempt resolves by seeing the winner's
+        # row.  Any other constraint failure (NOT NULL, foreign key, CHECK) fails the same
+        # way every time, and SQLite serialises its writers (BEGIN IMMEDIATE), so there an
+        # integrity error is never a race.
+        return _sqlstate(exc) == "23505"
     if isinstance(exc, sa.exc.OperationalError):
         msg = str(exc.orig).lower() if exc.orig is not None else str(exc).lower()
         if "locked" in msg or "busy" in msg:
             return True
     if isinstance(exc, sa.exc.DBAPIError):
-        code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
         # 40001 serialization_failure, 40P01 deadlock_detected, 55P03 lock_not_available
-        if code in ("40001", "40P01", "55P03"):
+        if _sqlstate(exc) in ("40001", "40P01", "55P03"):
             return True
     return False
 
@@ -97,13 +133,16 @@ def transaction(engine: Engine, *, write: bool = True) -> Iterator[Connection]:
 
 def run_transaction(engine: Engine, fn: Callable[[Connection], T], *, write: bool = True) -> T:
     """Run `fn(conn)` in a transaction, retrying it (with jittered backoff) on transient
-    conflicts.  `fn` must only touch the database, so running it again is harmless."""
+    conflicts; a damaged database raises DamagedDatabaseError naming it.  `fn` may run more
+    than once, so whatever it does besides the database must be harmless to repeat."""
     delay = 0.005
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
             with transaction(engine, write=write) as conn:
                 return fn(conn)
         except sa.exc.DBAPIError as exc:
+            if is_damage(exc):
+                raise damaged(engine.url, exc.orig) from exc
             if attempt == MAX_ATTEMPTS or not is_transient(exc):
                 raise
             time.sleep(delay * (0.5 + random.random()))

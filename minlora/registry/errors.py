@@ -6,6 +6,7 @@ __all__ = [
     "AdapterNotFoundError",
     "AmbiguousRevisionError",
     "CorruptBlobError",
+    "DamagedDatabaseError",
     "InvalidIdError",
     "PromotionRefusedError",
     "RegistryError",
@@ -48,6 +49,16 @@ class CorruptBlobError(RegistryError):
         self.adapter_id = adapter_id
         self.revision = revision
         self.content_hash = content_hash
+
+
+class DamagedDatabaseError(RegistryError):
+    """The registry's database is empty, truncated, malformed or not a registry database.
+    The registry refuses to use it (and never re-initialises it), so nothing is lost that
+    a restore from a backup could still bring back."""
+
+    def __init__(self, message: str, *, database: str) -> None:
+        super().__init__(message)
+        self.database = database
 
 
 class PromotionRefusedError(RegistryError):
