@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence, Union
 
 from torch import nn
 
-from .formats.peft import check_supported, read_config
+from .formats.peft import check_config, read_config
 from .formats.targeting import targets_module
 from .patching.layers import linear_shape
 
@@ -32,7 +32,7 @@ def target_shapes(model: nn.Module, peft_dirs_or_configs: Sequence[PeftSource]) 
     configs = []
     for c in peft_dirs_or_configs:
         config = dict(c) if isinstance(c, Mapping) else read_config(c)
-        check_supported(config)
+        check_config(config)
         configs.append(config)
     shapes: dict[str, tuple[int, int]] = {}
     for name, module in model.named_modules():

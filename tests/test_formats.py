@@ -137,3 +137,81 @@ def test_registry_export_writes_through_the_atomic_writer(tmp_path, monkeypatch,
     assert os.listdir(out) == ["a.safetensors"]
     assert main(["adapters", "--root", root, "export", "a", str(out / "a.safetensors"), "--format", "minlora"]) == 0
     _same(_adapter(4), load_adapter_file(out / "a.safetensors"))
+
+
+# ---------------------------------------------------------------- damaged native files
+
+
+def _blob(tensors: dict, config: str = '{"r":2}', scales: str = '{"m":0.5}', **meta: str) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors, metadata={"format": "minlora-adapter-v1", "config": config, "scales": scales, **meta})
+
+
+def _damaged_files() -> dict[str, bytes]:
+    a, b = torch.randn(2, 4), torch.randn(3, 2)
+    good = serialize(Adapter({"m": LoraWeights(a, b, 0.5)}, {"r": 2}))
+    from safetensors.torch import save
+
+    cases = {f"truncated to {n} bytes": good[:n] for n in (0, 5, 8, 40, len(good) // 2, len(good) - 1)}
+    header_len = int.from_bytes(good[:8], "little")
+    cases.update({
+        "header length past the end": (10**12).to_bytes(8, "little") + good[8:],
+        "header not JSON": good[:8] + b"#" * header_len + good[8 + header_len:],
+        "header not an object": (2).to_bytes(8, "little") + b"[]",
+        "header not UTF-8": (2).to_bytes(8, "little") + b"\xff\xfe",
+        "metadata not strings": _raw_header({"__metadata__": {"format": 1}}),
+        "no metadata": save({"m.lora_A": a, "m.lora_B": b}),
+        "no config": save({"m.lora_A": a, "m.lora_B": b}, metadata={"format": "minlora-adapter-v1", "scales": "{}"}),
+        "no scales": save({"m.lora_A": a, "m.lora_B": b}, metadata={"format": "minlora-adapter-v1", "config": "{}"}),
+        "config not JSON": _blob({"m.lora_A": a, "m.lora_B": b}, config="{oops"),
+        "config not an object": _blob({"m.lora_A": a, "m.lora_B": b}, config="[1]"),
+        "config nested absurdly": _blob({"m.lora_A": a, "m.lora_B": b}, config="[" * 100_000 + "]" * 100_000),
+        "scales not an object": _blob({"m.lora_A": a, "m.lora_B": b}, scales="[0.5]"),
+        "scale not a number": _blob({"m.lora_A": a, "m.lora_B": b}, scales='{"m":"abc"}'),
+        "scale NaN": _blob({"m.lora_A": a, "m.lora_B": b}, scales='{"m":NaN}'),
+        "scale Infinity": _blob({"m.lora_A": a, "m.lora_B": b}, scales='{"m":Infinity}'),
+        "zero modules": _blob({}, scales="{}"),
+        "A and B dtypes differ": _blob({"m.lora_A": a, "m.lora_B": b.half()}),
+        "integer factors": _blob({"m.lora_A": a.to(torch.int32), "m.lora_B": b.to(torch.int32)}),
+        "1-D factor": _blob({"m.lora_A": a.flatten(), "m.lora_B": b}),
+        "ranks differ": _blob({"m.lora_A": a, "m.lora_B": torch.randn(3, 5)}),
+        "missing B": _blob({"m.lora_A": a}),
+        "extra tensor": _blob({"m.lora_A": a, "m.lora_B": b, "stray": a.clone()}),
+    })
+    return cases
+
+
+def _raw_header(header: dict) -> bytes:
+    import json
+
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text
+
+
+@pytest.mark.parametrize("what", sorted(_damaged_files()))
+def test_damaged_native_file_is_a_value_error(tmp_path, what):
+    """Truncated or malformed files, zero modules, non-finite scales, A/B dtypes that differ:
+    ValueError (never SafetensorError / KeyError / AttributeError / a JSON error), naming the file
+    when read from one."""
+    data = _damaged_files()[what]
+    with pytest.raises(ValueError) as info:
+        deserialize(data)
+    assert type(info.value) is ValueError, (what, type(info.value))
+    path = tmp_path / "damaged.safetensors"
+    path.write_bytes(data)
+    for read in (load_adapter_file, load_adapter):
+        with pytest.raises(ValueError, match="damaged.safetensors.*not a minlora adapter file") as info:
+            read(path)
+        assert type(info.value) is ValueError, what
+
+
+def test_cli_commit_of_a_truncated_file_is_one_clear_line(tmp_path, capsys):
+    from minlora.cli import main
+
+    save_adapter_file(_adapter(5), tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 3])
+    code = main(["adapters", "--root", str(tmp_path / "reg"), "commit", "a", str(tmp_path / "cut.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 1 and "cut.safetensors" in err and "not a minlora adapter file" in err and "Traceback" not in err

@@ -3,8 +3,9 @@ PEFT's targeting rules.
 
     adapter.py    Adapter, LoraWeights and check_adapter (the one validation of an adapter)
     native.py     minlora's safetensors file: serialize / deserialize / save / load, content hash
-    peft.py       PEFT LoRA directories: read_config, check_supported, load_peft, save_peft
-    targeting.py  PEFT's rules on module names: target_modules, exclude_modules, layers, patterns
+    peft.py       PEFT LoRA directories: load_peft, save_peft
+    peft_config.py  adapter_config.json: read_config (bounded), check_config, check_supported
+    targeting.py  PEFT's rules on module names (on RE2): target_modules, exclude_modules, layers, patterns
     load.py       load_adapter(path): a file or a PEFT directory, whichever `path` is
     atomic.py     write_atomic: the file writer every format (and the registry's blobs) uses
 
@@ -30,11 +31,14 @@ _NAMES = {
     "serialize": "native",
     "CONFIG_NAME": "peft",
     "WEIGHTS_NAME": "peft",
-    "UnsupportedAdapterError": "peft",
-    "check_supported": "peft",
+    "MAX_CONFIG_BYTES": "peft_config",
+    "UnsupportedAdapterError": "peft_config",
+    "check_config": "peft_config",
+    "check_supported": "peft_config",
     "load_peft": "peft",
-    "read_config": "peft",
+    "read_config": "peft_config",
     "save_peft": "peft",
+    "check_targeting": "targeting",
     "module_rank": "targeting",
     "module_scale": "targeting",
     "select_modules": "targeting",

@@ -22,9 +22,10 @@ import json
 import math
 import os
 import struct
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -54,6 +55,8 @@ def canonical_config(config: Any) -> dict[str, Any]:
         return json.loads(canonical_json(config))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"config is not JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise ValueError("config is not JSON-serialisable: it nests too deeply") from None
 
 
 def tensor_cpu(t: torch.Tensor) -> torch.Tensor:
@@ -80,28 +83,39 @@ def serialize(adapter: Adapter) -> bytes:
 _MAX_HEADER_BYTES = 100_000_000
 
 
-def _header(head: bytes, read: Any) -> dict[str, Any]:
+def _json(what: str, text: Union[str, bytes]) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what} nests its JSON too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{what} is not valid JSON ({exc})") from None
+
+
+def _header(head: bytes, read: Callable[[int], bytes]) -> dict[str, Any]:
     """The JSON header of a safetensors file: u64 little-endian length, then that much JSON.
     head: the file's first 8 bytes; read(n): its next n bytes."""
     if len(head) < 8:
-        raise ValueError("file is shorter than a safetensors header")
+        raise ValueError(f"{len(head)} bytes is shorter than a safetensors header (a truncated file?)")
     (n,) = struct.unpack("<Q", head[:8])
     if n > _MAX_HEADER_BYTES:
-        raise ValueError(f"safetensors header length {n} is over {_MAX_HEADER_BYTES} bytes")
+        raise ValueError(f"the safetensors header declares {n} bytes, over the {_MAX_HEADER_BYTES} allowed")
     raw = read(n)
     if len(raw) < n:
-        raise ValueError("safetensors header length exceeds the file")
-    header = json.loads(raw)
+        raise ValueError(f"the header declares {n} bytes but {len(raw)} follow (a truncated file?)")
+    header = _json("the safetensors header", bytes(raw))
     if not isinstance(header, dict):
-        raise ValueError("safetensors header is not an object")
+        raise ValueError(f"the safetensors header is not a JSON object but a {type(header).__name__}")
     return header
 
 
 def _metadata(data: bytes) -> dict[str, str]:
     header = _header(data[:8], lambda n: data[8 : 8 + n])
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ValueError("safetensors metadata is not an object")
+    meta = header.get("__metadata__")
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("the safetensors metadata is not an object of strings")
     return meta
 
 
@@ -121,25 +135,53 @@ def safetensors_elements(path: Union[str, "os.PathLike[str]"]) -> int:
     return total
 
 
+def _read_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(bytes(data))
+    except (SafetensorError, ValueError, TypeError, RuntimeError, OverflowError, KeyError) as exc:
+        raise ValueError(f"its tensors cannot be read ({type(exc).__name__}: {exc})") from None
+
+
 def deserialize(data: bytes) -> Adapter:
-    """Inverse of `serialize`. Raises ValueError on anything malformed."""
+    """Inverse of `serialize`.  Raises ValueError for anything malformed: a truncated or garbled
+    file, missing or extra tensors, a config or scales that are not what serialize writes, no
+    module, a non-finite scale, or factors that check_adapter refuses (A/B dtypes differ, ...)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
     meta = _metadata(data)
     if meta.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} blob (format={meta.get('format')!r})")
-    config = json.loads(meta["config"])
-    scales = json.loads(meta["scales"])
-    tensors = st_load(data)
+    missing = [k for k in ("config", "scales") if k not in meta]
+    if missing:
+        raise ValueError(f"the metadata has no {missing[0]!r}")
+    config = _json("the config", meta["config"])
+    scales = _json("the scales", meta["scales"])
+    if not isinstance(config, dict):
+        raise ValueError(f"the config is a {type(config).__name__}, not a JSON object")
+    if not isinstance(scales, dict):
+        raise ValueError(f"the scales are a {type(scales).__name__}, not a JSON object")
+    tensors = _read_tensors(data)
     modules: dict[str, LoraWeights] = {}
     for name, scale in scales.items():
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise ValueError(f"module {name!r}: the scale {scale!r} is not a number")
         try:
             a = tensors.pop(name + _SUFFIX_A)
             b = tensors.pop(name + _SUFFIX_B)
         except KeyError:
             raise ValueError(f"module {name!r} is missing a tensor") from None
-        modules[name] = LoraWeights(a=a, b=b, scale=float(scale))
+        try:
+            modules[name] = LoraWeights(a=a, b=b, scale=float(scale))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"module {name!r}: {exc}") from None
     if tensors:
         raise ValueError(f"unexpected tensors in blob: {sorted(tensors)[:5]}")
-    return Adapter(modules=modules, config=config)
+    adapter = Adapter(modules=modules, config=config)
+    try:
+        check_adapter(adapter, "the file")
+    except TypeError as exc:  # e.g. integer factors: still a malformed file
+        raise ValueError(str(exc)) from None
+    return adapter
 
 
 def save_adapter_file(adapter: Adapter, path: Union[str, "os.PathLike[str]"]) -> None:

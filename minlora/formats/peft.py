@@ -7,7 +7,9 @@ PEFT's `PeftModel.from_pretrained` loads with the same per-module ranks and scal
 
 Only safetensors is read: a pickled `adapter_model.bin` is refused, never unpickled.
 Variants whose forward is not plain `y += scale * B A x` (DoRA, LoRA bias, modules_to_save,
-embedding LoRA, bias != "none", ...) are refused with a `ValueError` naming the field.
+embedding LoRA, bias != "none", ...) are refused with an `UnsupportedAdapterError` (a
+ValueError) naming the field; a malformed config or weights file gives a ValueError naming the
+file and what is wrong (the config's rules: peft_config.py and targeting.py).
 """
 from __future__ import annotations
 
@@ -19,81 +21,24 @@ from collections import Counter
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 from .adapter import Adapter, LoraWeights, check_adapter
 from .atomic import write_atomic
+from .peft_config import CONFIG_NAME, UnsupportedAdapterError, check_config, check_supported, read_config
 from .targeting import module_rank, module_scale, targets_module
 
-__all__ = [
-    "CONFIG_NAME",
-    "WEIGHTS_NAME",
-    "UnsupportedAdapterError",
-    "check_supported",
-    "load_peft",
-    "read_config",
-    "save_peft",
-]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "UnsupportedAdapterError", "check_config", "check_supported", "load_peft",
+           "read_config", "save_peft"]
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 # PeftModel saves its state dict from PeftModel -> LoraModel -> the wrapped model.
 _KEY_PREFIX = "base_model.model."
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class UnsupportedAdapterError(ValueError):
-    """The adapter uses a PEFT feature minlora does not implement; the message names the field."""
-
-
-# field -> predicate on its value that means "this adapter needs a forward minlora does not have".
-# Fields not listed are either inference no-ops (lora_dropout, inference_mode) or only steer
-# initialisation (init_lora_weights, loftq/eva/corda/lora_ga configs), which the saved weights already hold.
-def _truthy(v: Any) -> bool:
-    return bool(v)
-
-
-_REFUSED_FIELDS: dict[str, tuple[Any, str]] = {
-    "use_dora": (_truthy, "DoRA (weight-decomposed LoRA) is not supported"),
-    "lora_bias": (_truthy, "a bias on lora_B is not supported"),
-    "modules_to_save": (_truthy, "fully trained extra modules are not supported"),
-    "bias": (lambda v: v not in (None, "none"), "training the base layers' biases is not supported"),
-    "target_parameters": (_truthy, "LoRA on bare parameters is not supported"),
-    "trainable_token_indices": (_truthy, "trainable token embeddings are not supported"),
-    "alora_invocation_tokens": (_truthy, "activated LoRA (aLoRA) is not supported"),
-    "use_qalora": (_truthy, "QA-LoRA is not supported"),
-    "layer_replication": (_truthy, "layer replication is not supported"),
-    "use_bdlora": (_truthy, "block-diagonal LoRA is not supported"),
-    "arrow_config": (_truthy, "Arrow routing is not supported"),
-    "kasa_config": (_truthy, "KaSA is not supported"),
-    "velora_config": (_truthy, "VeLoRA is not supported"),
-    "monteclora_config": (_truthy, "MonteCLoRA is not supported"),
-}
-
-
-def check_supported(config: Mapping[str, Any]) -> None:
-    """Raises UnsupportedAdapterError naming the first config field minlora cannot honour."""
-    peft_type = config.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
-        raise UnsupportedAdapterError(f"peft_type={peft_type!r}: only LORA adapters are supported")
-    for name, (bad, why) in _REFUSED_FIELDS.items():
-        if name in config and bad(config[name]):
-            raise UnsupportedAdapterError(f"{name}={config[name]!r}: {why}")
-
-
-def read_config(path: PathLike) -> dict[str, Any]:
-    """The adapter's adapter_config.json as a dict (not yet checked)."""
-    file = os.path.join(os.fspath(path), CONFIG_NAME)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in the PEFT adapter directory {os.fspath(path)!r}")
-    with open(file, encoding="utf-8") as f:
-        config = json.load(f)
-    if not isinstance(config, dict):
-        raise ValueError(f"{CONFIG_NAME} must hold a JSON object")
-    return config
 
 
 # Tensor name parts that mark a variant, checked over the whole file first so the refusal names
@@ -132,30 +77,19 @@ def _split_key(key: str) -> tuple[str, str]:
     return m["module"], m["kind"]
 
 
-def load_peft(
-    path: PathLike, *, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu"
-) -> Adapter:
-    """Reads a PEFT LoRA adapter directory into an `Adapter`.
+def _read_tensors(weights_file: str, device: Union[str, torch.device]) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(weights_file, device=str(device))
+    except (SafetensorError, ValueError, TypeError, RuntimeError, OverflowError, KeyError) as exc:
+        raise ValueError(
+            f"{weights_file!r} is not a readable safetensors file ({type(exc).__name__}: {exc})"
+        ) from None
 
-    Each module's LoraWeights holds a [r, in] (PEFT's lora_A.weight), b [out, r] (lora_B.weight)
-    and the final scale.  `fan_in_fan_out` (GPT-2's Conv1D) changes only how PEFT merges the
-    delta into the transposed base weight, not the stored factors, so a and b are read as they are.
-    The config is kept in `Adapter.config`.
-    """
-    path = os.fspath(path)
-    config = read_config(path)
-    check_supported(config)
-    weights_file = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(weights_file):
-        pickled = [n for n in _PICKLED_NAMES if os.path.isfile(os.path.join(path, n))]
-        if pickled:
-            raise ValueError(
-                f"{pickled[0]} is a pickle; minlora reads only {WEIGHTS_NAME} and never unpickles "
-                "(convert it with safetensors first)"
-            )
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in the PEFT adapter directory {path!r}")
-    tensors = load_file(weights_file, device=str(device))
 
+def _modules(
+    config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype]
+) -> dict[str, LoraWeights]:
+    """module name -> LoraWeights from the file's tensors, checked against the config."""
     _check_tensor_names(tensors)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -192,9 +126,50 @@ def load_peft(
         scale = module_scale(config, module, rank)
         modules[module] = LoraWeights(a=a.contiguous(), b=b.contiguous(), scale=scale)
     if not modules:
-        raise ValueError(f"{weights_file!r} holds no LoRA weights")
-    adapter = Adapter(modules=modules, config=config)
-    check_adapter(adapter, repr(weights_file))
+        raise ValueError("it holds no LoRA weights")
+    return modules
+
+
+def _naming(file: str, exc: Exception) -> ValueError:
+    """`exc` (a refusal of what `file` holds) as a ValueError (or UnsupportedAdapterError) naming the file."""
+    kind = UnsupportedAdapterError if isinstance(exc, UnsupportedAdapterError) else ValueError
+    return kind(f"{file!r}: {exc}")
+
+
+def load_peft(
+    path: PathLike, *, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu"
+) -> Adapter:
+    """Reads a PEFT LoRA adapter directory into an `Adapter`.
+
+    Each module's LoraWeights holds a [r, in] (PEFT's lora_A.weight), b [out, r] (lora_B.weight)
+    and the final scale.  `fan_in_fan_out` (GPT-2's Conv1D) changes only how PEFT merges the
+    delta into the transposed base weight, not the stored factors, so a and b are read as they are.
+    The config is kept in `Adapter.config`.
+
+    Raises FileNotFoundError for a missing file, UnsupportedAdapterError for a variant minlora
+    does not implement, and ValueError naming the file and the field for anything malformed.
+    """
+    path = os.fspath(path)
+    config = read_config(path)
+    try:
+        check_config(config)
+    except ValueError as exc:
+        raise _naming(os.path.join(path, CONFIG_NAME), exc) from None
+    weights_file = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights_file):
+        pickled = [n for n in _PICKLED_NAMES if os.path.isfile(os.path.join(path, n))]
+        if pickled:
+            raise ValueError(
+                f"{pickled[0]} is a pickle; minlora reads only {WEIGHTS_NAME} and never unpickles "
+                "(convert it with safetensors first)"
+            )
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in the PEFT adapter directory {path!r}")
+    tensors = _read_tensors(weights_file, device)
+    try:
+        adapter = Adapter(modules=_modules(config, tensors, dtype), config=config)
+        check_adapter(adapter, "the adapter")
+    except (ValueError, TypeError) as exc:
+        raise _naming(weights_file, exc) from None
     return adapter
 
 
