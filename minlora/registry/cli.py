@@ -2,9 +2,9 @@
 
 Where the registry is: --root DIR (SQLite + blobs under DIR), or --url URL with --blobs URL;
 the environment variables MINLORA_REGISTRY_URL, MINLORA_BLOBS and MINLORA_HOME give the
-defaults, and ~/.minlora is the last resort.  Every command takes --json (machine-readable
-output on stdout).  Exit status: 0 success, 1 a registry error (message on stderr),
-2 bad usage, 3 a promotion refused by its gates, 4 verify found corrupted revisions.
+defaults, and ~/.minlora is the last resort.  Every sub-command takes --json (its result as
+JSON on stdout).  Exit statuses are minlora.command's: 0 success, 1 an error (one line on
+stderr), 2 bad usage, 3 a promotion refused by its gates, 4 corrupted stored weights.
 """
 
 from __future__ import annotations
@@ -17,35 +17,30 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["register"]
+from ..command import EXIT_CORRUPT, EXIT_ERROR, EXIT_OK, CommandError, describe, exit_status, positive_int
 
-EXIT_ERROR, EXIT_REFUSED, EXIT_CORRUPT = 1, 3, 4
+__all__ = ["add_arguments", "run"]
+
+Handler = Callable[[Any, argparse.Namespace], int]
 
 
-def register(subparsers: Any) -> None:
-    """Add the `adapters` command group to the top-level `minlora` parser."""
-    p = subparsers.add_parser(
-        "adapters",
-        help="adapter registry: import, commit, log, promote, ...",
-        description="The adapter registry: identity, revisions, provenance, evaluations, serving.",
-    )
-    p.add_argument(
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `adapters` command: where the registry is, and its sub-commands."""
+    parser.add_argument(
         "--root", help="registry root (SQLite file and blobs under it); default $MINLORA_HOME or ~/.minlora"
     )
-    p.add_argument(
+    parser.add_argument(
         "--url", help="database URL (e.g. postgresql+psycopg://...); default $MINLORA_REGISTRY_URL"
     )
-    p.add_argument(
+    parser.add_argument(
         "--blobs", help="blob store path or fsspec URL (e.g. s3://bucket/minlora); default $MINLORA_BLOBS"
     )
-    sub = p.add_subparsers(dest="adapters_command", metavar="SUBCOMMAND", required=True)
+    sub = parser.add_subparsers(dest="adapters_command", metavar="SUBCOMMAND", required=True)
 
-    def cmd(
-        name: str, fn: Callable[[Any, argparse.Namespace], Any], help_text: str
-    ) -> argparse.ArgumentParser:
+    def cmd(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.add_argument("--json", action="store_true", help="print JSON")
-        sp.set_defaults(func=lambda args: _run(fn, args))
+        sp.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+        sp.set_defaults(handler=handler, _prog=sp.prog)
         return sp
 
     def commit_options(sp: argparse.ArgumentParser) -> None:
@@ -79,11 +74,11 @@ def register(subparsers: Any) -> None:
     sp = cmd("list", _list, "list adapter ids")
     sp.add_argument("--prefix")
     sp.add_argument("--after", help="start after this id (paging)")
-    sp.add_argument("--limit", type=int, default=1000)
+    sp.add_argument("--limit", type=positive_int, default=1000)
 
     sp = cmd("log", _log, "revision history, newest first")
     sp.add_argument("adapter")
-    sp.add_argument("-n", "--limit", type=int)
+    sp.add_argument("-n", "--limit", type=positive_int)
 
     sp = cmd("show", _show, "one revision: provenance, tags, evaluations, serving, residency")
     sp.add_argument("adapter")
@@ -140,47 +135,39 @@ def register(subparsers: Any) -> None:
     sp.add_argument("--min-age", type=float, default=3600.0, help="seconds; younger files are kept")
     sp.add_argument("--dry-run", action="store_true")
 
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+def run(args: argparse.Namespace) -> int:
+    """Opens the registry, runs the chosen sub-command on it, closes it."""
+    reg = _open(args)
+    try:
+        return int(args.handler(reg, args) or 0)
+    finally:
+        reg.close()
 
 
 # ---------------------------------------------------------------------- plumbing
 
 
 def _open(args: argparse.Namespace) -> Any:
-    from .registry import Registry
+    from .registry import Registry, default_root
 
     url = args.url or os.environ.get("MINLORA_REGISTRY_URL")
     blobs = args.blobs or os.environ.get("MINLORA_BLOBS")
-    return Registry(url, blobs, root=args.root)
-
-
-def _run(fn: Callable[[Any, argparse.Namespace], Any], args: argparse.Namespace) -> int:
-    from .errors import CorruptBlobError, PromotionRefusedError, RegistryError
-
     try:
-        reg = _open(args)
-    except (RegistryError, ValueError, OSError) as exc:
-        print(f"minlora adapters: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    try:
-        return int(fn(reg, args) or 0)
-    except PromotionRefusedError as exc:
-        if args.json:
-            _emit(args, {"refused": True, "error": str(exc), "gate_report": exc.report}, "")
-        print(f"minlora adapters: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    except CorruptBlobError as exc:
-        print(f"minlora adapters: {exc}", file=sys.stderr)
-        return EXIT_CORRUPT
-    except (RegistryError, ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"minlora adapters: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except BrokenPipeError:
-        # The reader went away (`... | head`): stop quietly, as other shell tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    finally:
-        reg.close()
+        return Registry(url, blobs, root=args.root)
+    except Exception as exc:
+        if exit_status(exc) is None:
+            raise
+        if url:
+            import sqlalchemy as sa
+
+            try:
+                where = sa.engine.make_url(url).render_as_string(hide_password=True)
+            except Exception:  # not even a URL: the error says why
+                where = "at the given URL"
+        else:
+            where = f"under {args.root or default_root()}"
+        raise CommandError(f"cannot open the registry {where}: {describe(exc)}") from exc
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -216,47 +203,49 @@ def _commit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def _read_weights(path: str) -> Any:
-    from . import content, peft_bridge
+def _read_adapter(path: str) -> Any:
+    """The adapter at `path`, a PEFT directory or a minlora adapter file; whatever is wrong
+    with it (missing, truncated, a bad config or pattern) is one error that names the path."""
+    from ..adapter_file import load_adapter_file
+    from . import peft_bridge
 
     if os.path.isdir(path):
-        return peft_bridge.read_peft(path)
-    with open(path, "rb") as f:
-        data = f.read()
+        try:
+            return peft_bridge.read_peft(path)
+        except Exception as exc:
+            raise CommandError(f"{path}: cannot read this PEFT adapter directory: {describe(exc)}") from exc
     try:
-        return content.deserialize(data)
+        return load_adapter_file(path)
     except Exception as exc:
-        raise ValueError(f"{path}: not a PEFT directory nor a minlora adapter file ({exc})") from None
+        raise CommandError(f"{path}: not a PEFT directory nor a minlora adapter file ({describe(exc)})") from exc
 
 
 # ---------------------------------------------------------------------- commands
 
 
 def _import(reg: Any, args: argparse.Namespace) -> int:
-    from . import peft_bridge
-
+    if not os.path.isdir(args.path):
+        raise CommandError(f"{args.path}: not a directory (import takes a PEFT adapter directory)")
     adapter_id = args.adapter or os.path.basename(os.path.normpath(args.path))
-    rev = reg.commit(adapter_id, peft_bridge.read_peft(args.path), **_commit_kwargs(args))
+    rev = reg.commit(adapter_id, _read_adapter(args.path), **_commit_kwargs(args))
     _emit(args, rev.to_dict(), f"{rev.adapter_id} revision {rev.number} ({rev.content_hash[:12]})")
     return 0
 
 
 def _commit(reg: Any, args: argparse.Namespace) -> int:
-    rev = reg.commit(args.adapter, _read_weights(args.path), **_commit_kwargs(args))
+    rev = reg.commit(args.adapter, _read_adapter(args.path), **_commit_kwargs(args))
     _emit(args, rev.to_dict(), f"{rev.adapter_id} revision {rev.number} ({rev.content_hash[:12]})")
     return 0
 
 
 def _export(reg: Any, args: argparse.Namespace) -> int:
-    from . import content
+    from ..adapter_file import save_adapter_file
 
     if args.format == "peft":
         rev = reg.export_peft(args.adapter, args.path, args.rev)
     else:
         rev = reg.show(args.adapter, args.rev)
-        data = content.serialize(reg.load(args.adapter, rev.number))
-        with open(args.path, "wb") as f:
-            f.write(data)
+        save_adapter_file(reg.load(args.adapter, rev.number), args.path)
     _emit(
         args,
         {"path": args.path, **rev.to_dict()},
@@ -346,7 +335,14 @@ def _tag(reg: Any, args: argparse.Namespace) -> int:
 
 
 def _promote(reg: Any, args: argparse.Namespace) -> int:
-    p = reg.promote(args.adapter, args.rev, force=args.force, by=args.by, reason=args.reason)
+    from .errors import PromotionRefusedError
+
+    try:
+        p = reg.promote(args.adapter, args.rev, force=args.force, by=args.by, reason=args.reason)
+    except PromotionRefusedError as exc:
+        # The gates' report is the result a script wants; the refusal's exit status stays.
+        _emit(args, {"refused": True, "error": str(exc), "gate_report": exc.report}, "")
+        raise
     if not p.changed:
         text = f"{p.adapter_id}: revision {p.to_revision} is already serving"
     else:
@@ -425,7 +421,7 @@ def _gate(reg: Any, args: argparse.Namespace) -> int:
     if args.remove:
         removed = reg.remove_gate(args.adapter, args.suite, args.metric)
         _emit(args, {"removed": removed}, "removed" if removed else "no such gate")
-        return 0 if removed else EXIT_ERROR
+        return EXIT_OK if removed else EXIT_ERROR
     gate = Gate(args.suite, args.metric, not args.lower_is_better, args.tolerance)
     reg.set_gate(args.adapter, gate)
     _emit(args, gate.to_dict(), f"{args.adapter}: promotions now require {gate.suite}/{gate.metric}")
@@ -440,7 +436,7 @@ def _verify(reg: Any, args: argparse.Namespace) -> int:
     if not report.ok:
         text += "\n" + "\n".join(f"  {f['error']}" for f in report.failures)
     _emit(args, report.to_dict(), text)
-    return 0 if report.ok else EXIT_CORRUPT
+    return EXIT_OK if report.ok else EXIT_CORRUPT
 
 
 def _gc(reg: Any, args: argparse.Namespace) -> int:
@@ -450,14 +446,3 @@ def _gc(reg: Any, args: argparse.Namespace) -> int:
     _emit(args, report.to_dict(), text)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m minlora.registry.cli ...` is `minlora adapters ...`."""
-    parser = argparse.ArgumentParser(prog="minlora")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["adapters", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
