@@ -64,7 +64,9 @@ def __dir__() -> list[str]:
 # import system binds a submodule to its parent's attribute once it is imported, which would
 # replace the function.  The function wins, as it did when this package imported it eagerly.
 _FUNCTIONS_NAMED_LIKE_SUBMODULES = {
-    name for name, (module, attribute) in _LAZY.items() if attribute is not None and module == f"{__name__}.{name}"
+    name
+    for name, (module, attribute) in _LAZY.items()
+    if attribute is not None and module == f"{__name__}.{name}"
 }
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "ArgumentParser",
     "Command",
     "CommandError",
+    "DATABASE_ERROR",
     "EXIT_CORRUPT",
     "EXIT_ERROR",
     "EXIT_OK",
@@ -42,6 +43,7 @@ __all__ = [
     "describe",
     "device_name",
     "exit_status",
+    "is_instance",
     "non_negative_int",
     "output_file",
     "positive_int",
@@ -59,7 +61,9 @@ _EXIT_STATUS_BY_CLASS: dict[str, int] = {
     "minlora.registry.errors.CorruptBlobError": EXIT_CORRUPT,
     "minlora.registry.errors.RegistryError": EXIT_ERROR,
     "sqlalchemy.exc.DBAPIError": EXIT_ERROR,  # the database: unreachable, damaged, refused
+    "sqlalchemy.exc.ArgumentError": EXIT_ERROR,  # a database URL that is not one
 }
+DATABASE_ERROR = "sqlalchemy.exc.DBAPIError"
 # Built-in exceptions that a user's input or environment causes (a bad value, a missing or
 # unwritable file, an invalid pattern in a config); anything else is a bug and keeps its traceback.
 _USER_ERRORS = (ValueError, OSError, re.error)
@@ -119,12 +123,21 @@ def add_commands(parser: argparse.ArgumentParser, commands: Mapping[str, Command
         sub.add_command(name, command)
 
 
+def _class_paths(exc: BaseException) -> list[str]:
+    return [f"{cls.__module__}.{cls.__qualname__}" for cls in type(exc).__mro__]
+
+
+def is_instance(exc: BaseException, class_path: str) -> bool:
+    """isinstance(exc, the class named `class_path`), without importing its module."""
+    return class_path in _class_paths(exc)
+
+
 def exit_status(exc: BaseException) -> Optional[int]:
     """The exit status of a user error, or None when `exc` is a bug (it keeps its traceback)."""
     if isinstance(exc, CommandError):
         return exc.exit_code
-    for cls in type(exc).__mro__:
-        status = _EXIT_STATUS_BY_CLASS.get(f"{cls.__module__}.{cls.__qualname__}")
+    for path in _class_paths(exc):
+        status = _EXIT_STATUS_BY_CLASS.get(path)
         if status is not None:
             return status
     return EXIT_ERROR if isinstance(exc, _USER_ERRORS) else None
@@ -132,9 +145,11 @@ def exit_status(exc: BaseException) -> Optional[int]:
 
 def describe(exc: BaseException) -> str:
     """`exc`'s message on one line (a database error: the driver's own message, without the SQL)."""
-    if any(f"{c.__module__}.{c.__qualname__}" == "sqlalchemy.exc.DBAPIError" for c in type(exc).__mro__):
+    if is_instance(exc, DATABASE_ERROR):
         exc = getattr(exc, "orig", None) or exc
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if isinstance(exc, re.error):
+        text = f"invalid regular expression {exc.pattern!r}: {text}"
     return text or type(exc).__name__
 
 
@@ -201,9 +216,11 @@ def require_device(name: str) -> "torch.device":
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise CommandError(f"--device {name}: CUDA is not available here (torch.cuda.is_available() is False)")
+            raise CommandError(f"--device {name}: CUDA is not available here "
+                               "(torch.cuda.is_available() is False)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CommandError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            count = torch.cuda.device_count()
+            raise CommandError(f"--device {name}: this machine has {count} CUDA device(s)")
     return device
 
 

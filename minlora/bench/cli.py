@@ -13,7 +13,7 @@ BENCHMARKS: dict[str, Command] = {
     "ops": Command("minlora.bench.ops", "the LoRA op vs a per-adapter loop, gather + bmm and grouped_mm"),
     "model": Command("minlora.bench.model", "a patched HF model vs PEFT's mixed batch vs the base model"),
     "pool": Command("minlora.bench.pool", "the AdapterPool at scale: registration, Zipf trace, hit rate"),
-    "registry": Command("minlora.bench.registry", "the adapter registry at scale: bulk registration, op latencies"),
+    "registry": Command("minlora.bench.registry", "the adapter registry at scale: registration, latencies"),
 }
 
 

@@ -172,8 +172,10 @@ def progress_bar(total: int, desc: str, enabled: bool = True) -> Iterator[Any]:
 
 def add_output_arguments(parser: argparse.ArgumentParser, *, plot: bool = False) -> None:
     """The output options of every benchmark (see minlora.command for what they mean)."""
-    parser.add_argument("--json", action="store_true", help="print the results and machine info as JSON on stdout")
-    parser.add_argument("--json-out", metavar="FILE", type=output_file, help="write the results and machine info to FILE")
+    parser.add_argument("--json", action="store_true",
+                        help="print the results and machine info as JSON on stdout")
+    parser.add_argument("--json-out", metavar="FILE", type=output_file,
+                        help="write the results and machine info to FILE")
     if plot:
         parser.add_argument("--plot", metavar="FILE.png", type=output_file, help="write a plot to FILE.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -74,8 +74,8 @@ def latency(fn: Callable[[str], Any], ids: list[str]) -> dict[str, float]:
             "n": len(times)}
 
 
-def run_registry_bench(root: str, *, adapters: int, distinct: int = 1000, batch: int = 20_000, samples: int = 300,
-                       seed: int = 0, show_progress: bool = True) -> dict[str, Any]:
+def run_registry_bench(root: str, *, adapters: int, distinct: int = 1000, batch: int = 20_000,
+                       samples: int = 300, seed: int = 0, show_progress: bool = True) -> dict[str, Any]:
     """Registers `adapters` adapters in a fresh registry under `root`, then times the
     per-adapter operations on `samples` random ones; returns the figures."""
     from ..registry import Gate, Registry
@@ -90,7 +90,8 @@ def run_registry_bench(root: str, *, adapters: int, distinct: int = 1000, batch:
 
     with Registry(root=root) as reg, progress_bar(adapters, "register", show_progress) as bar:
         t0 = time.perf_counter()
-        done = reg.commit_many(items(), batch_size=batch, message="initial", author="bench", progress=bar.update)
+        done = reg.commit_many(items(), batch_size=batch, message="initial", author="bench",
+                               progress=bar.update)
         register_s = time.perf_counter() - t0
         counts = reg.count()
     if done != adapters:
@@ -111,7 +112,7 @@ def run_registry_bench(root: str, *, adapters: int, distinct: int = 1000, batch:
             reg.set_gate(a, Gate("qa", "acc", tolerance=0.1))
             reg.record_evaluation(a, 1, "qa", {"acc": 0.5})
         lat["commit"] = latency(
-            lambda a: reg.commit(a, weights[rng.randrange(len(weights))], message="update", author="bench"), gated
+            lambda a: reg.commit(a, rng.choice(weights), message="update", author="bench"), gated
         )
         for a in gated:
             reg.record_evaluation(a, "head", "qa", {"acc": 0.55})
@@ -152,7 +153,8 @@ def format_report(r: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=list(PRESETS), default="quick",
                         help="quick: 10,000 adapters; full: 1,000,000 (--adapters overrides)")
-    parser.add_argument("--adapters", type=positive_int, default=None, help="adapters to register (one revision each)")
+    parser.add_argument("--adapters", type=positive_int, default=None,
+                        help="adapters to register (one revision each)")
     parser.add_argument("--distinct", type=positive_int, default=1000, help="distinct weight blobs they share")
     parser.add_argument("--batch", type=positive_int, default=20_000,
                         help="revisions per transaction in the bulk registration")

@@ -17,7 +17,17 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..command import EXIT_CORRUPT, EXIT_ERROR, EXIT_OK, CommandError, describe, exit_status, positive_int
+from ..command import (
+    DATABASE_ERROR,
+    EXIT_CORRUPT,
+    EXIT_ERROR,
+    EXIT_OK,
+    CommandError,
+    describe,
+    exit_status,
+    is_instance,
+    positive_int,
+)
 
 __all__ = ["add_arguments", "run"]
 
@@ -141,6 +151,10 @@ def run(args: argparse.Namespace) -> int:
     reg = _open(args)
     try:
         return int(args.handler(reg, args) or 0)
+    except Exception as exc:
+        if is_instance(exc, DATABASE_ERROR):  # e.g. a damaged page found by this query
+            raise CommandError(f"the registry database {_location(args)}: {describe(exc)}") from exc
+        raise
     finally:
         reg.close()
 
@@ -148,26 +162,34 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- plumbing
 
 
-def _open(args: argparse.Namespace) -> Any:
-    from .registry import Registry, default_root
+def _url(args: argparse.Namespace) -> str | None:
+    return args.url or os.environ.get("MINLORA_REGISTRY_URL")
 
-    url = args.url or os.environ.get("MINLORA_REGISTRY_URL")
-    blobs = args.blobs or os.environ.get("MINLORA_BLOBS")
+
+def _location(args: argparse.Namespace) -> str:
+    """Where the registry is, for messages (a URL's password hidden)."""
+    url = _url(args)
+    if not url:
+        from .registry import default_root
+
+        return f"under {args.root or default_root()}"
+    import sqlalchemy as sa
+
     try:
-        return Registry(url, blobs, root=args.root)
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "(--url is not a database URL)"
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from .registry import Registry
+
+    try:
+        return Registry(_url(args), args.blobs or os.environ.get("MINLORA_BLOBS"), root=args.root)
     except Exception as exc:
         if exit_status(exc) is None:
             raise
-        if url:
-            import sqlalchemy as sa
-
-            try:
-                where = sa.engine.make_url(url).render_as_string(hide_password=True)
-            except Exception:  # not even a URL: the error says why
-                where = "at the given URL"
-        else:
-            where = f"under {args.root or default_root()}"
-        raise CommandError(f"cannot open the registry {where}: {describe(exc)}") from exc
+        raise CommandError(f"cannot open the registry {_location(args)}: {describe(exc)}") from exc
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -195,8 +217,11 @@ def _commit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.training_data:
         prov["training_data"] = args.training_data
     if args.training_config:
-        with open(args.training_config, encoding="utf-8") as f:
-            prov["training_config"] = json.load(f)
+        try:
+            with open(args.training_config, encoding="utf-8") as f:
+                prov["training_config"] = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"--training-config {args.training_config}: {describe(exc)}") from exc
     kw: dict[str, Any] = {"message": args.message, "author": args.author, "provenance": prov}
     if args.parent is not None:
         kw["parent"] = None if args.parent.lower() == "none" else args.parent
@@ -217,10 +242,25 @@ def _read_adapter(path: str) -> Any:
     try:
         return load_adapter_file(path)
     except Exception as exc:
-        raise CommandError(f"{path}: not a PEFT directory nor a minlora adapter file ({describe(exc)})") from exc
+        why = describe(exc)
+        raise CommandError(f"{path}: not a PEFT directory nor a minlora adapter file ({why})") from exc
 
 
 # ---------------------------------------------------------------------- commands
+
+
+def _write_adapter(adapter: Any, path: str, form: str) -> None:
+    """Writes `adapter` to `path` as a PEFT directory ("peft") or a minlora adapter file."""
+    from ..adapter_file import save_adapter_file
+    from . import peft_bridge
+
+    try:
+        if form == "peft":
+            peft_bridge.write_peft(adapter, path)
+        else:
+            save_adapter_file(adapter, path)
+    except OSError as exc:
+        raise CommandError(f"{path}: cannot be written ({exc.strerror or describe(exc)})") from exc
 
 
 def _import(reg: Any, args: argparse.Namespace) -> int:
@@ -239,13 +279,8 @@ def _commit(reg: Any, args: argparse.Namespace) -> int:
 
 
 def _export(reg: Any, args: argparse.Namespace) -> int:
-    from ..adapter_file import save_adapter_file
-
-    if args.format == "peft":
-        rev = reg.export_peft(args.adapter, args.path, args.rev)
-    else:
-        rev = reg.show(args.adapter, args.rev)
-        save_adapter_file(reg.load(args.adapter, rev.number), args.path)
+    rev = reg.show(args.adapter, args.rev)
+    _write_adapter(reg.load(args.adapter, rev.number), args.path, args.format)
     _emit(
         args,
         {"path": args.path, **rev.to_dict()},
@@ -365,7 +400,10 @@ def _load_runner(spec: str) -> Callable[..., Any]:
     module, _, name = spec.partition(":")
     if not module or not name:
         raise ValueError(f"--runner must be MODULE:FUNCTION, got {spec!r}")
-    fn = getattr(importlib.import_module(module), name, None)
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except ImportError as exc:
+        raise CommandError(f"--runner {spec}: cannot import {module!r} ({describe(exc)})") from exc
     if not callable(fn):
         raise ValueError(f"{spec}: not a callable")
     return fn
