@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "third_party"))
@@ -89,12 +89,9 @@ if want_cuda():
 else:
     ext = CppExtension("minlora._C", common_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
+# The package's metadata, dependencies and console script are in pyproject.toml; this file
+# only describes the extension.
 setup(
-    name="minlora",
-    version="0.1.0",
-    packages=find_packages(include=["minlora", "minlora.*"]),
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
-    entry_points={"console_scripts": ["minlora = minlora.cli:main"]},
-    python_requires=">=3.10",
 )

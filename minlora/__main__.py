@@ -1,3 +1,4 @@
+"""`python -m minlora ...` is the `minlora` command."""
 import sys
 
 from .cli import main

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from . import _C  # noqa: F401  (registers torch.ops.minlora.*)
 from .plan import BatchPlan
 
 __all__ = ["ModuleTables", "lora", "lora_add_", "lora_backward"]

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _C  # noqa: F401  (registers torch.ops.minlora.*)
+
 __all__ = ["BatchPlan", "build_plan"]
 
 

@@ -6,4 +6,4 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck disable=SC1091
 source "$ROOT/scripts/env.sh"
 cd "$ROOT"
-exec python bench/bench_ops_cpu.py "$@"
+exec python -m minlora bench ops --device cpu "$@"

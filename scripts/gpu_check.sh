@@ -141,7 +141,7 @@ bench() {  # bench NAME SECONDS args...
   shift 2
   echo "==== $name: minlora bench ops $*" >>"$OUT/bench.log"
   run_step "bench_$name" "$max" "$OUT/bench.log" "$PY" -m minlora bench ops --device cuda --dtype bfloat16 \
-    --no-progress --repeats 10 --json "$WORK/bench_$name.json" "$@"
+    --no-progress --repeats 10 --json-out "$WORK/bench_$name.json" "$@"
 }
 if [ "${RC[build]}" = 0 ]; then
   bench decode_r16 70 --proj q k down --ranks 16 --adapters 1 8 64 256 1024 --tokens-per-adapter 1

@@ -15,7 +15,7 @@ def test_bench_ops_tiny(tmp_path, capsys):
     out_json, out_png = tmp_path / "ops.json", tmp_path / "ops.png"
     code = main(["bench", "ops", "--device", "cpu", "--in", "64", "--out", "48", "--ranks", "4", "8",
                  "--adapters", "2", "4", "--tokens-per-adapter", "1", "9", "--repeats", "2", "--no-progress",
-                 "--json", str(out_json), "--plot", str(out_png)])
+                 "--json-out", str(out_json), "--plot", str(out_png)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "minlora_us" in printed and "x_loop" in printed
@@ -28,6 +28,44 @@ def test_bench_ops_tiny(tmp_path, capsys):
         assert row["minlora_us"] > 0 and row["loop_us"] > 0 and row["gather_bmm_us"] > 0
         assert row["x_loop"] == pytest.approx(row["loop_us"] / row["minlora_us"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_ops_json_on_stdout(capsys):
+    """--json prints the results and machine info on stdout instead of the table."""
+    assert main(["bench", "ops", "--device", "cpu", "--in", "32", "--out", "16", "--ranks", "2", "--adapters", "2",
+                 "--tokens-per-adapter", "3", "--repeats", "2", "--no-progress", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["benchmark"] == "ops" and payload["machine"]["cpu_count"] >= 1
+    (row,) = payload["results"]
+    assert row["config"]["rank"] == 2 and row["minlora_us"] > 0
+
+
+def test_bench_registry_tiny(tmp_path, capsys):
+    out_json, root = tmp_path / "registry.json", tmp_path / "reg"
+    assert main(["bench", "registry", "--adapters", "60", "--distinct", "7", "--batch", "25", "--samples", "6",
+                 "--root", str(root), "--no-progress", "--json-out", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "registry scale benchmark: 60 adapters, 7 distinct blobs" in printed and "promote_gated" in printed
+    res = json.loads(out_json.read_text())["results"]
+    assert res["adapters"] == 60 and res["counts"]["adapters"] == 60 and res["blob_files"] >= 7
+    assert res["db_bytes"] > 0 and res["latency"]["load_verified"]["n"] == 6
+    # The registry it made is kept under --root, and a second run there is refused.
+    assert (root / "registry.db").exists()
+    assert main(["bench", "registry", "--adapters", "5", "--root", str(root), "--no-progress"]) == 1
+    assert "already holds a registry" in capsys.readouterr().err
+
+
+def test_bench_presets_fill_only_unset_sizes():
+    from minlora.bench import pool, registry
+    from minlora.bench.common import apply_preset
+    from minlora.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "registry", "--preset", "full"])
+    apply_preset(args, registry.PRESETS)
+    assert args.adapters == 1_000_000
+    args = build_parser().parse_args(["bench", "pool", "--steps", "7"])
+    apply_preset(args, pool.PRESETS)
+    assert (args.adapters, args.steps) == (100_000, 7)
 
 
 def test_bench_ops_backward_tiny(capsys):
@@ -54,13 +92,15 @@ def test_baselines_agree_with_reference():
     assert {"minlora", "loop", "gather_bmm"} <= set(checked)
 
 
-def test_bench_ops_bad_arguments():
-    with pytest.raises(SystemExit, match="unknown preset"):
-        main(["bench", "ops", "--device", "cpu", "--preset", "nope"])
-    with pytest.raises(SystemExit, match="unknown projection"):
-        main(["bench", "ops", "--device", "cpu", "--proj", "qq"])
-    with pytest.raises(SystemExit, match="--in and --out go together"):
-        main(["bench", "ops", "--device", "cpu", "--in", "64"])
+def test_bench_ops_bad_arguments(capsys):
+    for argv, wanted in ((["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
+                         (["--proj", "qq"], "argument --proj: invalid choice: 'qq'")):
+        with pytest.raises(SystemExit) as info:
+            main(["bench", "ops", "--device", "cpu", *argv])
+        assert info.value.code == 2
+        assert wanted in capsys.readouterr().err
+    assert main(["bench", "ops", "--device", "cpu", "--in", "64"]) == 2
+    assert "--in and --out go together" in capsys.readouterr().err
 
 
 def test_cli_help_runs():
@@ -72,7 +112,7 @@ def test_bench_model_tiny(tmp_path, capsys):
     out_json = tmp_path / "model.json"
     code = main(["bench", "model", "--preset", "tiny", "--hidden", "64", "--intermediate", "96", "--layers", "1",
                  "--heads", "4", "--kv-heads", "2", "--vocab", "128", "--adapters", "3", "--rank", "4",
-                 "--batch", "5", "--repeats", "2", "--no-progress", "--json", str(out_json)])
+                 "--batch", "5", "--repeats", "2", "--no-progress", "--json-out", str(out_json)])
     assert code == 0
     assert "x_base" in capsys.readouterr().out
     data = json.loads(out_json.read_text())
@@ -85,7 +125,7 @@ def test_bench_model_tiny(tmp_path, capsys):
 def test_bench_pool_tiny(tmp_path, capsys):
     out_json = tmp_path / "pool.json"
     code = main(["bench", "pool", "--adapters", "2000", "--steps", "50", "--batch", "8", "--no-progress",
-                 "--json", str(out_json)])
+                 "--json-out", str(out_json)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "hit rate" in printed and "steps/s" in printed

@@ -1,16 +1,14 @@
 """The pool benchmark driver (minlora.bench.pool) at toy size, and the per-adapter memory bound."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import torch
 
-from minlora.bench.pool import SeedSource, registration_bytes_per_adapter, run_pool_bench, synthetic_modules
+from minlora.bench.common import apply_preset
+from minlora.bench.pool import PRESETS, SeedSource, registration_bytes_per_adapter, run_pool_bench, synthetic_modules
+from minlora.cli import build_parser, main
 from minlora.pool import AdapterPool
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_registration_costs_at_most_256_bytes_per_adapter():
@@ -49,13 +47,14 @@ def test_bench_driver_small():
     assert r2["hits"] + r2["misses"] == 60 * 8
 
 
-def test_bench_script_writes_json(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_pool", os.path.join(ROOT, "bench", "bench_pool.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_bench_pool_full_preset_writes_json(tmp_path):
+    """`--preset full` is the million-adapter run; explicit sizes override it."""
+    args = build_parser().parse_args(["bench", "pool", "--preset", "full"])
+    apply_preset(args, PRESETS)
+    assert (args.adapters, args.steps) == (1_000_000, 100_000)
     out = tmp_path / "pool.json"
-    rc = mod.main(["--adapters", "500", "--steps", "20", "--batch", "4", "--memory-sample", "100", "--hidden", "16",
-                   "--kv", "8", "--no-progress", "--json", str(out)])
+    rc = main(["bench", "pool", "--preset", "full", "--adapters", "500", "--steps", "20", "--batch", "4",
+               "--memory-sample", "100", "--hidden", "16", "--kv", "8", "--no-progress", "--json-out", str(out)])
     assert rc == 0
     payload = json.loads(out.read_text())
     assert payload["benchmark"] == "pool" and payload["machine"]["torch"]

@@ -1,1 +1,1 @@
-"""Benchmark drivers behind `minlora bench` and the scripts in bench/."""
+"""The benchmarks behind `minlora bench` (minlora.bench.cli names them)."""

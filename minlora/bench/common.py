@@ -1,17 +1,24 @@
-"""Timing, machine information and output shared by every `minlora bench` command."""
+"""Timing, machine information, presets and output shared by every `minlora bench` command."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
 import minlora
+
+from ..command import output_file
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def synchronize(device: torch.device) -> None:
@@ -79,7 +86,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "minlora": minlora.__version__,
-        "minlora_cuda_kernels": bool(minlora._C.cuda_built()),
+        "minlora_cuda_kernels": _cuda_kernels_built(),
         "commit": git_commit(),
         "device": str(device),
     }
@@ -107,6 +114,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         except Exception as exc:  # nvml is optional: a report without clocks is still a report
             info["gpu_clocks_error"] = str(exc)
     return info
+
+
+def _cuda_kernels_built() -> Optional[bool]:
+    try:
+        return bool(minlora._C.cuda_built())
+    except ImportError:  # a registry-only install has no extension
+        return None
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -138,3 +152,59 @@ def progress(items: Iterable[Any], total: int, desc: str, enabled: bool = True):
     from tqdm import tqdm
 
     return tqdm(items, total=total, desc=desc, leave=False)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, enabled: bool = True) -> Iterator[Any]:
+    """A tqdm progress bar to `update(n)` by hand (on stderr), or one that shows nothing."""
+    if not enabled:
+        yield _NoBar()
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, leave=False, mininterval=1.0) as bar:
+        yield bar
+
+def add_output_arguments(parser: argparse.ArgumentParser, *, plot: bool = False) -> None:
+    """The output options of every benchmark (see minlora.command for what they mean)."""
+    parser.add_argument("--json", action="store_true",
+                        help="print the results and machine info as JSON on stdout")
+    parser.add_argument("--json-out", metavar="FILE", type=output_file,
+                        help="write the results and machine info to FILE")
+    if plot:
+        parser.add_argument("--plot", metavar="FILE.png", type=output_file, help="write a plot to FILE.png")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def apply_preset(args: argparse.Namespace, presets: Mapping[str, Mapping[str, Any]]) -> None:
+    """Fills every option left unset (None) from the preset `args.preset` names; options given
+    on the command line win."""
+    for name, value in presets[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def report(args: argparse.Namespace, benchmark: str, results: Any, table: str, device: torch.device, *,
+           plot: Optional[Callable[[str], None]] = None) -> int:
+    """A benchmark's output: the table (or, with --json, the results and machine info as JSON on
+    stdout), the --json-out file and the --plot (drawn by `plot(path)`); returns the exit status."""
+    payload = {"benchmark": benchmark, "machine": machine_info(device), "results": results}
+    if args.json:
+        json.dump(payload, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(table)
+    # What was written goes to stderr when stdout carries the JSON.
+    notes = sys.stderr if args.json else sys.stdout
+    if args.json_out:
+        write_json(args.json_out, payload)
+        print(f"wrote {args.json_out}", file=notes)
+    if plot is not None and getattr(args, "plot", None):
+        plot(args.plot)
+        print(f"wrote {args.plot}", file=notes)
+    return 0

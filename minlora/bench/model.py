@@ -1,6 +1,6 @@
 """`minlora bench model`: a patched HuggingFace Llama vs PEFT's mixed-batch forward vs the base model.
 
-Default shape (issue 5): Llama with hidden 1024, intermediate 2816, 4 layers; 32 rank-16 PEFT
+Default shape: Llama with hidden 1024, intermediate 2816, 4 layers; 32 rank-16 PEFT
 adapters on all seven projections; a batch of 32 requests x 1 token, every request its own
 adapter.  All three run in one process on the same weights; the figures are median forward
 times and their ratios to the base model (the target: patched <= 1.3x base).
@@ -11,8 +11,9 @@ save_pretrained, and read by the pool through minlora.formats (load_adapter), th
 from __future__ import annotations
 
 import argparse
-import statistics
 import copy
+import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -23,9 +24,10 @@ import torch
 
 import minlora
 
-from .common import format_table, time_call
+from ..command import device_name, positive_int, require_device
+from .common import DTYPES, add_output_arguments, apply_preset, format_table, report, time_call
 
-__all__ = ["ModelBenchConfig", "add_arguments", "bench_model", "run_from_args"]
+__all__ = ["MODEL_PRESETS", "ModelBenchConfig", "add_arguments", "bench_model", "run"]
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -112,7 +114,7 @@ def bench_model(cfg: Optional[ModelBenchConfig] = None, *, show_progress: bool =
 
         def log(msg: str) -> None:
             if show_progress:
-                print(msg, flush=True)
+                print(msg, file=sys.stderr, flush=True)  # stdout carries the results
 
         times: dict[str, float] = {}
         with torch.inference_mode():
@@ -230,24 +232,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="small", choices=list(MODEL_PRESETS),
                         help="model shape (random weights, built from a config); the size options below override it")
     for name in _SHAPE_FIELDS:
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None)
-    parser.add_argument("--adapters", type=int, default=d.adapters,
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=positive_int, default=None)
+    parser.add_argument("--adapters", type=positive_int, default=d.adapters,
                         help="distinct adapters (rows cycle through them)")
-    parser.add_argument("--rank", type=int, default=d.rank)
-    parser.add_argument("--batch", type=int, default=d.batch)
-    parser.add_argument("--tokens", type=int, default=d.tokens, help="tokens per request")
-    parser.add_argument("--dtype", default=d.dtype, help="float32 / bfloat16 / float16")
-    parser.add_argument("--device", default=d.device, help="cpu or cuda")
-    parser.add_argument("--repeats", type=int, default=d.repeats)
+    parser.add_argument("--rank", type=positive_int, default=d.rank)
+    parser.add_argument("--batch", type=positive_int, default=d.batch)
+    parser.add_argument("--tokens", type=positive_int, default=d.tokens, help="tokens per request")
+    parser.add_argument("--dtype", choices=DTYPES, default=d.dtype)
+    parser.add_argument("--device", type=device_name, default=d.device, help="cpu or cuda")
+    parser.add_argument("--repeats", type=positive_int, default=d.repeats)
     parser.add_argument("--profile", action="store_true",
                         help="also print a torch.profiler table of the patched forward")
+    add_output_arguments(parser)
 
 
-def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    shape = dict(MODEL_PRESETS[args.preset])
-    shape.update({k: getattr(args, k) for k in _SHAPE_FIELDS if getattr(args, k) is not None})
-    cfg = ModelBenchConfig(**shape, adapters=args.adapters, rank=args.rank, batch=args.batch, tokens=args.tokens,
-                           dtype=args.dtype, device=args.device, repeats=args.repeats, profile=args.profile)
-    result = bench_model(cfg, show_progress=not getattr(args, "no_progress", False))
+def run(args: argparse.Namespace) -> int:
+    device = require_device(args.device)
+    apply_preset(args, MODEL_PRESETS)
+    cfg = ModelBenchConfig(**{k: getattr(args, k) for k in _SHAPE_FIELDS}, adapters=args.adapters, rank=args.rank,
+                           batch=args.batch, tokens=args.tokens, dtype=args.dtype, device=str(device),
+                           repeats=args.repeats, profile=args.profile)
+    result = bench_model(cfg, show_progress=not args.no_progress)
     result["preset"] = args.preset
-    return result
+    return report(args, "model", result, result.pop("table"), device)

@@ -14,16 +14,19 @@ fallback; read on every call); `minlora` runs with the caller's setting, `simple
 """
 from __future__ import annotations
 
+import argparse
+import itertools
 import math
-from dataclasses import asdict, dataclass
 import os
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 import minlora
 
-from .common import copy_bandwidth, progress, time_call
+from ..command import EXIT_USAGE, CommandError, device_name, positive_int, require_device
+from .common import DTYPES, add_output_arguments, copy_bandwidth, format_table, progress, report, time_call
 
 # Hidden, key/value and intermediate sizes of real model configs.
 PRESETS: dict[str, dict[str, int]] = {
@@ -276,7 +279,7 @@ def bench_config(cfg: OpsConfig, *, repeats: int, seed: int = 0, bandwidth: Opti
     return row
 
 
-def run(configs: Sequence[OpsConfig], *, repeats: int = 10, show_progress: bool = True) -> list[dict[str, Any]]:
+def run_configs(configs: Sequence[OpsConfig], *, repeats: int = 10, show_progress: bool = True) -> list[dict[str, Any]]:
     """Every config, in one process, with a copy bandwidth measured on the same device first."""
     devices = {c.device for c in configs}
     bandwidth = {d: copy_bandwidth(torch.device(d)) for d in devices}
@@ -305,3 +308,79 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "tok/ad": c["tokens_per_adapter"],
         })
     return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="llama3-8b", choices=list(PRESETS), help="model sizes")
+    parser.add_argument("--proj", nargs="+", default=["q"], choices=[*PROJECTIONS, "all"], help="projections")
+    parser.add_argument("--in", dest="in_features", type=positive_int,
+                        help="explicit input size (with --out; overrides --preset)")
+    parser.add_argument("--out", dest="out_features", type=positive_int, help="explicit output size")
+    parser.add_argument("--ranks", type=positive_int, nargs="+", default=[16])
+    parser.add_argument("--adapters", type=positive_int, nargs="+", default=[32])
+    parser.add_argument("--tokens-per-adapter", type=positive_int, nargs="+", default=[1, 128],
+                        help="1 = decode; many = prefill")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--backward", action="store_true", help="time forward + backward (x, A and B gradients)")
+    parser.add_argument("--repeats", type=positive_int, default=10)
+    add_output_arguments(parser, plot=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = require_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
+    if (args.in_features is None) != (args.out_features is None):
+        raise CommandError("--in and --out go together", EXIT_USAGE)
+    if args.in_features is not None:
+        shapes = [(f"{args.in_features}x{args.out_features}", args.in_features, args.out_features)]
+    else:
+        projs = list(PROJECTIONS) if "all" in args.proj else args.proj
+        shapes = [(f"{args.preset}.{p}", *projection_shape(args.preset, p)) for p in projs]
+    configs = [
+        OpsConfig(i, o, r, n, t, dtype, str(device), args.backward, label)
+        for (label, i, o), r, n, t in itertools.product(shapes, args.ranks, args.adapters, args.tokens_per_adapter)
+    ]
+    rows = run_configs(configs, repeats=args.repeats, show_progress=not args.no_progress)
+    shown = table_rows(rows)
+    columns = [c for c in TABLE_COLUMNS if any(r.get(c) is not None for r in shown)]
+    lines = [format_table(shown, columns), "x_<baseline> = baseline time / minlora time (higher is better for minlora)"]
+    lines += sorted({f"note: {k[:-5]}: {v}" for r in rows for k, v in r.items() if k.endswith("_note")})
+    return report(args, "ops", rows, "\n".join(lines), device, plot=lambda path: plot(rows, path))
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
+    """Speed-up over each baseline, and fraction of copy bandwidth, against the number of adapters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        c = r["config"]
+        groups.setdefault((c["label"], c["rank"], c["tokens_per_adapter"], c["backward"]), []).append(r)
+    for (label, rank, tpa, bwd), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["config"]["adapters"])
+        n = [r["config"]["adapters"] for r in rs]
+        name = f"{label} r{rank} {'decode' if tpa == 1 else f'{tpa} tok/ad'}{' +bwd' if bwd else ''}"
+        for base, marker in (("loop", "o"), ("gather_bmm", "s"), ("grouped_mm", "^")):
+            ys = [r.get(f"x_{base}") for r in rs]
+            if any(y is not None for y in ys):
+                ax1.plot(n, [y if y is not None else float("nan") for y in ys], marker=marker,
+                         label=f"vs {base}: {name}")
+        ax2.plot(n, [r.get("frac_copy") or float("nan") for r in rs], marker="o", label=name)
+    ax1.axhline(1.0, color="gray", lw=0.8)
+    ax1.set_xscale("log", base=2)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("distinct adapters in the batch")
+    ax1.set_ylabel("speed-up of minlora (baseline time / minlora time)")
+    ax1.legend(fontsize=7)
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("distinct adapters in the batch")
+    ax2.set_ylabel("fraction of measured copy bandwidth")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"minlora bench ops ({rows[0]['config']['device']}, {rows[0]['config']['dtype']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

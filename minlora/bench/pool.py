@@ -1,7 +1,7 @@
 """The AdapterPool scale benchmark: a million registered adapters, a Zipf trace of steps.
 
-`run_pool_bench(...)` returns a dict of figures; bench/bench_pool.py (and the future
-`minlora bench pool`) wrap it.  Adapters are synthetic: ranks in min_rank..max_rank, weights
+`run_pool_bench(...)` returns a dict of figures; `minlora bench pool` prints them
+(`--preset full` for the million-adapter run).  Adapters are synthetic: ranks in min_rank..max_rank, weights
 materialised lazily from a seed by the pool's fetch worker the first time (and every later time
 they come back from "disk"), so registration stores only an id and a tiny loader object.
 """
@@ -18,9 +18,11 @@ import numpy as np
 import torch
 
 from ..formats import Adapter, LoraWeights
+from ..command import EXIT_USAGE, CommandError, device_name, non_negative_int, positive_int, require_device
 from ..pool import AdapterPool
+from .common import DTYPES, add_output_arguments, apply_preset, progress_bar, report
 
-__all__ = ["run_pool_bench", "SeedSource", "synthetic_modules"]
+__all__ = ["PRESETS", "SeedSource", "add_arguments", "run", "run_pool_bench", "synthetic_modules"]
 
 
 def synthetic_modules(layers: int, hidden: int, kv: int) -> dict[str, tuple[int, int]]:
@@ -200,30 +202,20 @@ def run_pool_bench(
     rng = np.random.default_rng(seed)
     trace = _zipf_trace(num_adapters, zipf_s, steps * batch, rng).reshape(steps, batch) if steps else None
     names = pool.module_names
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps, desc="pool trace", unit="step", mininterval=1.0)
-        except ImportError:
-            bar = None
     not_ready = 0
-    t0 = time.perf_counter()
-    for k in range(steps):
-        req = [ids[j] for j in trace[k]]
-        with pool.prepare(req, wait=wait) as step:
-            not_ready += step.ready.count(False)
-            if tables:
-                for m in names:
-                    step.tables(m)
-                step.plan(1)
-        if bar is not None and k % 100 == 99:
-            bar.update(100)
-    trace_s = time.perf_counter() - t0
-    if bar is not None:
-        bar.update(steps - bar.n)
-        bar.close()
+    with progress_bar(steps, "pool trace", progress) as bar:
+        t0 = time.perf_counter()
+        for k in range(steps):
+            req = [ids[j] for j in trace[k]]
+            with pool.prepare(req, wait=wait) as step:
+                not_ready += step.ready.count(False)
+                if tables:
+                    for m in names:
+                        step.tables(m)
+                    step.plan(1)
+            if k % 100 == 99 or k == steps - 1:
+                bar.update(k % 100 + 1)
+        trace_s = time.perf_counter() - t0
     s = pool.stats()
     pool.close()
     out.update(
@@ -269,36 +261,46 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# `minlora bench pool` defaults finish in about a minute on 2 cores; bench/bench_pool.py uses the
-# full scale (1,000,000 adapters, 100,000 steps).
-CLI_DEFAULTS = {"adapters": 100_000, "steps": 5_000}
-FULL_SCALE = {"adapters": 1_000_000, "steps": 100_000}
+# Sizes the other options leave to the preset: "quick" finishes in about a minute on 2 cores;
+# "full" is the million-adapter run.
+PRESETS: dict[str, dict[str, int]] = {
+    "quick": {"adapters": 100_000, "steps": 5_000},
+    "full": {"adapters": 1_000_000, "steps": 100_000},
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The benchmark's options (shared by `minlora bench pool` and bench/bench_pool.py)."""
-    p.add_argument("--adapters", type=int, default=CLI_DEFAULTS["adapters"], help="adapters to register")
-    p.add_argument("--steps", type=int, default=CLI_DEFAULTS["steps"], help="steps of the Zipf trace")
-    p.add_argument("--batch", type=int, default=32, help="requests per step")
+    p.add_argument("--preset", choices=list(PRESETS), default="quick",
+                   help="quick: 100,000 adapters x 5,000 steps; full: 1,000,000 x 100,000 (--adapters, --steps override)")
+    p.add_argument("--adapters", type=positive_int, default=None, help="adapters to register")
+    p.add_argument("--steps", type=non_negative_int, default=None, help="steps of the Zipf trace")
+    p.add_argument("--batch", type=positive_int, default=32, help="requests per step")
     p.add_argument("--zipf", type=float, default=1.1)
     p.add_argument("--fast-fraction", type=float, default=0.01, help="fast tier size, a fraction of all adapters' bytes")
     p.add_argument("--host-fraction", type=float, default=0.05, help="host tier size, likewise")
-    p.add_argument("--min-rank", type=int, default=1)
-    p.add_argument("--max-rank", type=int, default=16)
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--kv", type=int, default=16)
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--min-rank", type=positive_int, default=1)
+    p.add_argument("--max-rank", type=positive_int, default=16)
+    p.add_argument("--layers", type=positive_int, default=1)
+    p.add_argument("--hidden", type=positive_int, default=64)
+    p.add_argument("--kv", type=positive_int, default=16)
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--no-wait", action="store_true", help="prepare(wait=False): steps never block on loads")
     p.add_argument("--no-tables", action="store_true", help="skip building the page tables and plan each step")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--memory-sample", type=int, default=100_000)
+    p.add_argument("--memory-sample", type=non_negative_int, default=100_000)
+    add_output_arguments(p)
 
 
-def kwargs_from_args(a: argparse.Namespace) -> dict[str, Any]:
-    """run_pool_bench's keyword arguments from parsed options."""
-    return dict(
+def run(a: argparse.Namespace) -> int:
+    device = require_device(a.device)
+    apply_preset(a, PRESETS)
+    if a.min_rank > a.max_rank:
+        raise CommandError(f"--min-rank {a.min_rank} is above --max-rank {a.max_rank}", EXIT_USAGE)
+    for name in ("zipf", "fast_fraction", "host_fraction"):
+        if not getattr(a, name) > 0:
+            raise CommandError(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}", EXIT_USAGE)
+    result = run_pool_bench(
         num_adapters=a.adapters,
         steps=a.steps,
         batch=a.batch,
@@ -311,18 +313,11 @@ def kwargs_from_args(a: argparse.Namespace) -> dict[str, Any]:
         hidden=a.hidden,
         kv=a.kv,
         dtype=getattr(torch, a.dtype),
-        device=a.device,
+        device=str(device),
         wait=not a.no_wait,
         tables=not a.no_tables,
         seed=a.seed,
         memory_sample=min(a.memory_sample, a.adapters),
-        progress=not getattr(a, "no_progress", False),
+        progress=not a.no_progress,
     )
-
-
-def run_from_args(a: argparse.Namespace) -> dict[str, Any]:
-    """`minlora bench pool`: runs the benchmark; the result carries its printable table."""
-    result = run_pool_bench(**kwargs_from_args(a))
-    result["table"] = format_report(result)
-    result["device"] = a.device
-    return result
+    return report(a, "pool", result, format_report(result), device)

@@ -6,26 +6,60 @@
     reg.record_evaluation("alice", rev.number, "helpfulness", {"score": 0.8})
     reg.promote("alice", rev.number)
 
-The command line is `minlora adapters ...` (minlora.registry.cli).
+The command line is `minlora adapters ...` (minlora.registry.cli).  Names are imported when
+first used (PEP 562), so the command line's help and the errors module need no database
+libraries and no torch.
 """
 
 from __future__ import annotations
 
-from .errors import (
-    AdapterNotFoundError,
-    AmbiguousRevisionError,
-    CorruptBlobError,
-    DamagedDatabaseError,
-    InvalidIdError,
-    PromotionRefusedError,
-    RegistryError,
-    RevisionNotFoundError,
-    TagExistsError,
-)
-from .fingerprint import fingerprint_base_model
-from .ids import normalize_adapter_id, normalize_tag
-from .registry import Registry, default_actor, default_root
-from .types import Diff, Evaluation, Gate, GcReport, Promotion, Revision, TensorChange, VerifyReport
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the module (under minlora.registry) that defines it; the one place to change when
+# a module moves.
+_LAZY: dict[str, str] = {
+    "AdapterNotFoundError": "errors",
+    "AmbiguousRevisionError": "errors",
+    "CorruptBlobError": "errors",
+    "DamagedDatabaseError": "errors",
+    "InvalidIdError": "errors",
+    "PromotionRefusedError": "errors",
+    "RegistryError": "errors",
+    "RevisionNotFoundError": "errors",
+    "TagExistsError": "errors",
+    "fingerprint_base_model": "fingerprint",
+    "normalize_adapter_id": "ids",
+    "normalize_tag": "ids",
+    "Registry": "registry",
+    "default_actor": "registry",
+    "default_root": "registry",
+    "Diff": "types",
+    "Evaluation": "types",
+    "Gate": "types",
+    "GcReport": "types",
+    "Promotion": "types",
+    "Revision": "types",
+    "TensorChange": "types",
+    "VerifyReport": "types",
+}
+
+if TYPE_CHECKING:
+    from .errors import (
+        AdapterNotFoundError,
+        AmbiguousRevisionError,
+        CorruptBlobError,
+        DamagedDatabaseError,
+        InvalidIdError,
+        PromotionRefusedError,
+        RegistryError,
+        RevisionNotFoundError,
+        TagExistsError,
+    )
+    from .fingerprint import fingerprint_base_model
+    from .ids import normalize_adapter_id, normalize_tag
+    from .registry import Registry, default_actor, default_root
+    from .types import Diff, Evaluation, Gate, GcReport, Promotion, Revision, TensorChange, VerifyReport
 
 __all__ = [
     "AdapterNotFoundError",
@@ -52,3 +86,15 @@ __all__ = [
     "normalize_adapter_id",
     "normalize_tag",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -2,9 +2,9 @@
 
 Where the registry is: --root DIR (SQLite + blobs under DIR), or --url URL with --blobs URL;
 the environment variables MINLORA_REGISTRY_URL, MINLORA_BLOBS and MINLORA_HOME give the
-defaults, and ~/.minlora is the last resort.  Every command takes --json (machine-readable
-output on stdout).  Exit status: 0 success, 1 a registry error (message on stderr),
-2 bad usage, 3 a promotion refused by its gates, 4 verify found corrupted revisions.
+defaults, and ~/.minlora is the last resort.  Every sub-command takes --json (its result as
+JSON on stdout).  Exit statuses are minlora.command's: 0 success, 1 an error (one line on
+stderr), 2 bad usage, 3 a promotion refused by its gates, 4 corrupted stored weights.
 """
 
 from __future__ import annotations
@@ -17,35 +17,40 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["register"]
+from ..command import (
+    DATABASE_ERROR,
+    EXIT_CORRUPT,
+    EXIT_ERROR,
+    EXIT_OK,
+    CommandError,
+    describe,
+    exit_status,
+    is_instance,
+    positive_int,
+)
 
-EXIT_ERROR, EXIT_REFUSED, EXIT_CORRUPT = 1, 3, 4
+__all__ = ["add_arguments", "run"]
+
+Handler = Callable[[Any, argparse.Namespace], int]
 
 
-def register(subparsers: Any) -> None:
-    """Add the `adapters` command group to the top-level `minlora` parser."""
-    p = subparsers.add_parser(
-        "adapters",
-        help="adapter registry: import, commit, log, promote, ...",
-        description="The adapter registry: identity, revisions, provenance, evaluations, serving.",
-    )
-    p.add_argument(
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `adapters` command: where the registry is, and its sub-commands."""
+    parser.add_argument(
         "--root", help="registry root (SQLite file and blobs under it); default $MINLORA_HOME or ~/.minlora"
     )
-    p.add_argument(
+    parser.add_argument(
         "--url", help="database URL (e.g. postgresql+psycopg://...); default $MINLORA_REGISTRY_URL"
     )
-    p.add_argument(
+    parser.add_argument(
         "--blobs", help="blob store path or fsspec URL (e.g. s3://bucket/minlora); default $MINLORA_BLOBS"
     )
-    sub = p.add_subparsers(dest="adapters_command", metavar="SUBCOMMAND", required=True)
+    sub = parser.add_subparsers(dest="adapters_command", metavar="SUBCOMMAND", required=True)
 
-    def cmd(
-        name: str, fn: Callable[[Any, argparse.Namespace], Any], help_text: str
-    ) -> argparse.ArgumentParser:
+    def cmd(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.add_argument("--json", action="store_true", help="print JSON")
-        sp.set_defaults(func=lambda args: _run(fn, args))
+        sp.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+        sp.set_defaults(handler=handler, _prog=sp.prog)
         return sp
 
     def commit_options(sp: argparse.ArgumentParser) -> None:
@@ -79,11 +84,11 @@ def register(subparsers: Any) -> None:
     sp = cmd("list", _list, "list adapter ids")
     sp.add_argument("--prefix")
     sp.add_argument("--after", help="start after this id (paging)")
-    sp.add_argument("--limit", type=int, default=1000)
+    sp.add_argument("--limit", type=positive_int, default=1000)
 
     sp = cmd("log", _log, "revision history, newest first")
     sp.add_argument("adapter")
-    sp.add_argument("-n", "--limit", type=int)
+    sp.add_argument("-n", "--limit", type=positive_int)
 
     sp = cmd("show", _show, "one revision: provenance, tags, evaluations, serving, residency")
     sp.add_argument("adapter")
@@ -140,47 +145,51 @@ def register(subparsers: Any) -> None:
     sp.add_argument("--min-age", type=float, default=3600.0, help="seconds; younger files are kept")
     sp.add_argument("--dry-run", action="store_true")
 
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+def run(args: argparse.Namespace) -> int:
+    """Opens the registry, runs the chosen sub-command on it, closes it."""
+    reg = _open(args)
+    try:
+        return int(args.handler(reg, args) or 0)
+    except Exception as exc:
+        if is_instance(exc, DATABASE_ERROR):  # e.g. a damaged page found by this query
+            raise CommandError(f"the registry database {_location(args)}: {describe(exc)}") from exc
+        raise
+    finally:
+        reg.close()
 
 
 # ---------------------------------------------------------------------- plumbing
 
 
+def _url(args: argparse.Namespace) -> str | None:
+    return args.url or os.environ.get("MINLORA_REGISTRY_URL")
+
+
+def _location(args: argparse.Namespace) -> str:
+    """Where the registry is, for messages (a URL's password hidden)."""
+    url = _url(args)
+    if not url:
+        from .registry import default_root
+
+        return f"under {args.root or default_root()}"
+    import sqlalchemy as sa
+
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "(--url is not a database URL)"
+
+
 def _open(args: argparse.Namespace) -> Any:
     from .registry import Registry
 
-    url = args.url or os.environ.get("MINLORA_REGISTRY_URL")
-    blobs = args.blobs or os.environ.get("MINLORA_BLOBS")
-    return Registry(url, blobs, root=args.root)
-
-
-def _run(fn: Callable[[Any, argparse.Namespace], Any], args: argparse.Namespace) -> int:
-    from .errors import CorruptBlobError, PromotionRefusedError, RegistryError
-
     try:
-        reg = _open(args)
-    except (RegistryError, ValueError, OSError) as exc:
-        print(f"minlora adapters: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    try:
-        return int(fn(reg, args) or 0)
-    except PromotionRefusedError as exc:
-        if args.json:
-            _emit(args, {"refused": True, "error": str(exc), "gate_report": exc.report}, "")
-        print(f"minlora adapters: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    except CorruptBlobError as exc:
-        print(f"minlora adapters: {exc}", file=sys.stderr)
-        return EXIT_CORRUPT
-    except (RegistryError, ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"minlora adapters: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except BrokenPipeError:
-        # The reader went away (`... | head`): stop quietly, as other shell tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    finally:
-        reg.close()
+        return Registry(_url(args), args.blobs or os.environ.get("MINLORA_BLOBS"), root=args.root)
+    except Exception as exc:
+        if exit_status(exc) is None:
+            raise
+        raise CommandError(f"cannot open the registry {_location(args)}: {describe(exc)}", exit_status(exc)) from exc
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -208,44 +217,64 @@ def _commit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.training_data:
         prov["training_data"] = args.training_data
     if args.training_config:
-        with open(args.training_config, encoding="utf-8") as f:
-            prov["training_config"] = json.load(f)
+        try:
+            with open(args.training_config, encoding="utf-8") as f:
+                prov["training_config"] = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"--training-config {args.training_config}: {describe(exc)}") from exc
     kw: dict[str, Any] = {"message": args.message, "author": args.author, "provenance": prov}
     if args.parent is not None:
         kw["parent"] = None if args.parent.lower() == "none" else args.parent
     return kw
 
 
-def _read_weights(path: str) -> Any:
+def _read_adapter(path: str) -> Any:
+    """The adapter at `path`, a PEFT directory or a minlora adapter file; whatever is wrong
+    with it (missing, truncated, a bad config or pattern) is one error that names the path."""
     from ..formats.load import load_adapter
 
-    return load_adapter(path)
+    try:
+        return load_adapter(path)
+    except Exception as exc:
+        kind = "PEFT adapter directory" if os.path.isdir(path) else "minlora adapter file or PEFT directory"
+        raise CommandError(f"{path}: cannot read this {kind}: {describe(exc)}") from exc
 
 
 # ---------------------------------------------------------------------- commands
 
 
+def _write_adapter(adapter: Any, path: str, form: str) -> None:
+    """Writes `adapter` to `path` as a PEFT directory ("peft") or a minlora adapter file."""
+    from ..formats.native import save_adapter_file
+    from ..formats.peft import save_peft
+
+    try:
+        if form == "peft":
+            save_peft(adapter, path)
+        else:
+            save_adapter_file(adapter, path)
+    except OSError as exc:
+        raise CommandError(f"{path}: cannot be written ({exc.strerror or describe(exc)})") from exc
+
+
 def _import(reg: Any, args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.path):
+        raise CommandError(f"{args.path}: not a directory (import takes a PEFT adapter directory)")
     adapter_id = args.adapter or os.path.basename(os.path.normpath(args.path))
-    rev = reg.import_peft(args.path, adapter_id, **_commit_kwargs(args))
+    rev = reg.commit(adapter_id, _read_adapter(args.path), **_commit_kwargs(args))
     _emit(args, rev.to_dict(), f"{rev.adapter_id} revision {rev.number} ({rev.content_hash[:12]})")
     return 0
 
 
 def _commit(reg: Any, args: argparse.Namespace) -> int:
-    rev = reg.commit(args.adapter, _read_weights(args.path), **_commit_kwargs(args))
+    rev = reg.commit(args.adapter, _read_adapter(args.path), **_commit_kwargs(args))
     _emit(args, rev.to_dict(), f"{rev.adapter_id} revision {rev.number} ({rev.content_hash[:12]})")
     return 0
 
 
 def _export(reg: Any, args: argparse.Namespace) -> int:
-    from ..formats.native import save_adapter_file
-
-    if args.format == "peft":
-        rev = reg.export_peft(args.adapter, args.path, args.rev)
-    else:
-        rev = reg.show(args.adapter, args.rev)
-        save_adapter_file(reg.load(args.adapter, rev.number), args.path)
+    rev = reg.show(args.adapter, args.rev)
+    _write_adapter(reg.load(args.adapter, rev.number), args.path, args.format)
     _emit(
         args,
         {"path": args.path, **rev.to_dict()},
@@ -335,7 +364,14 @@ def _tag(reg: Any, args: argparse.Namespace) -> int:
 
 
 def _promote(reg: Any, args: argparse.Namespace) -> int:
-    p = reg.promote(args.adapter, args.rev, force=args.force, by=args.by, reason=args.reason)
+    from .errors import PromotionRefusedError
+
+    try:
+        p = reg.promote(args.adapter, args.rev, force=args.force, by=args.by, reason=args.reason)
+    except PromotionRefusedError as exc:
+        # The gates' report is the result a script wants; the refusal's exit status stays.
+        _emit(args, {"refused": True, "error": str(exc), "gate_report": exc.report}, "")
+        raise
     if not p.changed:
         text = f"{p.adapter_id}: revision {p.to_revision} is already serving"
     else:
@@ -358,7 +394,10 @@ def _load_runner(spec: str) -> Callable[..., Any]:
     module, _, name = spec.partition(":")
     if not module or not name:
         raise ValueError(f"--runner must be MODULE:FUNCTION, got {spec!r}")
-    fn = getattr(importlib.import_module(module), name, None)
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except ImportError as exc:
+        raise CommandError(f"--runner {spec}: cannot import {module!r} ({describe(exc)})") from exc
     if not callable(fn):
         raise ValueError(f"{spec}: not a callable")
     return fn
@@ -414,7 +453,7 @@ def _gate(reg: Any, args: argparse.Namespace) -> int:
     if args.remove:
         removed = reg.remove_gate(args.adapter, args.suite, args.metric)
         _emit(args, {"removed": removed}, "removed" if removed else "no such gate")
-        return 0 if removed else EXIT_ERROR
+        return EXIT_OK if removed else EXIT_ERROR
     gate = Gate(args.suite, args.metric, not args.lower_is_better, args.tolerance)
     reg.set_gate(args.adapter, gate)
     _emit(args, gate.to_dict(), f"{args.adapter}: promotions now require {gate.suite}/{gate.metric}")
@@ -429,7 +468,7 @@ def _verify(reg: Any, args: argparse.Namespace) -> int:
     if not report.ok:
         text += "\n" + "\n".join(f"  {f['error']}" for f in report.failures)
     _emit(args, report.to_dict(), text)
-    return 0 if report.ok else EXIT_CORRUPT
+    return EXIT_OK if report.ok else EXIT_CORRUPT
 
 
 def _gc(reg: Any, args: argparse.Namespace) -> int:
@@ -439,14 +478,3 @@ def _gc(reg: Any, args: argparse.Namespace) -> int:
     _emit(args, report.to_dict(), text)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m minlora.registry.cli ...` is `minlora adapters ...`."""
-    parser = argparse.ArgumentParser(prog="minlora")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["adapters", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
