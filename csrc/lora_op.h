@@ -93,15 +93,15 @@ void build_host_plan(const std::vector<int32_t>& token_slot, int64_t num_slots, 
 
 // ---- the op front-end, shared by the backends
 
-// A backend is a type with these static members (shapes, dtypes and devices already checked;
-// each backend decides how index values are checked):
+// A backend provides four functions (shapes, dtypes and devices already checked; each backend
+// decides how index values are checked):
 //   at::Tensor forward(const LoraArgs&, const Plan*)                    the delta [T, out]
 //   void forward_add(at::Tensor& y, const LoraArgs&, const Plan*)      y[T, out] += delta
 //   Grads backward(const at::Tensor& grad_y, const LoraArgs&, const Plan*, std::array<bool, 3>)
 //   Plan build_plan(const at::Tensor& token_slot, int64_t num_slots)
 // A null Plan* means the caller passed none (the backend builds one if it needs it).  T = 0 and
 // S = 0 never reach a backend.
-template <class Backend>
+template <auto Forward, auto ForwardAdd, auto Backward, auto BuildPlan>
 struct LoraOps {
   using OptTensor = std::optional<at::Tensor>;
 
@@ -123,7 +123,7 @@ struct LoraOps {
     std::optional<Plan> plan;
     const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets, plan);
     if (empty(args)) return at::zeros({args.num_tokens(), args.out_features()}, x.options());
-    return Backend::forward(args, plan ? &*plan : nullptr);
+    return Forward(args, plan ? &*plan : nullptr);
   }
 
   static void forward_add_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
@@ -133,7 +133,7 @@ struct LoraOps {
     std::optional<Plan> plan;
     const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets, plan);
     check_output(args, y);
-    if (!empty(args)) Backend::forward_add(y, args, plan ? &*plan : nullptr);
+    if (!empty(args)) ForwardAdd(y, args, plan ? &*plan : nullptr);
   }
 
   static Grads backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& a_pool,
@@ -149,19 +149,20 @@ struct LoraOps {
       };
       return {zeros(mask[0], args.x), zeros(mask[1], a_pool), zeros(mask[2], b_pool)};
     }
-    return Backend::backward(grad_y, args, plan ? &*plan : nullptr, mask);
+    return Backward(grad_y, args, plan ? &*plan : nullptr, mask);
   }
 
   static std::tuple<at::Tensor, at::Tensor> build_plan(const at::Tensor& token_slot, int64_t num_slots) {
-    const Plan plan = Backend::build_plan(check_token_slot(token_slot, num_slots), num_slots);
+    const Plan plan = BuildPlan(check_token_slot(token_slot, num_slots), num_slots);
     return {plan.order, plan.seg_offsets};
   }
 };
 
-// m.impl of every minlora op for the dispatch key of `m` (TORCH_LIBRARY_IMPL(minlora, KEY, m)).
-template <class Backend>
+// m.impl of every minlora op for the dispatch key of `m` (TORCH_LIBRARY_IMPL(minlora, KEY, m)),
+// with a backend's four functions.
+template <auto Forward, auto ForwardAdd, auto Backward, auto BuildPlan>
 void register_lora_ops(torch::Library& m) {
-  using Ops = LoraOps<Backend>;
+  using Ops = LoraOps<Forward, ForwardAdd, Backward, BuildPlan>;
   m.impl("build_plan", &Ops::build_plan);
   m.impl("lora_forward", &Ops::forward);
   m.impl("lora_forward_add_", &Ops::forward_add_);

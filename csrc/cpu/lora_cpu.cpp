@@ -463,16 +463,10 @@ Grads backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan,
   return {grad_x, grad_a, grad_b};
 }
 
-// The backend interface of lora_op.h: CPU tensors are always value-checked (read_indices).
-struct CpuBackend {
-  static constexpr auto forward = &cpu::forward;
-  static constexpr auto forward_add = &cpu::forward_add;
-  static constexpr auto backward = &cpu::backward;
-  static constexpr auto build_plan = &cpu::build_plan;
-};
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(minlora, CPU, m) { register_lora_ops<CpuBackend>(m); }
+TORCH_LIBRARY_IMPL(minlora, CPU, m) {
+  register_lora_ops<&cpu::forward, &cpu::forward_add, &cpu::backward, &cpu::build_plan>(m);
+}
 
 }  // namespace minlora::cpu

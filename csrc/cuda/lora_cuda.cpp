@@ -384,16 +384,10 @@ Plan build_plan(const at::Tensor& token_slot, int64_t num_slots) {
   return device_plan(token_slot, num_slots);
 }
 
-// The backend interface of lora_op.h.
-struct CudaBackend {
-  static constexpr auto forward = &cuda::forward;
-  static constexpr auto forward_add = &cuda::forward_add;
-  static constexpr auto backward = &cuda::backward;
-  static constexpr auto build_plan = &cuda::build_plan;
-};
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(minlora, CUDA, m) { register_lora_ops<CudaBackend>(m); }
+TORCH_LIBRARY_IMPL(minlora, CUDA, m) {
+  register_lora_ops<&cuda::forward, &cuda::forward_add, &cuda::backward, &cuda::build_plan>(m);
+}
 
 }  // namespace minlora::cuda
