@@ -3,6 +3,10 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstring>
+#include <string>
+
 namespace minlora {
 namespace {
 
@@ -68,53 +72,120 @@ std::optional<Plan> check_plan(const LoraArgs& args, const std::optional<at::Ten
   return Plan{order->contiguous(), seg_offsets->contiguous()};
 }
 
-void check_index_values(const LoraArgs& args, const Plan* plan) {
+namespace {
+
+// A host tensor with t's values: t itself on the CPU, else a copy (a host synchronisation).
+at::Tensor on_host(const at::Tensor& t) { return t.is_cpu() ? t : t.cpu(); }
+
+// n int32 values at src copied into a new vector: one read of the caller's memory (memcpy),
+// after which nothing reads it again.
+std::vector<int32_t> copy_ints(const int32_t* src, int64_t n) {
+  std::vector<int32_t> v(static_cast<size_t>(n));
+  if (n > 0) std::memcpy(v.data(), src, sizeof(int32_t) * static_cast<size_t>(n));
+  return v;
+}
+
+void check_slots(const std::vector<int32_t>& token_slot, int64_t num_slots) {
+  for (size_t t = 0; t < token_slot.size(); ++t)
+    TORCH_CHECK_VALUE(token_slot[t] >= -1 && token_slot[t] < num_slots, "token_slot[", t, "] = ", token_slot[t],
+                      " is outside -1..S-1 = -1..", num_slots - 1);
+}
+
+// The plan is a permutation of 0..T-1 whose segment s holds exactly the tokens of slot s and
+// whose tail (after seg_offsets[S]) holds the tokens without a slot.
+void check_plan_values(const HostIndices& ix) {
+  const int64_t T = ix.num_tokens(), S = ix.num_slots();
+  const auto& od = ix.order;
+  const auto& sg = ix.seg_offsets;
+  TORCH_CHECK_VALUE(sg[0] == 0, "seg_offsets[0] must be 0, got ", sg[0]);
+  for (int64_t s = 0; s < S; ++s)
+    TORCH_CHECK_VALUE(sg[s] <= sg[s + 1] && sg[s + 1] <= T, "seg_offsets must be non-decreasing and at most T = ",
+                      T, "; seg_offsets[", s, "..", s + 1, "] = ", sg[s], ", ", sg[s + 1]);
+  std::vector<int64_t> counts(S + 1, 0);  // tokens per slot; [S]: tokens without one
+  for (int64_t t = 0; t < T; ++t) ++counts[ix.token_slot[t] >= 0 ? ix.token_slot[t] : S];
+  std::vector<bool> seen(T, false);
+  for (int64_t s = 0; s <= S; ++s) {
+    const int64_t begin = sg[s], end = s < S ? sg[s + 1] : T;
+    const int32_t want = s < S ? static_cast<int32_t>(s) : -1;
+    TORCH_CHECK_VALUE(end - begin == counts[s], "the plan does not match token_slot: ",
+                      s < S ? "slot " + std::to_string(s) : std::string("no adapter"), " has ", counts[s],
+                      " tokens but its part of order has ", end - begin);
+    for (int64_t i = begin; i < end; ++i) {
+      const int32_t t = od[i];
+      TORCH_CHECK_VALUE(t >= 0 && t < T, "order[", i, "] = ", t, " is outside 0..T-1 = 0..", T - 1);
+      TORCH_CHECK_VALUE(ix.token_slot[t] == want, "the plan does not match token_slot: order[", i, "] = ", t,
+                        s < S ? " is in slot " + std::to_string(s) + "'s segment" : std::string(" is in the tail"),
+                        " but token_slot[", t, "] = ", ix.token_slot[t]);
+      TORCH_CHECK_VALUE(!seen[t], "order[", i, "] = ", t, " repeats a token: a plan's order must be a permutation "
+                        "of 0..T-1");
+      seen[t] = true;
+    }
+  }
+}
+
+}  // namespace
+
+HostIndices read_indices(const LoraArgs& args, const Plan* plan) {
   const int64_t S = args.num_slots(), R = args.max_rank(), T = args.num_tokens();
   const int64_t Pa = args.a_pool.size(0), Pb = args.b_pool.size(0);
-  const auto ranks = args.ranks.cpu();
-  const auto slots = args.token_slot.cpu();
-  const auto a_pages = args.a_pages.cpu();
-  const auto b_pages = args.b_pages.cpu();
-  const int32_t* rk = ranks.data_ptr<int32_t>();
-  const int32_t* ts = slots.data_ptr<int32_t>();
-  const int32_t* ap = a_pages.data_ptr<int32_t>();
-  const int32_t* bp = b_pages.data_ptr<int32_t>();
+  HostIndices ix;
+  ix.ranks = copy_ints(on_host(args.ranks).data_ptr<int32_t>(), S);
+  ix.token_slot = copy_ints(on_host(args.token_slot).data_ptr<int32_t>(), T);
+  ix.page_begin.assign(S + 1, 0);
   for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK_VALUE(rk[s] >= 0 && rk[s] <= R, "ranks[", s, "] = ", rk[s], " is outside 0..R = 0..", R);
-    for (int64_t j = 0; j < rk[s]; ++j) {
-      const int32_t pa = ap[s * R + j], pb = bp[s * R + j];
+    const int32_t r = ix.ranks[s];
+    TORCH_CHECK_VALUE(r >= 0 && r <= R, "ranks[", s, "] = ", r, " is outside 0..R = 0..", R);
+    ix.page_begin[s + 1] = ix.page_begin[s] + r;
+    ix.max_rank_used = std::max(ix.max_rank_used, r);
+  }
+  const int64_t used = ix.page_begin[S];
+  ix.a_pages.resize(used);
+  ix.b_pages.resize(used);
+  const auto a_host = on_host(args.a_pages), b_host = on_host(args.b_pages);
+  const int32_t* ap = a_host.data_ptr<int32_t>();
+  const int32_t* bp = b_host.data_ptr<int32_t>();
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t r = ix.ranks[s], k0 = ix.page_begin[s];
+    if (r > 0) {
+      std::memcpy(ix.a_pages.data() + k0, ap + s * R, sizeof(int32_t) * r);
+      std::memcpy(ix.b_pages.data() + k0, bp + s * R, sizeof(int32_t) * r);
+    }
+    for (int64_t j = 0; j < r; ++j) {
+      const int32_t pa = ix.a_pages[k0 + j], pb = ix.b_pages[k0 + j];
       TORCH_CHECK_VALUE(pa >= 0 && pa < Pa, "a_pages[", s, ", ", j, "] = ", pa, " is outside a_pool's ", Pa,
                         " pages");
       TORCH_CHECK_VALUE(pb >= 0 && pb < Pb, "b_pages[", s, ", ", j, "] = ", pb, " is outside b_pool's ", Pb,
                         " pages");
     }
   }
-  for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK_VALUE(ts[t] >= -1 && ts[t] < S, "token_slot[", t, "] = ", ts[t], " is outside -1..S-1 = -1..",
-                      S - 1);
+  check_slots(ix.token_slot, S);
+  if (plan == nullptr) {
+    ix.order.resize(T);
+    ix.seg_offsets.resize(S + 1);
+    build_host_plan(ix.token_slot, S, ix.order.data(), ix.seg_offsets.data());
+  } else {
+    ix.order = copy_ints(on_host(plan->order).data_ptr<int32_t>(), T);
+    ix.seg_offsets = copy_ints(on_host(plan->seg_offsets).data_ptr<int32_t>(), S + 1);
+    check_plan_values(ix);
   }
-  if (plan == nullptr) return;
-  const auto order = plan->order.cpu();
-  const auto seg = plan->seg_offsets.cpu();
-  const int32_t* od = order.data_ptr<int32_t>();
-  const int32_t* sg = seg.data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(sg[0] == 0, "seg_offsets[0] must be 0, got ", sg[0]);
-  for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK_VALUE(sg[s] <= sg[s + 1] && sg[s + 1] <= T, "seg_offsets must be non-decreasing and at most T = ",
-                      T, "; seg_offsets[", s, "..", s + 1, "] = ", sg[s], ", ", sg[s + 1]);
-    for (int64_t i = sg[s]; i < sg[s + 1]; ++i) {
-      TORCH_CHECK_VALUE(od[i] >= 0 && od[i] < T, "order[", i, "] = ", od[i], " is outside 0..T-1");
-      TORCH_CHECK_VALUE(ts[od[i]] == s, "the plan does not match token_slot: order[", i, "] = ", od[i],
-                        " is in slot ", s, "'s segment but token_slot[", od[i], "] = ", ts[od[i]]);
-    }
-  }
-  // Every token of a slot must appear in its segment exactly once: segment lengths equal slot counts.
-  std::vector<int64_t> counts(S, 0);
-  for (int64_t t = 0; t < T; ++t)
-    if (ts[t] >= 0) ++counts[ts[t]];
-  for (int64_t s = 0; s < S; ++s)
-    TORCH_CHECK_VALUE(sg[s + 1] - sg[s] == counts[s], "the plan does not match token_slot: slot ", s, " has ",
-                      counts[s], " tokens but its segment has ", sg[s + 1] - sg[s]);
+  return ix;
+}
+
+std::vector<int32_t> read_token_slot(const at::Tensor& token_slot, int64_t num_slots) {
+  auto slots = copy_ints(on_host(token_slot).data_ptr<int32_t>(), token_slot.size(0));
+  check_slots(slots, num_slots);
+  return slots;
+}
+
+void build_host_plan(const std::vector<int32_t>& token_slot, int64_t num_slots, int32_t* order,
+                     int32_t* seg_offsets) {
+  const int64_t T = static_cast<int64_t>(token_slot.size());
+  std::vector<int64_t> cursor(num_slots + 2, 0);
+  auto key = [&](int32_t s) { return s >= 0 ? static_cast<int64_t>(s) : num_slots; };
+  for (int64_t t = 0; t < T; ++t) ++cursor[key(token_slot[t]) + 1];
+  for (int64_t s = 0; s <= num_slots; ++s) cursor[s + 1] += cursor[s];
+  for (int64_t s = 0; s <= num_slots; ++s) seg_offsets[s] = static_cast<int32_t>(cursor[s]);
+  for (int64_t t = 0; t < T; ++t) order[cursor[key(token_slot[t])]++] = static_cast<int32_t>(t);
 }
 
 void check_output(const LoraArgs& args, const at::Tensor& y) {
@@ -143,14 +214,6 @@ at::Tensor check_token_slot(const at::Tensor& token_slot, int64_t num_slots) {
   TORCH_CHECK(token_slot.scalar_type() == at::kInt, "token_slot must be int32, got ", token_slot.scalar_type());
   TORCH_CHECK_VALUE(token_slot.dim() == 1, "token_slot must be 1-D, got shape ", token_slot.sizes());
   return token_slot.contiguous();
-}
-
-void check_token_slot_values(const at::Tensor& token_slot, int64_t num_slots) {
-  const auto host = token_slot.cpu();
-  const int32_t* p = host.data_ptr<int32_t>();
-  for (int64_t t = 0; t < host.size(0); ++t)
-    TORCH_CHECK_VALUE(p[t] >= -1 && p[t] < num_slots, "token_slot[", t, "] = ", p[t],
-                      " is outside -1..num_slots-1 = -1..", num_slots - 1);
 }
 
 }  // namespace minlora

@@ -9,6 +9,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace minlora {
 
@@ -38,7 +39,7 @@ using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // naming the argument.
 
 // Dtypes, devices, shapes and contiguity; returns the arguments with x and the small
-// index tensors made contiguous.  Index *values* are checked by check_index_values.
+// index tensors made contiguous.  Index *values* are checked by read_indices.
 LoraArgs check_lora_args(const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
                          const at::Tensor& a_pages, const at::Tensor& b_pages, const at::Tensor& ranks,
                          const at::Tensor& scales, const at::Tensor& token_slot);
@@ -46,11 +47,6 @@ LoraArgs check_lora_args(const at::Tensor& x, const at::Tensor& a_pool, const at
 // A plan's shapes and devices against the arguments; nullopt when neither tensor is given.
 std::optional<Plan> check_plan(const LoraArgs& args, const std::optional<at::Tensor>& order,
                                const std::optional<at::Tensor>& seg_offsets);
-
-// The values of ranks (0..R), token_slot (-1..S-1) and the page-table entries j < ranks[s]
-// (0..P-1); entries past a slot's rank are never read.  When `plan` is given, also that it
-// is the plan of token_slot.  Reads the tensors on the host (copies them there from a device).
-void check_index_values(const LoraArgs& args, const Plan* plan);
 
 // y of the accumulating form: [T, out], dtype and device of x, contiguous.
 void check_output(const LoraArgs& args, const at::Tensor& y);
@@ -61,18 +57,51 @@ void check_grad_output(const LoraArgs& args, const at::Tensor& grad_y);
 // token_slot of the plan builder (int32, 1-D) and num_slots >= 0; returns it contiguous.
 at::Tensor check_token_slot(const at::Tensor& token_slot, int64_t num_slots);
 
-// token_slot's values are in -1..num_slots-1 (read on the host).
-void check_token_slot_values(const at::Tensor& token_slot, int64_t num_slots);
+// ---- index values, read on the host
+
+// The index values of one call, copied out of the caller's tensors (each value is read once,
+// before anything is checked) and checked: ranks in 0..R, token_slot in -1..S-1, the page-table
+// entries j < ranks[s] inside their pools (entries past a slot's rank are never read), and the
+// plan, when one is given, a permutation of 0..T-1 consistent with token_slot and seg_offsets.
+// A kernel that reads only these copies cannot be pushed out of bounds by another thread
+// rewriting the tensors during the call, and their size grows with the ranks used, not with R.
+struct HostIndices {
+  std::vector<int32_t> token_slot;          // [T]
+  std::vector<int32_t> ranks;               // [S]
+  std::vector<int64_t> page_begin;          // [S + 1]: slot s's pages are entries page_begin[s] .. [s + 1] - 1
+  std::vector<int32_t> a_pages, b_pages;    // [sum of ranks]
+  std::vector<int32_t> order, seg_offsets;  // the plan given, or the one of token_slot
+  int32_t max_rank_used = 0;                // max of ranks (0 when S = 0)
+
+  int64_t num_tokens() const { return static_cast<int64_t>(token_slot.size()); }
+  int64_t num_slots() const { return static_cast<int64_t>(ranks.size()); }
+  int64_t segment_begin(int64_t s) const { return seg_offsets[s]; }
+  int64_t segment_length(int64_t s) const { return seg_offsets[s + 1] - seg_offsets[s]; }
+};
+
+// Reads and checks the index values of `args` (and `plan`, when not null), copying device
+// tensors to the host first.  Throws ValueError naming the first bad value.
+HostIndices read_indices(const LoraArgs& args, const Plan* plan);
+
+// token_slot's values, read once and checked to lie in -1..num_slots-1.
+std::vector<int32_t> read_token_slot(const at::Tensor& token_slot, int64_t num_slots);
+
+// The plan of `token_slot` (values in -1..num_slots-1): a stable counting sort, slot -1 last.
+// order: [T], seg_offsets: [num_slots + 1].
+void build_host_plan(const std::vector<int32_t>& token_slot, int64_t num_slots, int32_t* order,
+                     int32_t* seg_offsets);
 
 // ---- the op front-end, shared by the backends
 
-// A backend is a type with these static members (inputs already checked):
-//   bool check_values(const at::Tensor& like)   whether index values are checked on the host
-//   void forward_add(at::Tensor& y, const LoraArgs&, const Plan*)     y[T, out] += delta
+// A backend provides four functions (shapes, dtypes and devices already checked; each backend
+// decides how index values are checked):
+//   at::Tensor forward(const LoraArgs&, const Plan*)                    the delta [T, out]
+//   void forward_add(at::Tensor& y, const LoraArgs&, const Plan*)      y[T, out] += delta
 //   Grads backward(const at::Tensor& grad_y, const LoraArgs&, const Plan*, std::array<bool, 3>)
 //   Plan build_plan(const at::Tensor& token_slot, int64_t num_slots)
-// A null Plan* means the caller passed none (the backend builds one if it needs it).
-template <class Backend>
+// A null Plan* means the caller passed none (the backend builds one if it needs it).  T = 0 and
+// S = 0 never reach a backend.
+template <auto Forward, auto ForwardAdd, auto Backward, auto BuildPlan>
 struct LoraOps {
   using OptTensor = std::optional<at::Tensor>;
 
@@ -82,14 +111,10 @@ struct LoraOps {
                           const OptTensor& seg_offsets, std::optional<Plan>& plan) {
     LoraArgs args = check_lora_args(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot);
     plan = check_plan(args, order, seg_offsets);
-    if (Backend::check_values(args.x)) check_index_values(args, plan ? &*plan : nullptr);
     return args;
   }
 
-  static void add(at::Tensor& y, const LoraArgs& args, const std::optional<Plan>& plan) {
-    if (args.num_tokens() == 0 || args.num_slots() == 0) return;
-    Backend::forward_add(y, args, plan ? &*plan : nullptr);
-  }
+  static bool empty(const LoraArgs& args) { return args.num_tokens() == 0 || args.num_slots() == 0; }
 
   static at::Tensor forward(const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
                             const at::Tensor& a_pages, const at::Tensor& b_pages, const at::Tensor& ranks,
@@ -97,9 +122,8 @@ struct LoraOps {
                             const OptTensor& seg_offsets) {
     std::optional<Plan> plan;
     const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets, plan);
-    auto y = at::zeros({args.num_tokens(), args.out_features()}, x.options());
-    add(y, args, plan);
-    return y;
+    if (empty(args)) return at::zeros({args.num_tokens(), args.out_features()}, x.options());
+    return Forward(args, plan ? &*plan : nullptr);
   }
 
   static void forward_add_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
@@ -109,7 +133,7 @@ struct LoraOps {
     std::optional<Plan> plan;
     const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets, plan);
     check_output(args, y);
-    add(y, args, plan);
+    if (!empty(args)) ForwardAdd(y, args, plan ? &*plan : nullptr);
   }
 
   static Grads backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& a_pool,
@@ -119,27 +143,26 @@ struct LoraOps {
     std::optional<Plan> plan;
     const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets, plan);
     check_grad_output(args, grad_y);
-    if (args.num_tokens() == 0 || args.num_slots() == 0) {
+    if (empty(args)) {
       auto zeros = [&](bool want, const at::Tensor& like) {
         return want ? at::zeros_like(like, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
       };
       return {zeros(mask[0], args.x), zeros(mask[1], a_pool), zeros(mask[2], b_pool)};
     }
-    return Backend::backward(grad_y, args, plan ? &*plan : nullptr, mask);
+    return Backward(grad_y, args, plan ? &*plan : nullptr, mask);
   }
 
   static std::tuple<at::Tensor, at::Tensor> build_plan(const at::Tensor& token_slot, int64_t num_slots) {
-    const auto ts = check_token_slot(token_slot, num_slots);
-    if (Backend::check_values(ts)) check_token_slot_values(ts, num_slots);
-    const Plan plan = Backend::build_plan(ts, num_slots);
+    const Plan plan = BuildPlan(check_token_slot(token_slot, num_slots), num_slots);
     return {plan.order, plan.seg_offsets};
   }
 };
 
-// m.impl of every minlora op for the dispatch key of `m` (TORCH_LIBRARY_IMPL(minlora, KEY, m)).
-template <class Backend>
+// m.impl of every minlora op for the dispatch key of `m` (TORCH_LIBRARY_IMPL(minlora, KEY, m)),
+// with a backend's four functions.
+template <auto Forward, auto ForwardAdd, auto Backward, auto BuildPlan>
 void register_lora_ops(torch::Library& m) {
-  using Ops = LoraOps<Backend>;
+  using Ops = LoraOps<Forward, ForwardAdd, Backward, BuildPlan>;
   m.impl("build_plan", &Ops::build_plan);
   m.impl("lora_forward", &Ops::forward);
   m.impl("lora_forward_add_", &Ops::forward_add_);

@@ -117,12 +117,17 @@ def _build_plan_fake(token_slot: Tensor, num_slots: int) -> tuple[Tensor, Tensor
 _ARG_NAMES = ("x", "a_pool", "b_pool", "a_pages", "b_pages", "ranks", "scales", "token_slot", "order", "seg_offsets")
 
 
-def _delta_fake(*args: Optional[Tensor]) -> Tensor:
-    """Shape of the delta, after the checks that need no values (the real kernels check the rest)."""
-    x, b_pool = args[0], args[2]
-    for name, t in zip(_ARG_NAMES, args):
+def _check_devices(x: Tensor, named: dict[str, Optional[Tensor]]) -> None:
+    """Every given tensor is on x's device (the C++ checks never run when one is on meta)."""
+    for name, t in named.items():
         if t is not None and t.device != x.device:
             raise RuntimeError(f"{name} must be on {x.device} like x, got {t.device}")
+
+
+def _delta_fake(*args: Optional[Tensor], **extra: Tensor) -> Tensor:
+    """Shape of the delta, after the checks that need no values (the real kernels check the rest)."""
+    x, b_pool = args[0], args[2]
+    _check_devices(x, {**dict(zip(_ARG_NAMES, args)), **extra})
     torch._check(x.dim() == 2, lambda: f"x must be 2-D [T, in] (flatten leading dims), got shape {tuple(x.shape)}")
     torch._check(b_pool.dim() == 2, lambda: f"b_pool must be 2-D [num_pages, row_length], got {tuple(b_pool.shape)}")
     return x.new_empty(x.shape[0], b_pool.shape[1])
@@ -134,12 +139,16 @@ def _lora_forward_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token
 
 
 @torch.library.register_fake("minlora::lora_forward_add_")
-def _lora_forward_add_fake(y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order=None, seg=None):
-    _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg)
+def _lora_forward_add_fake(
+    y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order=None, seg=None
+):
+    _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, y=y)
 
 
 @torch.library.register_fake("minlora::lora_backward")
 def _lora_backward_fake(grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, mask):
+    _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, grad_y=grad_y)
+
     def grad(want: bool, like: Tensor) -> Tensor:
         return torch.empty_like(like, memory_format=torch.contiguous_format) if want else x.new_empty(0)
 
@@ -147,6 +156,16 @@ def _lora_backward_fake(grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scal
 
 
 # ---------------------------------------------------------------- autograd
+#
+# The forward's gradients are lora_backward; lora_backward's own gradients (double backward)
+# are the same two ops again, on the cotangents in place of the operands they are linear in:
+#   grad_x = s A^T B^T g,  grad_a = s (B^T g) x^T,  grad_b = s g (A x)^T   (per slot, pages as in the forward)
+# so for cotangents (cx, ca, cb) of (grad_x, grad_a, grad_b):
+#   d grad_y = fwd(cx; A, B) + fwd(x; ca, B) + fwd(x; A, cb)
+#   d x      = bwd_x(g, x; ca, B) + bwd_x(g, x; A, cb)
+#   d a_pool = bwd_a(g, cx; A, B) + bwd_a(g, x; A, cb)
+#   d b_pool = bwd_b(g, cx; A, B) + bwd_b(g, x; ca, B)
+# Both ops being differentiable, any order of derivative follows.
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -168,3 +187,50 @@ def _backward(ctx, grad_y: Tensor):
 
 
 torch.library.register_autograd("minlora::lora_forward", _backward, setup_context=_setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output) -> None:
+    grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, mask = inputs
+    ctx.mask = tuple(bool(m) for m in mask)
+    ctx.tables = (a_pages, b_pages, ranks, scales, token_slot, order, seg)
+    ctx.save_for_backward(grad_y, x, a_pool, b_pool)
+
+
+def _backward_of_backward(ctx, cx: Optional[Tensor], ca: Optional[Tensor], cb: Optional[Tensor]):
+    g, x, a_pool, b_pool = ctx.saved_tensors
+    a_pages, b_pages, ranks, scales, token_slot, order, seg = ctx.tables
+    # Cotangents of outputs the mask left out (empty tensors) are ignored.
+    cx, ca, cb = (c.contiguous() if c is not None and m else None for c, m in zip((cx, ca, cb), ctx.mask))
+    want_g, want_x, want_a, want_b = ctx.needs_input_grad[:4]
+    tables = (a_pages, b_pages, ranks, scales, token_slot, order, seg)
+
+    def fwd(v: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        return _ops.lora_forward(v, a, b, *tables)
+
+    def bwd(v: Tensor, a: Tensor, b: Tensor, out: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor]:
+        return _ops.lora_backward(g, v, a, b, *tables, list(out))
+
+    def total(*terms: Optional[Tensor]) -> Optional[Tensor]:
+        present = [t for t in terms if t is not None]
+        return sum(present[1:], present[0]) if present else None
+
+    d_g = None
+    if want_g:
+        d_g = total(fwd(cx, a_pool, b_pool) if cx is not None else None,
+                    fwd(x, ca, b_pool) if ca is not None else None,
+                    fwd(x, a_pool, cb) if cb is not None else None)
+    from_cx = bwd(cx, a_pool, b_pool, (False, want_a, want_b)) if cx is not None and (want_a or want_b) else None
+    from_ca = bwd(x, ca, b_pool, (want_x, False, want_b)) if ca is not None and (want_x or want_b) else None
+    from_cb = bwd(x, a_pool, cb, (want_x, want_a, False)) if cb is not None and (want_x or want_a) else None
+
+    def part(grads: Optional[tuple[Tensor, Tensor, Tensor]], k: int, want: bool) -> Optional[Tensor]:
+        return grads[k] if grads is not None and want else None
+
+    d_x = total(part(from_ca, 0, want_x), part(from_cb, 0, want_x))
+    d_a = total(part(from_cx, 1, want_a), part(from_cb, 1, want_a))
+    d_b = total(part(from_cx, 2, want_b), part(from_ca, 2, want_b))
+    return (d_g, d_x, d_a, d_b) + (None,) * (len(ctx.needs_input_grad) - 4)
+
+
+torch.library.register_autograd("minlora::lora_backward", _backward_of_backward,
+                                setup_context=_setup_backward_context)

@@ -12,11 +12,17 @@ __all__ = ["BatchPlan", "build_plan"]
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Tokens grouped by adapter slot (a stable counting sort).
+    """Tokens grouped by adapter slot.
 
-    order:       [T] int32; tokens of slot s are order[seg_offsets[s]:seg_offsets[s + 1]],
-                 in their original order; tokens with slot -1 come after seg_offsets[S].
+    order:       [T] int32, a permutation of 0..T-1: the tokens of slot s are
+                 order[seg_offsets[s]:seg_offsets[s + 1]], those with slot -1 come after
+                 seg_offsets[S] (build_plan keeps each group in the tokens' original order).
     seg_offsets: [S + 1] int32, non-decreasing, seg_offsets[0] = 0.
+
+    The ops refuse a plan that is not such a permutation of its token_slot (ValueError naming
+    order or seg_offsets) when its tensors are on the CPU, or on CUDA with
+    MINLORA_CHECK_INDICES=1; on CUDA otherwise nothing is read on the host, and the kernels
+    skip the positions (or, in the grouped path, the segments) that do not match.
 
     Its sizes depend only on T and S, never on the assignment, so a plan held in fixed
     buffers can be refilled with `copy_` between replays of a captured CUDA graph.
@@ -52,7 +58,9 @@ class BatchPlan:
 def build_plan(token_slot: torch.Tensor, num_slots: int) -> BatchPlan:
     """Builds the plan of `token_slot` ([T] int32 in -1..num_slots-1) on its device.
 
-    On CUDA it runs on the current stream without synchronising the host.
+    On the CPU token_slot's values are checked (ValueError); on CUDA it runs on the current
+    stream without synchronising the host, and slots outside 0..num_slots-1 count as -1
+    (MINLORA_CHECK_INDICES=1 checks them on the host instead).
     """
     order, seg_offsets = torch.ops.minlora.build_plan(token_slot, num_slots)
     return BatchPlan(order, seg_offsets)

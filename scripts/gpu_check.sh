@@ -91,7 +91,7 @@ fi
 : >"$OUT/pytest.log"
 if [ "${RC[build]}" = 0 ]; then
   # --maxfail: a kernel fault poisons the CUDA context and fails every test after it.
-  run_step tests 130 "$OUT/pytest.log" "$PY" -m pytest -m cuda tests/test_ops_cuda.py tests/test_ops.py -q \
+  run_step tests 130 "$OUT/pytest.log" "$PY" -m pytest -m cuda tests/test_ops_cuda.py tests/test_ops.py tests/test_ops_safety.py -q \
     -p no:cacheprovider --timeout 120 --maxfail 40 --junitxml "$WORK/junit.xml"
 fi
 

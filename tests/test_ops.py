@@ -42,6 +42,59 @@ def test_forward_mixed_ranks(dtype, variant):
     check_forward(case, variant)
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """torch's thread count: with one thread the CPU op runs long segments as matrix products in
+    the calling thread; with more, small calls run the token path in the calling thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_forward_every_cpu_path(dtype, variant, threads):
+    case = make_case(300, 96, 72, mixed_ranks(), dtype, slot_weights=SLOT_WEIGHTS)
+    check_forward(case, variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_large_call_runs_in_parallel_region(dtype, variant):
+    """Enough work for the parallel region (matrix products and token blocks on its workers)."""
+    weights = [30, 1, 20, 1, 10, 0.2, 8]
+    case = make_case(2500, 512, 384, [32, 1, 64, 0, 16, 3, 48], dtype, slot_weights=weights)
+    check_forward(case, variant)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_every_cpu_path(dtype, threads):
+    case = make_case(200, 48, 40, [8, 1, 32, 0, 4, 16, 2], dtype, slot_weights=[10, 1, 5, 1, 1, 8, 0.3])
+    case.a_pages[5, :2] = case.a_pages[0, :2]  # a page shared by two slots (one short, one long segment)
+    case.a_pool[torch.isnan(case.a_pool)] = 0.5
+    grad_y = torch.randn(200, 40, dtype=torch.float64).to(dtype)
+    got = minlora.ops.lora_backward(grad_y, *case.args())
+    want = lora_backward_ref(grad_y, *case.args())
+    for name, g, w in zip(("grad_x", "grad_a_pool", "grad_b_pool"), got, want):
+        assert torch.isfinite(g).all(), name
+        assert rel_error(g, w) <= 3 * TOLERANCE[dtype], name
+
+
+def test_backward_large_call_runs_in_parallel_region():
+    weights = [30, 1, 20, 1, 10, 0.2]
+    case = make_case(2000, 600, 520, [32, 1, 64, 0, 16, 3], torch.float32, slot_weights=weights)
+    grad_y = torch.randn(2000, 520)
+    for mask in ((True, True, True), (False, True, False), (True, False, True)):
+        got = minlora.ops.lora_backward(grad_y, *case.args(), output_mask=mask)
+        want = lora_backward_ref(grad_y, *case.args())
+        for k, (g, w) in enumerate(zip(got, want)):
+            if mask[k]:
+                assert rel_error(g, w) <= 3e-5, k
+            else:
+                assert g is None
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_forward_decode_one_token_per_adapter(variant):
     ranks = [int(r) for r in torch.randint(1, 33, (40,))]

@@ -1,12 +1,30 @@
 // The CPU backend of the LoRA ops: its kernels and TORCH_LIBRARY_IMPL(minlora, CPU).
 //
-// Short segments (decode: one or a few tokens per adapter) run a per-token
-// shrink/expand in parallel over slots; long segments (prefill, training) run as
-// per-segment matrix products through ATen's BLAS.  The intermediate A_s x_t is
-// accumulated and scaled in float32 (float64 for float64 inputs) and never rounded.
+// Each call first copies the index values it needs into private buffers and checks them
+// (HostIndices, lora_op.h); the kernels read nothing else.  So another thread rewriting the
+// page tables, ranks, token slots or plan during a call can change its answer, never make it
+// read out of bounds, and scratch memory grows with the ranks in use, not with R.
+//
+// The work runs as items (a few tokens of one slot; a column tile of a pool gradient) in at
+// most two parallel regions per call (at::parallel_for: torch's own threads), whose workers
+// take items from a shared counter.  No worker waits for a share of the work fixed in
+// advance: when another process holds a core, the workers that run take over its items, and
+// the call pays one hand-off per region instead of one per matrix product or copy.  A region
+// still ends when every thread of the team has joined it, which takes a scheduling quantum
+// (milliseconds) when a core is busy elsewhere; so a call with less work than that runs in
+// the calling thread, with no region at all (kInlineWork).
+//
+// Short segments (decode: one or a few tokens per adapter) shrink and expand over blocks of
+// up to kTokenBlock tokens, reading each page once per block; long segments (prefill,
+// training) run as matrix products (at::mm) on float copies of their token rows and pages,
+// where at::mm cannot start threads of its own: inside a region (nested regions run on one
+// thread) or with one thread in all.  The intermediate A_s x_t is accumulated and scaled in
+// float32 (float64 for float64 inputs) and never rounded.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "../lora_op.h"
@@ -14,20 +32,24 @@
 namespace minlora::cpu {
 namespace {
 
-// Segments at least this long go through matrix products; shorter ones through the token loop.
+// Segments at least this long go through matrix products; shorter ones through the token path.
 constexpr int64_t kGemmMinTokens = 16;
-// Tokens of one slot that the token path handles per pass over the slot's pages.
+// Tokens of one slot the token path handles per pass over the slot's pages.
 constexpr int64_t kTokenBlock = 8;
+// Tokens of one slot per matrix-product item (its rows and pages are gathered once per item).
+constexpr int64_t kGemmTokens = 64;
+// Rows zeroed per item of the write-once outputs (rows without an adapter).
+constexpr int64_t kZeroRows = 256;
+// Columns of a pool gradient per item (items own their columns: no two workers add into one element).
+constexpr int64_t kGradColumns = 256;
+// Below this much work (multiply-adds, about 3 ms on one core) a call runs in the calling
+// thread, without a region.
+constexpr int64_t kInlineWork = int64_t{1} << 25;
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// Operands of one shrink-then-expand pass: y[t] += scale_s * E_s (S_s x[t]), where row j of
-// S_s is shrink_pool[shrink_pages[s, j]] and column j of E_s is expand_pool[expand_pages[s, j]].
-// The forward is (x, a_pool, b_pool); grad_x is the same pass on (grad_y, b_pool, a_pool).
-struct ShrinkExpand {
-  at::Tensor x, shrink_pool, shrink_pages, expand_pool, expand_pages;
-};
+at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The float32 inner loops are built for AVX2+FMA as well as the baseline ISA and chosen at
 // load time (GCC function multi-versioning): the extension must run on any x86-64, and
@@ -62,262 +84,389 @@ acc_type<scalar_t> dot(const scalar_t* v, const scalar_t* page, int64_t len) {
   return acc;
 }
 
-// Up to kTokenBlock tokens of one slot: y[t] += scale * E (S x[t]).  Each page is read from
-// memory once per block and then hit in cache for the block's other tokens, so short
-// segments move about as many bytes as a matrix product would, without its set-up cost.
-// h: [kTokenBlock * rank], y_acc: [kTokenBlock * out] scratch.
-template <typename scalar_t>
-void block_shrink_expand(const scalar_t* x, scalar_t* y, const int32_t* tokens, int64_t num, const scalar_t* shrink_pool,
-                         const int32_t* shrink_pages, const scalar_t* expand_pool, const int32_t* expand_pages,
-                         int64_t in, int64_t out, int64_t rank, acc_type<scalar_t> scale, acc_type<scalar_t>* h,
-                         acc_type<scalar_t>* y_acc) {
-  using acc_t = acc_type<scalar_t>;
-  for (int64_t j = 0; j < rank; ++j) {
-    const scalar_t* page = shrink_pool + static_cast<int64_t>(shrink_pages[j]) * in;
-    for (int64_t b = 0; b < num; ++b) h[b * rank + j] = dot(x + tokens[b] * in, page, in) * scale;
-  }
-  for (int64_t b = 0; b < num; ++b) {
-    const scalar_t* y_row = y + tokens[b] * out;
-    for (int64_t c = 0; c < out; ++c) y_acc[b * out + c] = static_cast<acc_t>(y_row[c]);
-  }
-  for (int64_t j = 0; j < rank; ++j) {
-    const scalar_t* page = expand_pool + static_cast<int64_t>(expand_pages[j]) * out;
-    for (int64_t b = 0; b < num; ++b) {
-      acc_t* acc = y_acc + b * out;
-      const acc_t hj = h[b * rank + j];
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        axpy_f32(acc, hj, page, out);
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < out; ++c) acc[c] += hj * static_cast<acc_t>(page[c]);
-      }
-    }
-  }
-  for (int64_t b = 0; b < num; ++b) {
-    scalar_t* y_row = y + tokens[b] * out;
-    for (int64_t c = 0; c < out; ++c) y_row[c] = static_cast<scalar_t>(y_acc[b * out + c]);
-  }
-}
-
-// y[order[beg:end]] += scale * (x[rows] S^T) E^T as two matrix products in acc precision.
-void segment_gemm(at::Tensor& y, const ShrinkExpand& op, const at::Tensor& rows, int64_t s, int64_t rank,
-                  double scale) {
-  const auto acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto sp = op.shrink_pages.select(0, s).narrow(0, 0, rank).to(at::kLong);
-  const auto ep = op.expand_pages.select(0, s).narrow(0, 0, rank).to(at::kLong);
-  const auto xs = op.x.index_select(0, rows).to(acc);
-  const auto h = at::mm(xs, op.shrink_pool.index_select(0, sp).to(acc).t()).mul_(scale);
-  auto ys = y.index_select(0, rows).to(acc);
-  ys.addmm_(h, op.expand_pool.index_select(0, ep).to(acc));
-  y.index_copy_(0, rows, ys.to(y.scalar_type()));
-}
-
-// Slots with tokens and a non-zero rank, split by segment length: (short, long).
-std::pair<std::vector<int64_t>, std::vector<int64_t>> split_slots(const at::Tensor& ranks, const Plan& plan) {
-  const int32_t* rk = ranks.data_ptr<int32_t>();
-  const int32_t* seg = plan.seg_offsets.data_ptr<int32_t>();
-  std::vector<int64_t> short_slots, long_slots;
-  for (int64_t s = 0; s < ranks.size(0); ++s) {
-    const int64_t n = seg[s + 1] - seg[s];
-    if (n == 0 || rk[s] == 0) continue;
-    (n >= kGemmMinTokens ? long_slots : short_slots).push_back(s);
-  }
-  return {short_slots, long_slots};
-}
-
-void shrink_expand_add(at::Tensor& y, const ShrinkExpand& op, const at::Tensor& ranks, const at::Tensor& scales,
-                       const Plan& plan) {
-  const int64_t in = op.x.size(1), out = y.size(1), R = op.shrink_pages.size(1);
-  const int32_t* rk = ranks.data_ptr<int32_t>();
-  const float* sc = scales.data_ptr<float>();
-  const int32_t* seg = plan.seg_offsets.data_ptr<int32_t>();
-  const int32_t* order = plan.order.data_ptr<int32_t>();
-
-  const auto [short_slots, long_slots] = split_slots(ranks, plan);
-  for (const int64_t s : long_slots) {
-    const auto rows = plan.order.narrow(0, seg[s], seg[s + 1] - seg[s]).to(at::kLong);
-    segment_gemm(y, op, rows, s, rk[s], sc[s]);
-  }
-  if (short_slots.empty()) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "minlora_shrink_expand", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const scalar_t* x = op.x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* shrink_pool = op.shrink_pool.data_ptr<scalar_t>();
-    const scalar_t* expand_pool = op.expand_pool.data_ptr<scalar_t>();
-    const int32_t* shrink_pages = op.shrink_pages.data_ptr<int32_t>();
-    const int32_t* expand_pages = op.expand_pages.data_ptr<int32_t>();
-    // Work items: blocks of at most kTokenBlock tokens of one slot (balanced across threads).
-    std::vector<std::pair<int64_t, int64_t>> blocks;  // (slot, first plan position)
-    for (const int64_t s : short_slots)
-      for (int64_t p = seg[s]; p < seg[s + 1]; p += kTokenBlock) blocks.emplace_back(s, p);
-    at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t lo, int64_t hi) {
-      std::vector<acc_t> h(kTokenBlock * R), y_acc(kTokenBlock * out);
-      for (int64_t i = lo; i < hi; ++i) {
-        const auto [s, p] = blocks[i];
-        block_shrink_expand<scalar_t>(x, yp, order + p, std::min<int64_t>(kTokenBlock, seg[s + 1] - p), shrink_pool,
-                                      shrink_pages + s * R, expand_pool, expand_pages + s * R, in, out, rk[s],
-                                      static_cast<acc_t>(sc[s]), h.data(), y_acc.data());
-      }
-    });
-  });
-}
-
-
-// grad[pages[j], c] += coef[j] * v[c] for j < rank and c in [c0, c1), in acc precision.
-// Called per column range, so threads never share a grad element even when pages repeat.
+// acc[0:len] += a * v[0:len], v in the operand dtype.
 template <typename scalar_t, typename acc_t>
-void add_rank1_rows(acc_t* grad, int64_t len, const int32_t* pages, int64_t rank, const acc_t* coef,
-                    const scalar_t* v, int64_t c0, int64_t c1) {
-  for (int64_t j = 0; j < rank; ++j) {
-    acc_t* row = grad + static_cast<int64_t>(pages[j]) * len;
-    const acc_t cj = coef[j];
+void axpy(acc_t* acc, acc_t a, const scalar_t* v, int64_t len) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    axpy_f32(acc, a, v, len);
+  } else {
 #pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) row[c] += cj * static_cast<acc_t>(v[c]);
+    for (int64_t c = 0; c < len; ++c) acc[c] += a * static_cast<acc_t>(v[c]);
   }
 }
 
-// grad[pages[j]] += d[j] for j < rank (d: [rank, len]), parallel over columns so repeated pages are safe.
+// ---- work items and the region that runs them
+
+// Plan positions [begin, begin + count) of one slot; slot -1: rows to zero (no adapter).
+struct Item {
+  int32_t slot;
+  int32_t count;
+  int64_t begin;
+  int64_t cost;  // multiply-adds, for ordering and for the inline threshold
+};
+
+// Per-worker buffers, grown on demand (sizes follow the ranks and token blocks in use).
 template <typename acc_t>
-void add_rows(acc_t* grad, int64_t len, const int32_t* pages, int64_t rank, const acc_t* d) {
-  at::parallel_for(0, len, 512, [&](int64_t c0, int64_t c1) {
-    for (int64_t j = 0; j < rank; ++j) {
-      acc_t* row = grad + static_cast<int64_t>(pages[j]) * len;
-#pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) row[c] += d[j * len + c];
-    }
+struct Scratch {
+  std::vector<acc_t> rows, pages, h, out;
+  static acc_t* sized(std::vector<acc_t>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    return v.data();
+  }
+};
+
+// A column tile [c0, c1) of one pool gradient (grad_a_pool or grad_b_pool).
+struct GradTile {
+  bool is_a;
+  int64_t c0, c1;
+  int64_t cost;
+};
+
+// Runs fn(item, scratch, gemm_ok) for every item (anything with a `cost`), largest first, in
+// one parallel region whose workers take items from a shared counter, or in the calling
+// thread when the work is small.  gemm_ok: at::mm runs on the calling thread only (so items
+// may use matrix products).
+template <typename acc_t, typename ItemT, typename F>
+void run_items(std::vector<ItemT>& items, const F& fn) {
+  if (items.empty()) return;
+  std::stable_sort(items.begin(), items.end(), [](const ItemT& a, const ItemT& b) { return a.cost > b.cost; });
+  int64_t work = 0;
+  for (const ItemT& it : items) work += it.cost;
+  const int64_t n = static_cast<int64_t>(items.size());
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  if (workers <= 1 || work < kInlineWork) {
+    const bool gemm_ok = at::get_num_threads() == 1 || at::in_parallel_region();
+    Scratch<acc_t> scratch;
+    for (const ItemT& it : items) fn(it, scratch, gemm_ok);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Scratch<acc_t> scratch;
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      fn(items[i], scratch, true);
   });
 }
 
-// grad_a[pa_j] += scale_s (B_s^T g_t)_j x_t and grad_b[pb_j] += scale_s (A_s x_t)_j g_t for every token
-// (grad_a or grad_b undefined when not wanted).  Long segments: two matrix products each, the
-// [r, len] result added row by row; short segments: the per-token rank vectors first (parallel
-// over slots), then rank-1 row updates (parallel over columns).
-void pool_grads(at::Tensor& grad_a, at::Tensor& grad_b, const at::Tensor& g, const LoraArgs& args, const Plan& plan) {
-  const int64_t in = args.in_features(), out = args.out_features(), R = args.max_rank();
-  const int32_t* rk = args.ranks.data_ptr<int32_t>();
-  const float* sc = args.scales.data_ptr<float>();
-  const int32_t* seg = plan.seg_offsets.data_ptr<int32_t>();
-  const int32_t* order = plan.order.data_ptr<int32_t>();
-  const int32_t* a_pages = args.a_pages.data_ptr<int32_t>();
-  const int32_t* b_pages = args.b_pages.data_ptr<int32_t>();
-  const auto [short_slots, long_slots] = split_slots(args.ranks, plan);
-  const auto acc = grad_a.defined() ? grad_a.scalar_type() : grad_b.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(), "minlora_pool_grads", [&] {
+// The items of one shrink-then-expand pass over every segment: blocks of tokens of each slot
+// with a rank, and (when rows without an adapter must be zeroed) the other rows.
+std::vector<Item> segment_items(const HostIndices& ix, int64_t row_work, bool zero_rows) {
+  std::vector<Item> items;
+  const int64_t S = ix.num_slots(), T = ix.num_tokens();
+  auto add_zero = [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; p += kZeroRows) {
+      const int64_t count = std::min(kZeroRows, end - p);
+      items.push_back({-1, static_cast<int32_t>(count), p, count});
+    }
+  };
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = ix.segment_length(s), r = ix.ranks[s], begin = ix.segment_begin(s);
+    if (n == 0) continue;
+    if (r == 0) {
+      if (zero_rows) add_zero(begin, begin + n);
+      continue;
+    }
+    const int64_t block = n >= kGemmMinTokens ? kGemmTokens : kTokenBlock;
+    for (int64_t p = begin; p < begin + n; p += block) {
+      const int64_t count = std::min(block, begin + n - p);
+      items.push_back({static_cast<int32_t>(s), static_cast<int32_t>(count), p, (count + 1) * r * row_work});
+    }
+  }
+  if (zero_rows) add_zero(ix.seg_offsets[S], T);
+  return items;
+}
+
+// ---- shrink and expand of one item
+
+// The operands of one shrink-then-expand: rows of `in` [T, len_in] -> pages of shrink_pool
+// (length len_in) -> pages of expand_pool (length len_out).  The forward is (x, a_pool,
+// a_pages, b_pool, b_pages); grad_x is (grad_y, b_pool, b_pages, a_pool, a_pages).
+template <typename scalar_t>
+struct ShrinkExpand {
+  const scalar_t* in;
+  int64_t len_in;
+  const scalar_t* shrink_pool;
+  const int32_t* shrink_pages;  // compact (HostIndices::page_begin)
+  const scalar_t* expand_pool;
+  const int32_t* expand_pages;
+  int64_t len_out;
+};
+
+// rows [n, len] (acc) = v[tokens[i]] for i < n, in acc precision.
+template <typename scalar_t, typename acc_t>
+void gather_rows(acc_t* rows, const scalar_t* v, int64_t len, const int32_t* tokens, int64_t n, int64_t c0 = 0,
+                 int64_t width = -1) {
+  const int64_t w = width < 0 ? len : width;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* src = v + static_cast<int64_t>(tokens[i]) * len + c0;
+    acc_t* dst = rows + i * w;
+    for (int64_t c = 0; c < w; ++c) dst[c] = static_cast<acc_t>(src[c]);
+  }
+}
+
+template <typename acc_t>
+at::Tensor view(acc_t* data, int64_t rows, int64_t cols) {
+  const auto dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+  return at::from_blob(data, {rows, cols}, at::TensorOptions().dtype(dtype));
+}
+
+// h [n, r] = scale * (S_s x_t) for the n tokens: per page and token (short segments) or as one
+// matrix product on gathered rows and pages (long ones).
+template <typename scalar_t, typename acc_t>
+void shrink(const scalar_t* in, int64_t len, const scalar_t* pool, const int32_t* pages, int64_t r,
+            const int32_t* tokens, int64_t n, acc_t scale, acc_t* h, bool as_gemm, Scratch<acc_t>& scratch) {
+  if (!as_gemm) {
+    for (int64_t j = 0; j < r; ++j) {
+      const scalar_t* page = pool + static_cast<int64_t>(pages[j]) * len;
+      for (int64_t b = 0; b < n; ++b) h[b * r + j] = dot(in + static_cast<int64_t>(tokens[b]) * len, page, len) * scale;
+    }
+    return;
+  }
+  acc_t* rows = Scratch<acc_t>::sized(scratch.rows, n * len);
+  acc_t* pg = Scratch<acc_t>::sized(scratch.pages, r * len);
+  gather_rows(rows, in, len, tokens, n);
+  gather_rows(pg, pool, len, pages, r);
+  auto ht = view(h, n, r);
+  at::mm_out(ht, view(rows, n, len), view(pg, r, len).t());
+  ht.mul_(scale);
+}
+
+// y[tokens[b]] (+)= h[b] E_s^T for the n tokens (accumulate: y += delta, else y = delta).
+template <typename scalar_t, typename acc_t>
+void expand(const acc_t* h, int64_t r, const scalar_t* pool, const int32_t* pages, int64_t len, scalar_t* y,
+            const int32_t* tokens, int64_t n, bool accumulate, bool as_gemm, Scratch<acc_t>& scratch) {
+  acc_t* out = Scratch<acc_t>::sized(scratch.out, n * len);
+  if (!as_gemm) {
+    for (int64_t b = 0; b < n; ++b) {
+      acc_t* o = out + b * len;
+      if (accumulate) {
+        const scalar_t* y_row = y + static_cast<int64_t>(tokens[b]) * len;
+        for (int64_t c = 0; c < len; ++c) o[c] = static_cast<acc_t>(y_row[c]);
+      } else {
+        std::fill(o, o + len, acc_t(0));
+      }
+    }
+    // Each page is read from memory once and then hit in cache for the block's other tokens.
+    for (int64_t j = 0; j < r; ++j) {
+      const scalar_t* page = pool + static_cast<int64_t>(pages[j]) * len;
+      for (int64_t b = 0; b < n; ++b) axpy(out + b * len, h[b * r + j], page, len);
+    }
+  } else {
+    acc_t* pg = Scratch<acc_t>::sized(scratch.pages, r * len);
+    gather_rows(pg, pool, len, pages, r);
+    auto o = view(out, n, len);
+    if (accumulate) {
+      gather_rows(out, y, len, tokens, n);
+      o.addmm_(view(const_cast<acc_t*>(h), n, r), view(pg, r, len));
+    } else {
+      at::mm_out(o, view(const_cast<acc_t*>(h), n, r), view(pg, r, len));
+    }
+  }
+  for (int64_t b = 0; b < n; ++b) {
+    scalar_t* y_row = y + static_cast<int64_t>(tokens[b]) * len;
+    const acc_t* o = out + b * len;
+    for (int64_t c = 0; c < len; ++c) y_row[c] = static_cast<scalar_t>(o[c]);
+  }
+}
+
+template <typename scalar_t>
+void zero_rows(scalar_t* y, int64_t len, const int32_t* tokens, int64_t n) {
+  for (int64_t b = 0; b < n; ++b) {
+    scalar_t* row = y + static_cast<int64_t>(tokens[b]) * len;
+    std::fill(row, row + len, scalar_t(0));
+  }
+}
+
+// One shrink-then-expand item into y; h_store, when set, receives the item's scaled rank
+// vectors (its rows at coef_begin[slot] + (position - segment start) * rank, see coef_layout).
+template <typename scalar_t, typename acc_t>
+void shrink_expand_item(const Item& it, const ShrinkExpand<scalar_t>& op, const HostIndices& ix, const float* scales,
+                        scalar_t* y, bool accumulate, acc_t* h_store, const int64_t* coef_begin,
+                        Scratch<acc_t>& scratch, bool gemm_ok) {
+  const int32_t* tokens = ix.order.data() + it.begin;
+  if (it.slot < 0) {
+    if (y != nullptr) zero_rows(y, op.len_out, tokens, it.count);
+    return;
+  }
+  const int64_t s = it.slot, r = ix.ranks[s], k0 = ix.page_begin[s];
+  const bool as_gemm = gemm_ok && ix.segment_length(s) >= kGemmMinTokens;
+  acc_t* h = h_store != nullptr ? h_store + coef_begin[s] + (it.begin - ix.segment_begin(s)) * r
+                                : Scratch<acc_t>::sized(scratch.h, it.count * r);
+  shrink(op.in, op.len_in, op.shrink_pool, op.shrink_pages + k0, r, tokens, it.count, static_cast<acc_t>(scales[s]),
+         h, as_gemm, scratch);
+  if (y != nullptr)
+    expand(h, r, op.expand_pool, op.expand_pages + k0, op.len_out, y, tokens, it.count, accumulate, as_gemm, scratch);
+}
+
+// y (+)= the LoRA delta of `op` for every token (write-once when !accumulate: rows without
+// an adapter are zeroed).  One region.
+template <typename scalar_t>
+void shrink_expand(scalar_t* y, const ShrinkExpand<scalar_t>& op, const HostIndices& ix, const float* scales,
+                   bool accumulate) {
+  using acc_t = acc_type<scalar_t>;
+  auto items = segment_items(ix, op.len_in + op.len_out, !accumulate);
+  run_items<acc_t>(items, [&](const Item& it, Scratch<acc_t>& scratch, bool gemm_ok) {
+    shrink_expand_item<scalar_t, acc_t>(it, op, ix, scales, y, accumulate, nullptr, nullptr, scratch, gemm_ok);
+  });
+}
+
+// ---- the pool gradients
+
+// Start of each slot's rank vectors in a [sum over slots of tokens x rank] buffer (row = plan
+// position within the slot's segment); [S] is the total.
+std::vector<int64_t> coef_layout(const HostIndices& ix) {
+  const int64_t S = ix.num_slots();
+  std::vector<int64_t> begin(S + 1, 0);
+  for (int64_t s = 0; s < S; ++s) begin[s + 1] = begin[s] + ix.segment_length(s) * ix.ranks[s];
+  return begin;
+}
+
+// grad[pages[s, j], c0:c1] += sum over slot s's tokens t of coef[t, j] * v[t, c0:c1], for every
+// slot: one item's column tile of one pool gradient.  `grad` is [P, len] in acc precision and
+// is zeroed here in the tile's columns first.
+template <typename scalar_t, typename acc_t>
+void pool_grad_tile(acc_t* grad, int64_t num_pages, int64_t len, int64_t c0, int64_t c1, const scalar_t* v,
+                    const acc_t* coef, const int64_t* coef_begin, const std::vector<int32_t>& pages,
+                    const HostIndices& ix, Scratch<acc_t>& scratch, bool gemm_ok) {
+  const int64_t w = c1 - c0;
+  for (int64_t p = 0; p < num_pages; ++p) std::fill(grad + p * len + c0, grad + p * len + c1, acc_t(0));
+  for (int64_t s = 0; s < ix.num_slots(); ++s) {
+    const int64_t n = ix.segment_length(s), r = ix.ranks[s];
+    if (n == 0 || r == 0) continue;
+    const int32_t* tokens = ix.order.data() + ix.segment_begin(s);
+    const int32_t* pg = pages.data() + ix.page_begin[s];
+    const acc_t* cs = coef + coef_begin[s];  // [n, r]
+    if (gemm_ok && n >= kGemmMinTokens) {
+      // d [r, w] = coef_s^T v_s[:, c0:c1], over blocks of tokens.
+      acc_t* d = Scratch<acc_t>::sized(scratch.out, r * w);
+      auto dt = view(d, r, w);
+      for (int64_t b = 0; b < n; b += kGemmTokens) {
+        const int64_t m = std::min(kGemmTokens, n - b);
+        acc_t* rows = Scratch<acc_t>::sized(scratch.rows, m * w);
+        gather_rows(rows, v, len, tokens + b, m, c0, w);
+        const auto ct = view(const_cast<acc_t*>(cs + b * r), m, r).t();
+        if (b == 0) {
+          at::mm_out(dt, ct, view(rows, m, w));
+        } else {
+          dt.addmm_(ct, view(rows, m, w));
+        }
+      }
+      for (int64_t j = 0; j < r; ++j) {
+        acc_t* row = grad + static_cast<int64_t>(pg[j]) * len + c0;
+        const acc_t* dj = d + j * w;
+#pragma omp simd
+        for (int64_t c = 0; c < w; ++c) row[c] += dj[c];
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const scalar_t* vt = v + static_cast<int64_t>(tokens[i]) * len + c0;
+        for (int64_t j = 0; j < r; ++j) axpy(grad + static_cast<int64_t>(pg[j]) * len + c0, cs[i * r + j], vt, w);
+      }
+    }
+  }
+}
+
+// ---- the backend
+
+Plan build_plan(const at::Tensor& token_slot, int64_t num_slots) {
+  const auto slots = read_token_slot(token_slot, num_slots);
+  auto order = at::empty({token_slot.size(0)}, token_slot.options());
+  auto seg = at::empty({num_slots + 1}, token_slot.options());
+  build_host_plan(slots, num_slots, order.data_ptr<int32_t>(), seg.data_ptr<int32_t>());
+  return Plan{order, seg};
+}
+
+void forward_into(at::Tensor& y, const LoraArgs& args, const Plan* plan, bool accumulate) {
+  const HostIndices ix = read_indices(args, plan);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "minlora_forward", [&] {
+    const ShrinkExpand<scalar_t> op{args.x.data_ptr<scalar_t>(), args.in_features(),
+                                    args.a_pool.data_ptr<scalar_t>(), ix.a_pages.data(),
+                                    args.b_pool.data_ptr<scalar_t>(), ix.b_pages.data(), args.out_features()};
+    shrink_expand(y.data_ptr<scalar_t>(), op, ix, args.scales.data_ptr<float>(), accumulate);
+  });
+}
+
+at::Tensor forward(const LoraArgs& args, const Plan* plan) {
+  auto y = at::empty({args.num_tokens(), args.out_features()}, args.x.options());
+  forward_into(y, args, plan, /*accumulate=*/false);
+  return y;
+}
+
+void forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) { forward_into(y, args, plan, true); }
+
+Grads backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan, std::array<bool, 3> mask) {
+  const HostIndices ix = read_indices(args, plan);
+  const auto g = grad_y.contiguous();
+  const auto empty = at::empty({0}, args.x.options());
+  at::Tensor grad_x = mask[0] ? at::empty_like(args.x) : empty;
+  at::Tensor grad_a = mask[1] ? at::empty_like(args.a_pool) : empty;
+  at::Tensor grad_b = mask[2] ? at::empty_like(args.b_pool) : empty;
+  const int64_t in = args.in_features(), out = args.out_features();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(), "minlora_backward", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* x = args.x.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* a_pool = args.a_pool.data_ptr<scalar_t>();
     const scalar_t* b_pool = args.b_pool.data_ptr<scalar_t>();
-    acc_t* ga = grad_a.defined() ? grad_a.data_ptr<acc_t>() : nullptr;
-    acc_t* gb = grad_b.defined() ? grad_b.data_ptr<acc_t>() : nullptr;
-
-    for (const int64_t s : long_slots) {
-      const int64_t n = seg[s + 1] - seg[s], r = rk[s];
-      const auto rows = plan.order.narrow(0, seg[s], n).to(at::kLong);
-      const auto xs = args.x.index_select(0, rows).to(acc);
-      const auto gs = g.index_select(0, rows).to(acc);
-      if (ga != nullptr) {
-        const auto bt = args.b_pool.index_select(0, args.b_pages.select(0, s).narrow(0, 0, r).to(at::kLong)).to(acc);
-        const auto da = at::mm(at::mm(gs, bt.t()).t(), xs).mul_(sc[s]).contiguous();  // [r, in]
-        add_rows(ga, in, a_pages + s * R, r, da.data_ptr<acc_t>());
-      }
-      if (gb != nullptr) {
-        const auto a = args.a_pool.index_select(0, args.a_pages.select(0, s).narrow(0, 0, r).to(at::kLong)).to(acc);
-        const auto db = at::mm(at::mm(xs, a.t()).t(), gs).mul_(sc[s]).contiguous();  // [r, out]
-        add_rows(gb, out, b_pages + s * R, r, db.data_ptr<acc_t>());
-      }
-    }
-    if (short_slots.empty()) return;
-
-    // Scaled rank vectors per plan position p: h[p] = scale A_s x_t, u[p] = scale B_s^T g_t.
-    const int64_t T = args.num_tokens();
-    std::vector<acc_t> h(gb != nullptr ? T * R : 0), u(ga != nullptr ? T * R : 0);
-    at::parallel_for(0, static_cast<int64_t>(short_slots.size()), 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t s = short_slots[i];
-        const acc_t scale = sc[s];
-        for (int64_t p = seg[s]; p < seg[s + 1]; ++p) {
-          const int64_t t = order[p];
-          for (int64_t j = 0; j < rk[s]; ++j) {
-            if (gb != nullptr)
-              h[p * R + j] = scale * dot(x + t * in, a_pool + static_cast<int64_t>(a_pages[s * R + j]) * in, in);
-            if (ga != nullptr)
-              u[p * R + j] = scale * dot(gp + t * out, b_pool + static_cast<int64_t>(b_pages[s * R + j]) * out, out);
-          }
-        }
+    const float* scales = args.scales.data_ptr<float>();
+    const auto coef_begin = coef_layout(ix);
+    // u = scale B_s^T g_t (feeds grad_x and grad_a), h = scale A_s x_t (feeds grad_b).
+    std::vector<acc_t> u(mask[0] || mask[1] ? coef_begin.back() : 0), h(mask[2] ? coef_begin.back() : 0);
+    // Region 1: per block of tokens, u (and grad_x = u A_s, write-once) and h.
+    const ShrinkExpand<scalar_t> gx_op{gp, out, b_pool, ix.b_pages.data(), a_pool, ix.a_pages.data(), in};
+    scalar_t* gx = mask[0] ? grad_x.data_ptr<scalar_t>() : nullptr;
+    auto items = segment_items(ix, in + out, mask[0]);
+    run_items<acc_t>(items, [&](const Item& it, Scratch<acc_t>& scratch, bool gemm_ok) {
+      if (mask[0] || mask[1])
+        shrink_expand_item<scalar_t, acc_t>(it, gx_op, ix, scales, gx, false, u.data(), coef_begin.data(), scratch,
+                                            gemm_ok);
+      if (mask[2] && it.slot >= 0) {
+        const int64_t s = it.slot, r = ix.ranks[s];
+        shrink(x, in, a_pool, ix.a_pages.data() + ix.page_begin[s], r, ix.order.data() + it.begin, it.count,
+               static_cast<acc_t>(scales[s]), h.data() + coef_begin[s] + (it.begin - ix.segment_begin(s)) * r,
+               gemm_ok && ix.segment_length(s) >= kGemmMinTokens, scratch);
       }
     });
-    auto rank1_updates = [&](acc_t* grad, int64_t len, const int32_t* pages, const std::vector<acc_t>& coef,
-                             const scalar_t* v) {
-      at::parallel_for(0, len, 512, [&](int64_t c0, int64_t c1) {
-        for (const int64_t s : short_slots)
-          for (int64_t p = seg[s]; p < seg[s + 1]; ++p)
-            add_rank1_rows<scalar_t, acc_t>(grad, len, pages + s * R, rk[s], coef.data() + p * R,
-                                            v + order[p] * len, c0, c1);
-      });
+    if (!mask[1] && !mask[2]) return;
+    // Region 2: column tiles of grad_a (u^T x) and grad_b (h^T g), in acc precision (a page
+    // may be shared by several slots or rank indices), then rounded to the pools' dtype.
+    const bool direct = std::is_same_v<scalar_t, acc_t>;
+    at::Tensor acc_a = mask[1] ? (direct ? grad_a : at::empty(args.a_pool.sizes(), g.options().dtype(acc_dtype(g))))
+                               : at::Tensor();
+    at::Tensor acc_b = mask[2] ? (direct ? grad_b : at::empty(args.b_pool.sizes(), g.options().dtype(acc_dtype(g))))
+                               : at::Tensor();
+    const int64_t Pa = args.a_pool.size(0), Pb = args.b_pool.size(0);
+    std::vector<GradTile> tiles;
+    auto add_tiles = [&](bool is_a, int64_t len, int64_t pages) {
+      for (int64_t c = 0; c < len; c += kGradColumns) {
+        const int64_t c1 = std::min(len, c + kGradColumns);
+        tiles.push_back({is_a, c, c1, (c1 - c) * (coef_begin.back() + pages)});
+      }
     };
-    if (ga != nullptr) rank1_updates(ga, in, a_pages, u, x);
-    if (gb != nullptr) rank1_updates(gb, out, b_pages, h, gp);
+    if (mask[1]) add_tiles(true, in, Pa);
+    if (mask[2]) add_tiles(false, out, Pb);
+    run_items<acc_t>(tiles, [&](const GradTile& tile, Scratch<acc_t>& scratch, bool gemm_ok) {
+      at::Tensor& acc = tile.is_a ? acc_a : acc_b;
+      const int64_t len = tile.is_a ? in : out, P = tile.is_a ? Pa : Pb;
+      pool_grad_tile<scalar_t, acc_t>(acc.data_ptr<acc_t>(), P, len, tile.c0, tile.c1, tile.is_a ? x : gp,
+                                      tile.is_a ? u.data() : h.data(), coef_begin.data(),
+                                      tile.is_a ? ix.a_pages : ix.b_pages, ix, scratch, gemm_ok);
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+        scalar_t* dst = (tile.is_a ? grad_a : grad_b).data_ptr<scalar_t>();
+        const acc_t* src = acc.data_ptr<acc_t>();
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t c = tile.c0; c < tile.c1; ++c) dst[p * len + c] = static_cast<scalar_t>(src[p * len + c]);
+      }
+    });
   });
-}
-
-// Counting sort, stable: the plan of a token_slot already checked to lie in -1..num_slots-1.
-Plan build_plan(const at::Tensor& token_slot, int64_t num_slots) {
-  const int64_t T = token_slot.size(0);
-  auto order = at::empty({T}, token_slot.options());
-  auto seg = at::zeros({num_slots + 1}, token_slot.options());
-  const int32_t* ts = token_slot.data_ptr<int32_t>();
-  int32_t* od = order.data_ptr<int32_t>();
-  int32_t* sg = seg.data_ptr<int32_t>();
-  // Slot -1 (and, defensively, anything out of range) goes last.
-  std::vector<int32_t> cursor(num_slots + 2, 0);
-  auto key = [&](int32_t s) { return (s >= 0 && s < num_slots) ? s : static_cast<int32_t>(num_slots); };
-  for (int64_t t = 0; t < T; ++t) ++cursor[key(ts[t]) + 1];
-  for (int64_t s = 0; s <= num_slots; ++s) cursor[s + 1] += cursor[s];
-  for (int64_t s = 0; s <= num_slots; ++s) sg[s] = cursor[s];
-  for (int64_t t = 0; t < T; ++t) od[cursor[key(ts[t])]++] = static_cast<int32_t>(t);
-  return Plan{order, seg};
-}
-
-void forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {
-  const Plan built = plan ? *plan : build_plan(args.token_slot, args.num_slots());
-  shrink_expand_add(y, ShrinkExpand{args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages}, args.ranks,
-                    args.scales, built);
-}
-
-Grads backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan, std::array<bool, 3> output_mask) {
-  const Plan built = plan ? *plan : build_plan(args.token_slot, args.num_slots());
-  const auto g = grad_y.contiguous();
-  const auto empty = at::empty({0}, args.x.options());
-  at::Tensor grad_x = empty, grad_a = empty, grad_b = empty;
-  if (output_mask[0]) {
-    grad_x = at::zeros_like(args.x);
-    shrink_expand_add(grad_x, ShrinkExpand{g, args.b_pool, args.b_pages, args.a_pool, args.a_pages}, args.ranks,
-                      args.scales, built);
-  }
-  if (output_mask[1] || output_mask[2]) {
-    const auto acc = args.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    // Accumulated in acc precision: a page may be shared by several slots or rank indices.
-    auto grad_a_acc = output_mask[1] ? at::zeros(args.a_pool.sizes(), args.x.options().dtype(acc)) : at::Tensor();
-    auto grad_b_acc = output_mask[2] ? at::zeros(args.b_pool.sizes(), args.x.options().dtype(acc)) : at::Tensor();
-    pool_grads(grad_a_acc, grad_b_acc, g, args, built);
-    if (output_mask[1]) grad_a = grad_a_acc.to(args.x.scalar_type());
-    if (output_mask[2]) grad_b = grad_b_acc.to(args.x.scalar_type());
-  }
   return {grad_x, grad_a, grad_b};
 }
 
-// The backend interface of lora_op.h.  CPU tensors are always value-checked.
-struct CpuBackend {
-  static bool check_values(const at::Tensor&) { return true; }
-  static constexpr auto forward_add = &cpu::forward_add;
-  static constexpr auto backward = &cpu::backward;
-  static constexpr auto build_plan = &cpu::build_plan;
-};
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(minlora, CPU, m) { register_lora_ops<CpuBackend>(m); }
+TORCH_LIBRARY_IMPL(minlora, CPU, m) {
+  register_lora_ops<&cpu::forward, &cpu::forward_add, &cpu::backward, &cpu::build_plan>(m);
+}
 
 }  // namespace minlora::cpu

@@ -2,7 +2,10 @@
 // the kernels (kernels/dispatch.h), launches them on the current stream, and registers
 // TORCH_LIBRARY_IMPL(minlora, CUDA).  Nothing here
 // synchronises the host (no reads of device memory, no blocking calls), so the ops can be
-// captured into CUDA graphs; workspaces come from the caching allocator.
+// captured into CUDA graphs; workspaces come from the caching allocator.  Index values are
+// therefore not checked here: the kernels treat an out-of-range slot, rank or page as "no
+// adapter" (or skip the page) and never read out of bounds.  MINLORA_CHECK_INDICES=1 adds the
+// host check of the CPU backend (a debug switch: it copies the index tensors to the host).
 // c10's CUDA headers only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE and
 // doubles this file's compile time).
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -10,6 +13,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "../lora_op.h"
 #include "kernels/dispatch.h"
@@ -220,10 +225,18 @@ bool stream_is_capturing(const at::Device& device) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-Plan build_plan(const at::Tensor& token_slot, int64_t num_slots);
+// MINLORA_CHECK_INDICES=1 (read on every call): check index values on the host, except while
+// the tensors' stream is being captured (a host read would break the capture).
+bool check_indices(const at::Device& device) {
+  const char* v = std::getenv("MINLORA_CHECK_INDICES");
+  return v != nullptr && std::strcmp(v, "1") == 0 && !stream_is_capturing(device);
+}
+
+Plan device_plan(const at::Tensor& token_slot, int64_t num_slots);
 
 void forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {
   check_rank_width(args);
+  if (check_indices(args.x.device())) (void)read_indices(args, plan);
   const c10::cuda::CUDAGuard guard(args.x.device());
   kernels::OpShape shape = op_shape(args, plan);
   shape.grouped_aligned = shape.grouped_compiled && shape.half_precision &&
@@ -235,7 +248,7 @@ void forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {
   }
   Plan built;
   if (c.build_plan) {
-    built = build_plan(args.token_slot, args.num_slots());
+    built = device_plan(args.token_slot, args.num_slots());
     plan = &built;
   }
   if (c.grouped) {
@@ -251,6 +264,7 @@ void forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {
 
 Grads backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan, std::array<bool, 3> output_mask) {
   check_rank_width(args);
+  if (check_indices(args.x.device())) (void)read_indices(args, plan);
   const c10::cuda::CUDAGuard guard(args.x.device());
   const auto g = grad_y.contiguous();
   kernels::OpShape shape = op_shape(args, plan);
@@ -263,7 +277,7 @@ Grads backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan,
   // The pool gradients sum over each slot's tokens: they need the plan's segments.
   Plan built;
   if (plan == nullptr) {
-    built = build_plan(args.token_slot, args.num_slots());
+    built = device_plan(args.token_slot, args.num_slots());
     plan = &built;
   }
   const int64_t T = args.num_tokens(), R = args.max_rank();
@@ -343,11 +357,11 @@ Grads backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan,
   return {grad_x, grad_a, grad_b};
 }
 
-Plan build_plan(const at::Tensor& token_slot, int64_t num_slots) {
+Plan device_plan(const at::Tensor& token_slot, int64_t num_slots) {
   const c10::cuda::CUDAGuard guard(token_slot.device());
   // A stable sort by slot (slot -1 last) and segment offsets from per-slot counts, all on
   // the device with fixed output sizes: no host synchronisation.
-  // Slots outside 0..S-1 (only possible unchecked, during capture) are treated as -1.
+  // Slots outside 0..S-1 (never checked here) are treated as -1.
   const auto key = token_slot.masked_fill(token_slot.lt(0).logical_or(token_slot.ge(num_slots)), num_slots)
                        .to(at::kLong);
   const auto order = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false)).to(at::kInt);
@@ -358,18 +372,22 @@ Plan build_plan(const at::Tensor& token_slot, int64_t num_slots) {
   return Plan{order, seg};
 }
 
-// The backend interface of lora_op.h.  Index values are checked on the host except while the
-// tensors' stream is being captured into a graph (a host read would break the capture; the
-// kernels guard every index instead).
-struct CudaBackend {
-  static bool check_values(const at::Tensor& like) { return !stream_is_capturing(like.device()); }
-  static constexpr auto forward_add = &cuda::forward_add;
-  static constexpr auto backward = &cuda::backward;
-  static constexpr auto build_plan = &cuda::build_plan;
-};
+// The functional form: y starts at zero, then the kernels add the delta.
+at::Tensor forward(const LoraArgs& args, const Plan* plan) {
+  auto y = at::zeros({args.num_tokens(), args.out_features()}, args.x.options());
+  forward_add(y, args, plan);
+  return y;
+}
+
+Plan build_plan(const at::Tensor& token_slot, int64_t num_slots) {
+  if (check_indices(token_slot.device())) (void)read_token_slot(token_slot, num_slots);
+  return device_plan(token_slot, num_slots);
+}
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(minlora, CUDA, m) { register_lora_ops<CudaBackend>(m); }
+TORCH_LIBRARY_IMPL(minlora, CUDA, m) {
+  register_lora_ops<&cuda::forward, &cuda::forward_add, &cuda::backward, &cuda::build_plan>(m);
+}
 
 }  // namespace minlora::cuda

@@ -100,4 +100,10 @@ __device__ __forceinline__ int clamp_int(int64_t v, int64_t lo, int64_t hi) {
   return static_cast<int>(v < lo ? lo : (v > hi ? hi : v));
 }
 
+// The rank every kernel uses for a slot: ranks[s] when it is in 1..R, else 0 (a rank outside
+// the page table is never trusted in part: the slot then contributes nothing).
+__device__ __forceinline__ int slot_rank(int32_t rank, int64_t max_rank) {
+  return rank >= 1 && rank <= max_rank ? static_cast<int>(rank) : 0;
+}
+
 }  // namespace minlora::kernels

@@ -9,14 +9,13 @@ constexpr int kThreads = 256;
 
 __device__ __forceinline__ bool valid_page(int32_t page, int64_t num_pages) { return page >= 0 && page < num_pages; }
 
-// The slot and clamped rank of token t, or rank 0 when the token has no (valid) adapter.
+// The slot and rank of token t, or rank 0 when the token has no (valid) adapter.
 __device__ __forceinline__ int token_rank(const int32_t* token_slot, const int32_t* ranks, int64_t num_slots,
                                           int64_t max_rank, int64_t t, int32_t* slot) {
   const int32_t s = token_slot[t];
   *slot = s;
   if (s < 0 || s >= num_slots) return 0;
-  const int32_t r = ranks[s];
-  return r <= 0 ? 0 : static_cast<int>(r > max_rank ? max_rank : r);
+  return slot_rank(ranks[s], max_rank);
 }
 
 // out[j] = scale * <v, pool[pages[j]]> for j < rank; one warp per j.

@@ -46,11 +46,14 @@ __device__ __forceinline__ bool block_tokens(const GatherParams& p, BlockTokens<
     for (int i = 0; i < TOK; ++i) {
       if (b + i < end) {
         const int32_t t = p.order[b + i];
-        if (t >= 0 && t < T && p.token_slot[t] == s) bt.tok[i] = t;
+        bool take = t >= 0 && t < T && p.token_slot[t] == s;
+#pragma unroll
+        for (int k = 0; k < i; ++k) take = take && bt.tok[k] != t;  // a token repeated in this block counts once
+        if (take) bt.tok[i] = t;
       }
     }
   }
-  bt.rank = clamp_int(p.ranks[bt.slot], 0, p.max_rank);
+  bt.rank = slot_rank(p.ranks[bt.slot], p.max_rank);
   return bt.rank > 0;
 }
 
@@ -185,7 +188,7 @@ __global__ void __launch_bounds__(32 * kGradRankGroups) segment_grad_kernel(Segm
   const int64_t T_ = p.num_tokens, R = p.max_rank, len = p.len;
   const int64_t s = blockIdx.x;
   if (s >= p.num_slots) return;
-  const int r = clamp_int(p.ranks[s], 0, R);
+  const int r = slot_rank(p.ranks[s], R);
   if (r == 0) return;
   const int64_t begin = clamp_int(p.seg_offsets[s], 0, T_);
   const int64_t end = clamp_int(p.seg_offsets[s + 1], begin, T_);

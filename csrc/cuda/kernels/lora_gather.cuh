@@ -25,7 +25,10 @@ namespace minlora::kernels {
 // without one, a block takes one token.  Segments of at least skip_segments_from tokens
 // are skipped (the grouped path takes them); 0 skips none.
 // Every index is guarded: slots outside 0..S-1, ranks outside 1..R are skipped, pages
-// outside the pool contribute nothing, a plan inconsistent with token_slot skips tokens.
+// outside the pool contribute nothing, plan positions whose token is not of the segment's
+// slot (or repeats a token of the same block) are skipped.  A plan repeating a token of a
+// slot at distant positions of its segment (never one from build_plan; refused by the host
+// check) can add that token's delta more than once, never out of bounds.
 struct GatherParams {
   const void* x;        // [T, in]
   void* y;              // [T, out], accumulated in place (unused when h_out is set)

@@ -2,6 +2,7 @@
 // kernels themselves live in lora_grouped_{f16,bf16}.cu.
 #include <algorithm>
 
+#include "common.cuh"
 #include "lora_grouped.cuh"
 #include "lora_grouped_problems.h"
 
@@ -19,7 +20,7 @@ constexpr size_t kAlign = 256;
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 struct Workspace {
-  size_t shrink_sizes, expand_sizes, seg_begin, expand_idx, partial, hs, total;
+  size_t shrink_sizes, expand_sizes, seg_begin, expand_idx, claims, partial, hs, total;
   int32_t k_splits;
   int64_t k_split_len;
 };
@@ -52,7 +53,8 @@ Workspace layout(const GroupedParams& p, int sm_count) {
   w.expand_sizes = w.shrink_sizes + align_up(coord * S * w.k_splits);
   w.seg_begin = w.expand_sizes + align_up(coord * S);
   w.expand_idx = w.seg_begin + align_up(sizeof(int32_t) * S);
-  w.partial = w.expand_idx + align_up(sizeof(int32_t) * S * W);
+  w.claims = w.expand_idx + align_up(sizeof(int32_t) * S * W);
+  w.partial = w.claims + align_up(sizeof(int32_t) * T);
   w.hs = w.partial + (w.k_splits > 1 ? align_up(sizeof(float) * w.k_splits * T * W) : 0);
   w.total = w.hs + (p.hs == nullptr ? align_up(2 * T * W) : 0);
   return w;
@@ -62,19 +64,23 @@ Workspace layout(const GroupedParams& p, int sm_count) {
 static_assert(sizeof(cutlass::gemm::GemmCoord) == 3 * sizeof(int), "GemmCoord is three ints");
 
 // One block per slot: the problem sizes of its segment, or 0 when the segment is short
-// (the gather kernel takes it) or any index it would read is invalid (possible only when a
-// captured graph replays unchecked contents; the slot then contributes nothing).
+// (the gather kernel takes it) or any index it would read is invalid (never so for checked
+// inputs; possible when a captured graph replays unchecked contents): a page outside its
+// pool, a position whose token is outside 0..T-1 or not of this slot, or a token at two
+// positions.  The slot then contributes nothing, and no y row is ever scattered twice: a
+// token's positions can only lie in its own slot's segment, and within it claims[t] (scratch,
+// written before it is read: no initialisation) keeps one position per token.
 __global__ void __launch_bounds__(128) grouped_prep_kernel(GroupedParams p, cutlass::gemm::GemmCoord* shrink_sizes,
                                                            cutlass::gemm::GemmCoord* expand_sizes,
-                                                           int32_t* seg_begin, int32_t* expand_idx,
+                                                           int32_t* seg_begin, int32_t* expand_idx, int32_t* claims,
                                                            int32_t k_splits, int64_t k_split_len) {
   const int64_t T = p.num_tokens, R = p.max_rank, s = blockIdx.x;
   const int64_t b0 = p.seg_offsets[s], b1 = p.seg_offsets[s + 1];
   const int64_t begin = b0 < 0 ? 0 : (b0 > T ? T : b0);
   const int64_t end = b1 < begin ? begin : (b1 > T ? T : b1);
   const int64_t len = end - begin;
-  const int32_t r = p.ranks[s];
-  const bool wanted = len > 0 && len >= p.min_segment && r >= 1 && r <= R;
+  const int32_t r = slot_rank(p.ranks[s], R);
+  const bool wanted = len > 0 && len >= p.min_segment && r >= 1;
   int bad = 0;
   if (wanted) {
     for (int64_t j = threadIdx.x; j < r; j += blockDim.x) {
@@ -83,8 +89,14 @@ __global__ void __launch_bounds__(128) grouped_prep_kernel(GroupedParams p, cutl
     }
     for (int64_t q = begin + threadIdx.x; q < end; q += blockDim.x) {
       const int32_t t = p.order[q];
-      bad |= (t < 0 || t >= T);
+      const bool mine = t >= 0 && t < T && p.token_slot[t] == s;
+      bad |= !mine;
+      if (mine) claims[t] = static_cast<int32_t>(q);
     }
+  }
+  bad = __syncthreads_or(bad);
+  if (wanted && !bad) {
+    for (int64_t q = begin + threadIdx.x; q < end; q += blockDim.x) bad |= claims[p.order[q]] != q;
   }
   bad = __syncthreads_or(bad);
   const bool ok = wanted && !bad;
@@ -142,6 +154,7 @@ cudaError_t launch_grouped(const GroupedParams& p, DType dtype, void* workspace,
   auto* expand_sizes = reinterpret_cast<cutlass::gemm::GemmCoord*>(base + w.expand_sizes);
   auto* seg_begin = reinterpret_cast<int32_t*>(base + w.seg_begin);
   auto* expand_idx = reinterpret_cast<int32_t*>(base + w.expand_idx);
+  auto* claims = reinterpret_cast<int32_t*>(base + w.claims);
   void* hs = p.hs != nullptr ? p.hs : base + w.hs;
   // hs starts at 0: rows of skipped segments and the padding columns r..ldh-1 must read as 0.
   cudaError_t err = cudaMemsetAsync(hs, 0, 2 * static_cast<size_t>(p.num_tokens) * grouped_hs_width(p.max_rank), stream);
@@ -153,35 +166,20 @@ cudaError_t launch_grouped(const GroupedParams& p, DType dtype, void* workspace,
                           stream);
     if (err != cudaSuccess) return err;
   }
-  grouped_prep_kernel<<<static_cast<unsigned>(p.num_slots), 128, 0, stream>>>(p, shrink_sizes, expand_sizes,
-                                                                              seg_begin, expand_idx, w.k_splits,
-                                                                              w.k_split_len);
+  grouped_prep_kernel<<<static_cast<unsigned>(p.num_slots), 128, 0, stream>>>(
+      p, shrink_sizes, expand_sizes, seg_begin, expand_idx, claims, w.k_splits, w.k_split_len);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   grouped::GroupedKernelParams k{};
+  k.op = p;
   k.shrink_sizes = shrink_sizes;
   k.expand_sizes = expand_sizes;
   k.seg_begin = seg_begin;
   k.expand_idx = expand_idx;
-  k.x = p.x;
-  k.y = p.y;
   k.hs = hs;
   k.ldh = grouped_hs_width(p.max_rank);
-  k.skip_expand = p.skip_expand;
-  k.num_tokens = p.num_tokens;
   k.k_splits = w.k_splits;
   k.k_split_len = w.k_split_len;
   k.partial = partial;
-  k.token_slot = p.token_slot;
-  k.shrink_pool = p.shrink_pool;
-  k.expand_pool = p.expand_pool;
-  k.shrink_pages = p.shrink_pages;
-  k.expand_pages = p.expand_pages;
-  k.scales = p.scales;
-  k.order = p.order;
-  k.num_slots = p.num_slots;
-  k.max_rank = p.max_rank;
-  k.in_features = p.in_features;
-  k.out_features = p.out_features;
   return dtype == DType::kFloat16 ? grouped::launch_grouped_f16(k, sm_count, stream)
                                   : grouped::launch_grouped_bf16(k, sm_count, stream);
 #else

@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(Traits<Element, kShrink, ElementOut>::kThreads
   const cutlass::gemm::GemmCoord* sizes = kShrink ? p.shrink_sizes : p.expand_sizes;
   // Shrink problems are (slot, k split) pairs, q = s * k_splits + split; expand problems are slots.
   const int32_t splits = kShrink ? p.k_splits : 1;
-  ProblemVisitor visitor(typename ProblemVisitor::Params(sizes, static_cast<int32_t>(p.num_slots * splits)),
+  ProblemVisitor visitor(typename ProblemVisitor::Params(sizes, static_cast<int32_t>(p.op.num_slots * splits)),
                          shared.problem_visitor, blockIdx.x);
   const int thread_idx = threadIdx.x;
   const int warp_idx = cutlass::canonical_warp_idx_sync();
@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(Traits<Element, kShrink, ElementOut>::kThreads
     const cutlass::MatrixCoord tile_offset(int(tile / grid.n()) * Mma::Shape::kM, int(tile % grid.n()) * Mma::Shape::kN);
     // Segment start, validated (clamped, checked against the pages and order) by the prep kernel.
     const int64_t begin = p.seg_begin[s];
-    const int* tokens = p.order + begin;  // the segment's token rows, in plan order
+    const int* tokens = p.op.order + begin;  // the segment's token rows, in plan order
 
     const Element* ptr_A;
     int64_t ld_A;
@@ -117,34 +117,33 @@ __global__ void __launch_bounds__(Traits<Element, kShrink, ElementOut>::kThreads
     float alpha, beta;
     if constexpr (kShrink) {
       // The K split starts k0 columns into every x row and every page row (extent K = its length).
-      ptr_A = static_cast<const Element*>(p.x) + k0;
-      ld_A = p.in_features;
+      ptr_A = static_cast<const Element*>(p.op.x) + k0;
+      ld_A = p.op.in_features;
       idx_A = tokens;
-      ptr_B = static_cast<const Element*>(p.shrink_pool) + k0;
-      ld_B = p.in_features;  // column n of B is page S_pages[s, n], a row of length in
-      idx_B = p.shrink_pages + static_cast<int64_t>(s) * p.max_rank;
+      ptr_B = static_cast<const Element*>(p.op.shrink_pool) + k0;
+      ld_B = p.op.in_features;  // column n of B is page S_pages[s, n], a row of length in
+      idx_B = p.op.shrink_pages + static_cast<int64_t>(s) * p.op.max_rank;
       ld_D = p.ldh;
       idx_D = nullptr;
       beta = 0.f;
+      // The slot's scale, split or not; grouped_reduce_kernel adds the splits' scaled float32
+      // partial sums and rounds them into hs.
+      alpha = p.op.scales[s];
       if constexpr (kPartial) {
-        // Unscaled float32 partial sums of split q % splits; grouped_reduce_kernel adds the
-        // splits, scales and rounds into hs.
-        ptr_D = static_cast<ElementOut*>(p.partial) + ((q % splits) * p.num_tokens + begin) * p.ldh;
-        alpha = 1.f;
+        ptr_D = static_cast<ElementOut*>(p.partial) + ((q % splits) * p.op.num_tokens + begin) * p.ldh;
       } else {
         ptr_D = static_cast<ElementOut*>(p.hs) + begin * p.ldh;
-        alpha = p.scales[s];
       }
     } else {
       ptr_A = static_cast<const Element*>(p.hs) + begin * p.ldh;
       ld_A = p.ldh;
       idx_A = nullptr;
-      ptr_B = static_cast<const Element*>(p.expand_pool);
-      ld_B = p.out_features;  // row k of B is page E_pages[s, k], of length out
+      ptr_B = static_cast<const Element*>(p.op.expand_pool);
+      ld_B = p.op.out_features;  // row k of B is page E_pages[s, k], of length out
       // K = r rounded up to 8 (prep kernel): padded gather indices, not the page table.
       idx_B = p.expand_idx + static_cast<int64_t>(s) * p.ldh;
-      ptr_D = static_cast<ElementOut*>(p.y);
-      ld_D = p.out_features;
+      ptr_D = static_cast<ElementOut*>(p.op.y);
+      ld_D = p.op.out_features;
       idx_D = tokens;
       alpha = 1.f;
       beta = 1.f;
@@ -195,19 +194,16 @@ cudaError_t launch_one(const GroupedKernelParams& p, int sm_count, cudaStream_t 
   return cudaGetLastError();
 }
 
-// hs[pos, j] = round(scale_s * sum_q partial[q, pos, j]) for every plan position (s = the
-// slot of order[pos]; rows of skipped segments sum zeros).  One thread per (pos, j).
+// hs[pos, j] = round(sum_q partial[q, pos, j]) for every plan position (the partial sums are
+// already scaled; rows of skipped segments sum zeros).  One thread per (pos, j).
 template <typename Element>
 __global__ void __launch_bounds__(256) grouped_reduce_kernel(GroupedKernelParams p) {
+  const int64_t n = p.op.num_tokens * p.ldh;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= p.num_tokens * p.ldh) return;
-  const int64_t pos = i / p.ldh;
+  if (i >= n) return;
   float acc = 0.f;
-  for (int q = 0; q < p.k_splits; ++q) acc += p.partial[q * p.num_tokens * p.ldh + i];
-  const int32_t t = p.order[pos];
-  const int32_t s = (t >= 0 && t < p.num_tokens) ? p.token_slot[t] : -1;
-  const float scale = (s >= 0 && s < p.num_slots) ? p.scales[s] : 0.f;
-  static_cast<Element*>(p.hs)[i] = Element(acc * scale);
+  for (int q = 0; q < p.k_splits; ++q) acc += p.partial[q * n + i];
+  static_cast<Element*>(p.hs)[i] = Element(acc);
 }
 
 template <typename Element>
@@ -216,13 +212,13 @@ cudaError_t launch_shrink_expand(const GroupedKernelParams& p, int sm_count, cud
   if (p.k_splits > 1) {
     err = launch_one<Element, true, float>(p, sm_count, stream);
     if (err != cudaSuccess) return err;
-    const int64_t n = p.num_tokens * p.ldh;
+    const int64_t n = p.op.num_tokens * p.ldh;
     grouped_reduce_kernel<Element><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p);
     err = cudaGetLastError();
   } else {
     err = launch_one<Element, true>(p, sm_count, stream);
   }
-  if (err != cudaSuccess || p.skip_expand) return err;
+  if (err != cudaSuccess || p.op.skip_expand) return err;
   return launch_one<Element, false>(p, sm_count, stream);
 }
 
