@@ -156,6 +156,27 @@ def scenario_close_with_stuck_loader(tmp: str) -> None:
         raise AssertionError("prepare on a closed pool")
 
 
+def scenario_exit_while_a_load_finishes(tmp: str) -> None:
+    """The interpreter exits while a loader, released just before, still runs torch code on a
+    worker thread: the exit waits for it (within workers.EXIT_WAIT_S) instead of unwinding the
+    thread through torch's frames, which aborts the process."""
+    gate, entered = threading.Event(), threading.Event()
+
+    def load():
+        entered.set()
+        gate.wait()
+        x, t0 = torch.randn(128, 128), time.monotonic()
+        while time.monotonic() - t0 < 2.0:
+            x = (x @ x).tanh()
+        return make_adapter(1)
+
+    pool = AdapterPool(MODULES, capacity_bytes=40_000)
+    pool.register("slow", load)
+    pool.prepare(["slow"]).release()
+    assert entered.wait(PROMPT_S)
+    gate.set()  # the scenario returns, "ok" is printed and the interpreter exits at once
+
+
 def _sparse_safetensors(path: str, tensors: dict, metadata: dict) -> int:
     """A safetensors file whose header declares `tensors` (name -> shape, float32) and whose
     data is a hole: a few KB on disk, the declared size long.  Returns the declared bytes."""

@@ -58,6 +58,10 @@ def test_close_returns_with_a_stuck_loader(tmp_path):
     run_scenario("close_with_stuck_loader", tmp_path)
 
 
+def test_exit_while_a_load_finishes_does_not_abort(tmp_path):
+    run_scenario("exit_while_a_load_finishes", tmp_path)
+
+
 def test_prepare_timeout_argument_is_checked():
     pool = AdapterPool(MODULES, capacity_bytes=40_000)
     pool.register("a", make_adapter(1))

@@ -1,13 +1,24 @@
-"""Worker threads for the pool's loads and copies that never hold up the interpreter's exit."""
+"""Worker threads for the pool's loads and copies that never hold up the interpreter's exit
+for long."""
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
 import queue
 import threading
+import time
 import weakref
 from typing import Any, Callable
 
 __all__ = ["Workers"]
+
+# At exit, how long the interpreter waits (in all) for tasks still running on worker threads.
+# A daemon thread still inside torch's C++ code when the interpreter finalises is unwound by
+# pthread_exit through frames that must not unwind, which aborts the process ("terminate called
+# without an active exception"); a task that finishes within this bound exits cleanly, and one
+# that blocks longer (a source that never returns) is abandoned as before.
+EXIT_WAIT_S = 5.0
+_LIVE: "weakref.WeakSet[Workers]" = weakref.WeakSet()
 
 
 def _work(tasks: "queue.SimpleQueue", idle: threading.Semaphore) -> None:
@@ -47,6 +58,7 @@ class Workers:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._stop = weakref.finalize(self, _stop, self._tasks, self._threads)
+        _LIVE.add(self)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
         future: cf.Future = cf.Future()
@@ -65,3 +77,14 @@ class Workers:
     def close(self) -> None:
         """Stops the threads once their current task (if any) returns; does not wait."""
         self._stop()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    deadline = time.monotonic() + EXIT_WAIT_S
+    live = list(_LIVE)
+    for workers in live:
+        workers.close()
+    for workers in live:
+        for t in list(workers._threads):
+            t.join(max(0.0, deadline - time.monotonic()))
