@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+NEEDS_VLLM = "runs in the vLLM environment: bash scripts/test_vllm.sh"
 VOCAB = 1000
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_LORA_RANK = 64

@@ -67,12 +67,12 @@ class MinloraPunicaWrapper(PunicaWrapperCPU):
 
     def update_metadata(self, mapping: Any, lora_index_to_id: list[Optional[int]], max_loras: int,
                         vocab_size: int, **kwargs: Any) -> None:
+        self.step.update(mapping.index_mapping, mapping.prompt_mapping, lora_index_to_id)  # checks the mapping
         self.is_prefill = mapping.is_prefill
         # vLLM's own indices: its embedding layer reads _embeddings_indices, classification
         # heads read sampler_indices.  (Its prefill segments are not needed: they are only
         # for its own sgmv ops, which this wrapper does not call.)
         self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
-        self.step.update(mapping.index_mapping, mapping.prompt_mapping, lora_index_to_id)
 
     # ------------------------------------------------------------------ linear layers
 
