@@ -1,4 +1,4 @@
-"""`minlora bench {ops,model,pool}`: argument parsing and output (table, --json, --plot)."""
+"""`minlora bench {ops,model,pool,vllm}`: argument parsing and output (table, --json, --plot)."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         driver.add_arguments(parser)
         _add_output_args(parser)
         parser.set_defaults(func=lambda args, driver=driver: _run_driver(driver, args))
+
+    from . import vllm as vllm_bench  # the add_arguments / run(args) -> int convention
+
+    parser = sub.add_parser("vllm", help="minlora as vLLM's LoRA backend vs vLLM's own: the layer and end to end")
+    vllm_bench.add_arguments(parser)
+    parser.set_defaults(func=vllm_bench.run)
 
 
 def script_main(name: str, argv: Optional[Sequence[str]], description: str, **defaults: Any) -> int:

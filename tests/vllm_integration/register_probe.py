@@ -15,7 +15,8 @@ def state() -> dict:
     from vllm.platforms import current_platform
 
     return {"wrapper": type(current_platform).get_punica_wrapper(),
-            "classes": [c.__name__ for c in lora_utils._all_lora_classes]}
+            "classes": [c.__name__ for c in lora_utils._all_lora_classes],
+            "lm_head": lora_utils.LogitsProcessorWithLoRA.__name__}
 
 
 def error_of(fn) -> str:

@@ -70,6 +70,11 @@ def test_offline_mixed_batch_matches_peft(arch, request, tmp_path):
     linear = {n: v for n, v in layers.items() if n.endswith(("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))}
     assert len(linear) == 4 * 2
     assert {v["wrapper"] for v in layers.values()} == {"MinloraPunicaWrapper"}
+    # No LoRA layer of vLLM's own is left: linear ones are paged, embedding and lm_head tracked.
+    assert all(v["layer"].startswith(("Paged", "Tracked")) for v in layers.values()), layers
+    if arch == "llama":  # vLLM wraps Llama's embedding and lm_head too (not Qwen2's)
+        assert layers["model.embed_tokens"]["layer"] == "TrackedVocabParallelEmbeddingWithLoRA"
+        assert layers["logits_processor"]["layer"] == "TrackedLogitsProcessorWithLoRA"
     for name, info in linear.items():
         assert info["layer"].startswith("Paged"), name
         columns = Counter(tuple(col) for col in zip(*info["ranks"]))

@@ -37,6 +37,7 @@ def test_does_nothing_unless_opted_in_and_refuses_bad_settings():
     report = probe("off")
     stock = report["before"]
     assert stock["wrapper"] == "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+    assert stock["lm_head"] == "LogitsProcessorWithLoRA"
     assert report["unset"] == report["zero"] == report["after_refusals"] == stock
     assert "ValueError: MINLORA_VLLM='maybe' is not understood" in report["bad_value"]
     assert "RuntimeError" in report["other_version"]
@@ -52,9 +53,10 @@ def test_opted_in_through_vllms_plugin_loader():
     for name in ("MergedQKVParallelLinearWithLoRA", "MergedColumnParallelLinearWithLoRA",
                  "RowParallelLinearWithLoRA", "ColumnParallelLinearWithLoRA", "ReplicatedLinearWithLoRA"):
         assert f"Paged{name}" in classes and name not in classes
-    # Embedding, lm_head, sharded and MoE LoRA classes stay vLLM's own.
-    assert "VocabParallelEmbeddingWithLoRA" in classes and "LogitsProcessorWithLoRA" in classes
-    assert "RowParallelLinearWithShardedLoRA" in classes
+    # Embedding and lm_head stay on vLLM's computation, with the slots that hold weights tracked.
+    assert "TrackedVocabParallelEmbeddingWithLoRA" in classes
+    assert report["first"]["lm_head"] == "TrackedLogitsProcessorWithLoRA"
+    assert "RowParallelLinearWithShardedLoRA" in classes and "FusedMoEWithLoRA" in classes
 
 
 @pytest.mark.parametrize("value, want", [("1", True), ("true", True), (" ON ", True), ("", False), ("0", False),

@@ -276,6 +276,27 @@ def test_embedding_and_logits_touch_only_rows_with_an_adapter():
         torch.testing.assert_close(logits[t].double(), want, rtol=1e-5, atol=1e-4)
 
 
+def test_embedding_and_logits_skip_slots_without_weights():
+    """With the tracked layers' slot flags: rows whose slot holds no weights for the layer are left alone."""
+    from minlora.integrations.vllm.vllm_path import SLOT_FLAGS
+
+    punica = wrapper(torch.float32)
+    slots = [0, 4, -1, 1]
+    punica.update_metadata(mapping_for(slots), LORA_IDS, SLOTS + 1, 1000)
+    b = torch.randn(SLOTS, 1, 8, MAX_RANK)
+    setattr(b, SLOT_FLAGS, torch.tensor([False, True, False, False, True]))
+    x = torch.randn(len(slots), MAX_RANK)
+    y = torch.zeros(len(slots), 8)
+    punica.add_lora_embedding(y, x, b)
+    assert y[0].abs().sum() == 0 and y[2].abs().sum() == 0
+    torch.testing.assert_close(y[1], b[4, 0] @ x[1])
+    torch.testing.assert_close(y[3], b[1, 0] @ x[3])
+    setattr(b, SLOT_FLAGS, torch.zeros(SLOTS, dtype=torch.bool))  # a step without any: nothing runs
+    y = torch.zeros(len(slots), 8)
+    punica.add_lora_embedding(y, x, b)
+    assert y.abs().sum() == 0
+
+
 def test_empty_step():
     layer = Layer("down_proj", torch.float32, seed=8)
     punica = wrapper(torch.float32)

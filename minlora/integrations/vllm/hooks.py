@@ -1,10 +1,11 @@
 """Installs minlora into vLLM, in the current process: vLLM's platform chooses minlora's
-punica wrapper, and vLLM's list of LoRA layer classes gets the paged linear classes.
+punica wrapper, and vLLM's LoRA layer classes become the paged linear classes (layers.py) and
+the slot-tracking embedding and lm_head classes (vllm_path.py).
 
-Nothing of vLLM is forked or copied: two attributes are replaced, both read by vLLM at the
-moment it builds a model's LoRA layers (`Platform.get_punica_wrapper()` in
-`vllm.lora.punica_wrapper.punica_selector`, `vllm.lora.utils._all_lora_classes` in
-`from_layer`).  Idempotent; vLLM calls the plugin once in each of its processes.
+Nothing of vLLM is forked or copied: three attributes are replaced, all read by vLLM when it
+builds a model's LoRA layers (`Platform.get_punica_wrapper()` in
+`vllm.lora.punica_wrapper.punica_selector`; `_all_lora_classes` and `LogitsProcessorWithLoRA`
+in `vllm.lora.utils`).  Idempotent; vLLM calls the plugin once in each of its processes.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def install() -> None:
     from vllm.platforms import current_platform
 
     from .layers import paged_lora_classes
+    from .vllm_path import tracked_class
     from .wrapper import WRAPPER_QUALNAME
 
     if not current_platform.is_cpu():
@@ -38,7 +40,12 @@ def install() -> None:
         )
     platform_cls = type(current_platform)
     platform_cls.get_punica_wrapper = classmethod(lambda cls: WRAPPER_QUALNAME)
-    lora_utils._all_lora_classes = paged_lora_classes(lora_utils._all_lora_classes)
+    embedding = lora_utils.VocabParallelEmbeddingWithLoRA
+    lora_utils._all_lora_classes = tuple(
+        tracked_class(c) if c is embedding else c for c in paged_lora_classes(lora_utils._all_lora_classes)
+    )
+    # lm_head's LoRA class is made by name in from_layer_logits_processor, not from the list.
+    lora_utils.LogitsProcessorWithLoRA = tracked_class(lora_utils.LogitsProcessorWithLoRA)
     _INSTALLED = True
     init_logger("vllm.minlora").info(
         "minlora is vLLM's LoRA backend in this process (pid %d, platform %s)", os.getpid(), platform_cls.__name__

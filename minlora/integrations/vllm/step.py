@@ -27,10 +27,10 @@ class StepSlots:
                                     so for any n >= T, (token_slot[:n], order[:n], seg_offsets)
                                     is a valid plan for x with n rows (padded rows: no adapter)
     seg_offsets:  [S + 1] int32
-    adapter_rows: [capacity] int64  order[:seg_offsets[S]] (the tokens with an adapter), for
-                                    vLLM's own embedding path
-    sample_rows / sample_slots: [capacity] int64  the sampled rows with an adapter and their
-                                    slots, for vLLM's own lm_head path
+
+    and, on the host, for the layers that stay on vLLM's own computation (embedding, lm_head):
+    token_rows / token_slots_host: [n] int64, the tokens with an adapter and their slots;
+    sample_rows / sample_slots:    [m] int64, the sampled rows with an adapter and their slots.
     """
 
     def __init__(self, capacity: int, num_slots: int, device: torch.device | str) -> None:
@@ -41,13 +41,10 @@ class StepSlots:
         self.token_slot = torch.full((capacity,), -1, dtype=torch.int32, device=self.device)
         self.order = torch.arange(capacity, dtype=torch.int32, device=self.device)
         self.seg_offsets = torch.zeros(num_slots + 1, dtype=torch.int32, device=self.device)
-        self.adapter_rows = torch.zeros(capacity, dtype=torch.int64, device=self.device)
-        self.sample_rows = torch.zeros(capacity, dtype=torch.int64, device=self.device)
-        self.sample_slots = torch.zeros(capacity, dtype=torch.int64, device=self.device)
-        # Host-side sizes of the current step (never read back from the device).
-        self.num_tokens = 0
-        self.num_adapter_tokens = 0
-        self.num_adapter_samples = 0
+        self.num_tokens = 0  # of the current step, on the host (never read back from the device)
+        empty = torch.zeros(0, dtype=torch.int64)
+        self.token_rows, self.token_slots_host = empty, empty
+        self.sample_rows, self.sample_slots = empty, empty
         self._plans: dict[int, BatchPlan] = {}
 
     # ------------------------------------------------------------------ per step
@@ -66,8 +63,6 @@ class StepSlots:
                 f"capacity of {self.capacity} (max_num_batched_tokens)"
             )
         plan = build_plan(slots, self.num_slots)  # host counting sort; checks the slot values
-        num_adapter = int(plan.seg_offsets[-1])
-        sample_rows = torch.nonzero(samples >= 0).flatten()
 
         prev = self.num_tokens
         if prev > T:  # restore the no-adapter / identity tail the last step overwrote
@@ -76,12 +71,11 @@ class StepSlots:
         self._put(self.token_slot, slots)
         self._put(self.order, plan.order)
         self._put(self.seg_offsets, plan.seg_offsets)
-        self._put(self.adapter_rows, plan.order[:num_adapter].long())
-        self._put(self.sample_rows, sample_rows)
-        self._put(self.sample_slots, samples[sample_rows].long())
         self.num_tokens = T
-        self.num_adapter_tokens = num_adapter
-        self.num_adapter_samples = int(sample_rows.shape[0])
+        self.token_rows = torch.nonzero(slots >= 0).flatten()
+        self.token_slots_host = slots[self.token_rows].long()
+        self.sample_rows = torch.nonzero(samples >= 0).flatten()
+        self.sample_slots = samples[self.sample_rows].long()
 
     def _slots_of(self, lora_ids: Sequence[int], lora_index_to_id: Sequence[Optional[int]], what: str) -> torch.Tensor:
         """[n] int32: the slot of each LoRA int id (-1 for 0 = no adapter)."""

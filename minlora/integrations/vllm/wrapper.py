@@ -13,9 +13,11 @@ tensors read in place, each slot at its true rank).  The per-layer path reads on
 the step and the layer already hold: no host synchronisation, no allocation but the
 delta of a sliced output, fixed-capacity buffers.
 
-Embedding and lm_head LoRA stay on vLLM's own computation (its torch ops), restricted to
-the rows that have an adapter: vLLM's CPU ops read slot -1 as the last slot, so stock vLLM
-gives the rows without an adapter the last slot's adapter whenever that slot is occupied.
+Embedding and lm_head LoRA stay on vLLM's own computation (its torch ops' math), restricted
+to the rows whose slot holds weights for the layer (vllm_path.py): vLLM's CPU ops read slot
+-1 as the last slot, so stock vLLM gives the rows without an adapter the last slot's adapter
+whenever that slot is occupied, and it computes lm_head LoRA for every row even when no
+adapter targets lm_head.
 add_shrink / add_expand (only vLLM's tensor-parallel and fully sharded paths call them)
 are minlora's op with an identity pool on the other side.
 """
@@ -29,6 +31,7 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from ...ops import lora, lora_add_
 from .layers import LayerPages, PagedStack
 from .step import StepSlots
+from .vllm_path import slots_with_weights
 
 __all__ = ["MinloraPunicaWrapper", "WRAPPER_QUALNAME"]
 
@@ -158,16 +161,26 @@ class MinloraPunicaWrapper(PunicaWrapperCPU):
 
     # ------------------------------------------------------------------ vLLM's own paths, adapter rows only
 
+    def _rows_with_weights(self, rows: Tensor, slots: Tensor, lora_b_stacked: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """The rows (and their slots) whose slot holds weights for this layer, on the device;
+        None when there are none.  All on the host: rows, slots and the layer's slot flags."""
+        flags = slots_with_weights(lora_b_stacked)
+        if flags is not None and rows.numel():
+            keep = flags[slots]
+            rows, slots = rows[keep], slots[keep]
+        if rows.numel() == 0:
+            return None
+        return rows.to(self.device), slots.to(self.device)
+
     def add_lora_embedding(self, y: Tensor, x: Tensor, lora_b_stacked: Tensor, add_inputs: bool = True,
                            **kwargs: Any) -> None:
         """y [T, dim] += B_s x_t ([L, 1, dim, R] B, x [T, R] = the embedding layer's A lookup)."""
         if not add_inputs:
             y.zero_()
-        n = self.step.num_adapter_tokens
-        if n == 0:
+        picked = self._rows_with_weights(self.step.token_rows, self.step.token_slots_host, lora_b_stacked)
+        if picked is None:
             return
-        rows = self.step.adapter_rows[:n]
-        slots = self.step.token_slot.index_select(0, rows).long()
+        rows, slots = picked
         b = lora_b_stacked.index_select(0, slots).flatten(0, 1).to(y.dtype)  # [n, dim, R]
         delta = torch.einsum("bi,boi->bo", x.index_select(0, rows).to(y.dtype), b)
         y.index_add_(0, rows, delta)
@@ -175,13 +188,12 @@ class MinloraPunicaWrapper(PunicaWrapperCPU):
     def add_lora_logits(self, y: Tensor, x: Tensor, lora_a_stacked: Tensor, lora_b_stacked: Tensor, scale: float,
                         *, buffer: Optional[Tensor] = None, **kwargs: Any) -> None:
         """y [N, vocab] += scale * B_s (A_s x_n) for the sampled rows with a slot."""
-        n = self.step.num_adapter_samples
-        if n == 0:
+        picked = self._rows_with_weights(self.step.sample_rows, self.step.sample_slots, lora_b_stacked)
+        if picked is None:
             return
+        rows, slots = picked
         y2 = y.view(-1, y.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        rows = self.step.sample_rows[:n]
-        slots = self.step.sample_slots[:n]
         a = lora_a_stacked.index_select(0, slots).flatten(0, 1).float()  # [n, R, hidden]
         h = torch.einsum("bi,boi->bo", x2.index_select(0, rows).float(), a) * scale  # float32, as vLLM's buffer
         b = lora_b_stacked.index_select(0, slots).flatten(0, 1).to(y2.dtype)  # [n, vocab, R]
