@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prefill-tokens", type=int, default=32, help="tokens per prefill request")
     group.add_argument("--repeats", type=int, default=5, help="timed calls of minlora's wrapper (best kept)")
     group.add_argument("--stock-repeats", type=int, default=2, help="timed calls of vLLM's (it is slow)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="torch threads for both wrappers (default: torch's; 1 steadies figures on a busy machine)")
     group = parser.add_argument_group("end to end")
     group.add_argument("--hidden", type=int, default=1024)
     group.add_argument("--intermediate", type=int, default=2816)
@@ -79,6 +81,10 @@ def _layer_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     from .common import format_table
     from .vllm_layer import bench_layer, layer_cases
 
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cases = layer_cases(args.layers, args.ranks, args.max_rank, args.decode_requests, args.prefill_requests,
                         args.prefill_tokens, args.dtype)
     rows = []
@@ -87,7 +93,7 @@ def _layer_part(args: argparse.Namespace) -> list[dict[str, Any]]:
         row["step"] = "decode" if case.tokens_per_request == 1 else f"prefill {case.tokens_per_request}/req"
         rows.append(row)
     print(f"add_lora_linear, {len(args.ranks)} adapters of ranks {args.ranks} + base rows, max_lora_rank "
-          f"{args.max_rank}, {args.dtype}")
+          f"{args.max_rank}, {args.dtype}, {torch.get_num_threads()} threads")
     print(format_table(rows, ["layer", "step", "tokens", "stock_ms", "minlora_ms", "x_stock", "relerr_vs_stock",
                               "true_weight_mb", "padded_weight_mb", "base_rows_unchanged"]))
     print("x_stock = vLLM's PunicaWrapperCPU time / minlora's (target >= 10)")
@@ -116,9 +122,12 @@ def _e2e_part(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _engine_run(workdir: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    from .vllm_e2e import RESULT_PREFIX
+
     cmd = [sys.executable, "-P", "-m", "minlora.bench.vllm_e2e", workdir, mode, "--requests", str(args.requests),
            "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--dtype", args.dtype]
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=3600)
-    if done.returncode != 0:
-        raise RuntimeError(f"the {mode} engine run failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"the {mode} engine run failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])

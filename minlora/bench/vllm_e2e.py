@@ -9,7 +9,7 @@ Llama, in one mode per process (vLLM's plugins are chosen when its processes sta
 
 WORKDIR holds what `write_model` made (the model and its PEFT adapters, manifest.json).  The
 requests cycle over the adapters and the base model; one warm-up generate loads the adapters,
-the next one is timed.  Prints one JSON line.
+the next one is timed.  Prints one line: RESULT_PREFIX and a JSON object.
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import os
 import time
 from typing import Any, Optional, Sequence
 
-__all__ = ["MODES", "main", "write_model"]
+__all__ = ["MODES", "RESULT_PREFIX", "main", "write_model"]
 
 MODES = ("base", "stock", "minlora")
+RESULT_PREFIX = "minlora-bench-vllm-result:"  # vLLM logs to stdout too
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -104,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     outputs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
     seconds = time.perf_counter() - t1
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print(json.dumps({"mode": args.mode, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+    print(RESULT_PREFIX, json.dumps({"mode": args.mode, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
                       "startup_s": startup_s}))
     return 0
 
