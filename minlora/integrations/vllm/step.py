@@ -29,8 +29,8 @@ class StepSlots:
     seg_offsets:  [S + 1] int32
 
     and, on the host, for the layers that stay on vLLM's own computation (embedding, lm_head):
-    token_rows / token_slots_host: [n] int64, the tokens with an adapter and their slots;
-    sample_rows / sample_slots:    [m] int64, the sampled rows with an adapter and their slots.
+    token_rows / token_row_slots:   [n] int64, the tokens with an adapter and their slots;
+    sample_rows / sample_row_slots: [m] int64, the sampled rows with an adapter and their slots.
     """
 
     def __init__(self, capacity: int, num_slots: int, device: torch.device | str) -> None:
@@ -43,8 +43,8 @@ class StepSlots:
         self.seg_offsets = torch.zeros(num_slots + 1, dtype=torch.int32, device=self.device)
         self.num_tokens = 0  # of the current step, on the host (never read back from the device)
         empty = torch.zeros(0, dtype=torch.int64)
-        self.token_rows, self.token_slots_host = empty, empty
-        self.sample_rows, self.sample_slots = empty, empty
+        self.token_rows, self.token_row_slots = empty, empty
+        self.sample_rows, self.sample_row_slots = empty, empty
         self._plans: dict[int, BatchPlan] = {}
 
     # ------------------------------------------------------------------ per step
@@ -73,9 +73,9 @@ class StepSlots:
         self._put(self.seg_offsets, plan.seg_offsets)
         self.num_tokens = T
         self.token_rows = torch.nonzero(slots >= 0).flatten()
-        self.token_slots_host = slots[self.token_rows].long()
+        self.token_row_slots = slots[self.token_rows].long()
         self.sample_rows = torch.nonzero(samples >= 0).flatten()
-        self.sample_slots = samples[self.sample_rows].long()
+        self.sample_row_slots = samples[self.sample_rows].long()
 
     def _slots_of(self, lora_ids: Sequence[int], lora_index_to_id: Sequence[Optional[int]], what: str) -> torch.Tensor:
         """[n] int32: the slot of each LoRA int id (-1 for 0 = no adapter)."""

@@ -177,7 +177,7 @@ class MinloraPunicaWrapper(PunicaWrapperCPU):
         """y [T, dim] += B_s x_t ([L, 1, dim, R] B, x [T, R] = the embedding layer's A lookup)."""
         if not add_inputs:
             y.zero_()
-        picked = self._rows_with_weights(self.step.token_rows, self.step.token_slots_host, lora_b_stacked)
+        picked = self._rows_with_weights(self.step.token_rows, self.step.token_row_slots, lora_b_stacked)
         if picked is None:
             return
         rows, slots = picked
@@ -188,7 +188,7 @@ class MinloraPunicaWrapper(PunicaWrapperCPU):
     def add_lora_logits(self, y: Tensor, x: Tensor, lora_a_stacked: Tensor, lora_b_stacked: Tensor, scale: float,
                         *, buffer: Optional[Tensor] = None, **kwargs: Any) -> None:
         """y [N, vocab] += scale * B_s (A_s x_n) for the sampled rows with a slot."""
-        picked = self._rows_with_weights(self.step.sample_rows, self.step.sample_slots, lora_b_stacked)
+        picked = self._rows_with_weights(self.step.sample_rows, self.step.sample_row_slots, lora_b_stacked)
         if picked is None:
             return
         rows, slots = picked
