@@ -29,6 +29,7 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from ...ops import lora, lora_add_
+from ...plan import BatchPlan
 from .layers import LayerPages, PagedStack
 from .step import StepSlots
 from .vllm_path import slots_with_weights
@@ -83,6 +84,11 @@ class MinloraPunicaWrapper(PunicaWrapperCPU):
         # vLLM folds each adapter's scale into its B when it loads it, and passes 1.0 here.
         return self._ones if scale == 1.0 else self._ones * scale
 
+    def _step_tensors(self, num_rows: int) -> tuple[Tensor, BatchPlan]:
+        """token_slot [num_rows] and the step's plan, for an x of num_rows rows."""
+        self.step.check_rows(num_rows)
+        return self.step.token_slots(num_rows), self.step.plan(num_rows)
+
     def add_lora_linear(self, y: Tensor, x: Tensor, lora_a_stacked: Sequence[Tensor],
                         lora_b_stacked: Sequence[Tensor], scale: float, output_slices: Sequence[int], *,
                         buffer: Optional[Sequence[Tensor]] = None, **kwargs: Any) -> None:
@@ -95,8 +101,7 @@ class MinloraPunicaWrapper(PunicaWrapperCPU):
         T = x2.shape[0]
         if y2.shape[0] != T or y2.shape[1] != sum(output_slices):
             raise ValueError(f"y has shape {tuple(y2.shape)}, expected [{T}, {sum(output_slices)}]")
-        self.step.check_rows(T)
-        token_slot, plan = self.step.token_slots(T), self.step.plan(T)
+        token_slot, plan = self._step_tensors(T)
         scales = self._scales(scale)
         overwrite = kwargs.get("add_inputs", True) is False  # vLLM's dual-stream path: y = delta
         offset = 0
@@ -129,8 +134,7 @@ class MinloraPunicaWrapper(PunicaWrapperCPU):
         pages = _pages_of(lora_a_stacked)
         x2 = x.reshape(-1, x.shape[-1])
         T = x2.shape[0]
-        self.step.check_rows(T)
-        token_slot, plan = self.step.token_slots(T), self.step.plan(T)
+        token_slot, plan = self._step_tensors(T)
         scales = self._scales(scale)
         for i in range(pages.num_slices):
             eye, table = self._identity_pool(pages.max_rank, pages.a_pools[i].dtype)
@@ -144,8 +148,7 @@ class MinloraPunicaWrapper(PunicaWrapperCPU):
         pages = _pages_of(lora_b_stacked)
         y2 = y.view(-1, y.shape[-1])
         T = y2.shape[0]
-        self.step.check_rows(T)
-        token_slot, plan = self.step.token_slots(T), self.step.plan(T)
+        token_slot, plan = self._step_tensors(T)
         offset = offset_start
         for i, size in enumerate(output_slices):
             eye, table = self._identity_pool(pages.max_rank, pages.b_pools[i].dtype)
