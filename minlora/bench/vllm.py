@@ -52,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--requests", type=int, default=32)
     group.add_argument("--new-tokens", type=int, default=32)
     group.add_argument("--prompt-len", type=int, default=32)
+    group.add_argument("--e2e-repeats", type=int, default=3, help="timed generate calls per engine (fastest kept)")
     group.add_argument("--modes", nargs="+", default=["base", "stock", "minlora"], choices=["base", "stock", "minlora"])
     parser.add_argument("--json", metavar="FILE", help="write the results and machine information to FILE")
 
@@ -125,7 +126,8 @@ def _engine_run(workdir: str, mode: str, args: argparse.Namespace) -> dict[str, 
     from .vllm_e2e import RESULT_PREFIX
 
     cmd = [sys.executable, "-P", "-m", "minlora.bench.vllm_e2e", workdir, mode, "--requests", str(args.requests),
-           "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--dtype", args.dtype]
+           "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--dtype", args.dtype,
+           "--repeats", str(args.e2e_repeats)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=3600)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
