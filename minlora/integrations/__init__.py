@@ -1,0 +1,1 @@
+"""Engines that call minlora: the vLLM plugin (minlora.integrations.vllm)."""
