@@ -159,3 +159,20 @@ def test_migration_0002_adds_states_to_an_existing_registry(registry_location):
         rev = r.commit("old", ad, optimizer_state=make_state(7, ad))
         assert rev.parent == 1 and rev.state_hash is not None
         assert r.verify().ok
+
+
+def test_rank1_factors_with_transposed_strides_hash_and_commit(reg):
+    """A rank-1 B read back from pages (B^T rows, transposed) is [out, 1] with strides (1, out):
+    "contiguous" to torch, yet its bytes need copying before they can be hashed."""
+    from minlora.formats import Adapter, LoraWeights, content_hash, deserialize, serialize
+
+    b = torch.randn(1, 16).t()
+    assert b.is_contiguous() and b.stride() == (1, 16)
+    ad = Adapter({"m": LoraWeights(torch.randn(1, 8), b, 0.5)})
+    plain = Adapter({"m": LoraWeights(ad.modules["m"].a, b.clone(memory_format=torch.contiguous_format), 0.5)})
+    assert content_hash(ad) == content_hash(plain)
+    assert torch.equal(deserialize(serialize(ad)).modules["m"].b, b)
+    st = AdapterState({"m": {"exp_avg": (torch.randn(1, 8), b)}})
+    assert state_hash(st) == state_hash(AdapterState({"m": {"exp_avg": (st.modules["m"]["exp_avg"][0], b.contiguous().clone(memory_format=torch.contiguous_format))}}))
+    rev = reg.commit("r1", ad, optimizer_state=st)
+    assert rev.content_hash == content_hash(plain)

@@ -57,7 +57,12 @@ def canonical_config(config: Any) -> dict[str, Any]:
 
 
 def tensor_cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu").contiguous()
+    """t on the CPU with row-major strides.  contiguous() alone is not enough: a [n, 1] tensor
+    with strides (1, n) counts as contiguous, yet its bytes cannot be viewed as uint8."""
+    t = t.detach().to("cpu")
+    if t.dim() and (not t.is_contiguous() or t.stride(-1) != 1):
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 def serialize(adapter: Adapter) -> bytes:

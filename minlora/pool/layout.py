@@ -245,7 +245,7 @@ class Layout:
         for mi, (ao, bo, r, scale) in mods.items():
             pa, pb = self.mod_pools[mi]
             a = rows[pa][ao : ao + r].clone()
-            b = rows[pb][bo : bo + r].t().contiguous()
+            b = rows[pb][bo : bo + r].t().clone(memory_format=torch.contiguous_format)
             out[self.module_names[mi]] = LoraWeights(a, b, scale)
         return Adapter(out)
 
@@ -315,7 +315,8 @@ class Layout:
         for mi, (ao, bo, r, _) in mods.items():
             pa, pb = self.mod_pools[mi]
             out[self.module_names[mi]] = {
-                kind: (state[pa][k, ao : ao + r].clone(), state[pb][k, bo : bo + r].t().contiguous())
+                kind: (state[pa][k, ao : ao + r].clone(),
+                       state[pb][k, bo : bo + r].t().clone(memory_format=torch.contiguous_format))
                 for k, kind in enumerate(STATE_KINDS)
             }
         return AdapterState(out)
