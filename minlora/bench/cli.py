@@ -1,4 +1,4 @@
-"""`minlora bench {ops,model,pool}`: argument parsing and output (table, --json, --plot)."""
+"""`minlora bench {ops,model,pool,train}`: argument parsing and output (table, --json, --plot)."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     # The model and pool benchmarks live in their own drivers; they add their own arguments.
     for name, help_text in (("model", "a patched HF model vs PEFT's mixed batch vs the base model"),
-                            ("pool", "the AdapterPool at scale: registration, Zipf trace, hit rate")):
+                            ("pool", "the AdapterPool at scale: registration, Zipf trace, hit rate"),
+                            ("train", "16 adapters trained together vs PEFT one after another / one adapter")):
         parser = sub.add_parser(name, help=help_text)
         try:
             driver = __import__(f"minlora.bench.{name}", fromlist=["add_arguments"])

@@ -260,7 +260,12 @@ class Layout:
     def _read(self, views: list[torch.Tensor], dim: int, pages: dict[int, torch.Tensor], pin: bool) -> dict:
         out = {}
         for pid, p in pages.items():
-            t = views[pid].index_select(dim, p.to(self.device, torch.long)).cpu()
+            idx = p.to(self.device, torch.long)
+            if dim == 0:
+                t = views[pid].index_select(0, idx)
+            else:  # per kind: index_select along dim 1 of the [K, P, d] view is slow on CPU
+                t = torch.stack([v.index_select(0, idx) for v in views[pid]])
+            t = t.cpu()
             out[pid] = t.pin_memory() if pin else t
         return out
 

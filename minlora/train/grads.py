@@ -26,8 +26,10 @@ from ..plan import BatchPlan
 
 __all__ = ["GradientStep", "LoraGrad", "accumulate_lora_grads"]
 
-# Per slot with tokens: (slot, rank, scale, token rows [n] int64, A pages [r] int64, B pages [r] int64)
-Segment = tuple[int, int, float, torch.Tensor, torch.Tensor, torch.Tensor]
+# Slot segments of one length n and one rank r, batched: (token rows [G, n] int64, A pages
+# [G, r] int64, B pages [G, r] int64, scales [G, 1, 1] float32, the first row when the rows are
+# one run of consecutive tokens (else -1)).
+SegmentGroup = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
 
 
 def accumulate_lora_grads(
@@ -35,23 +37,37 @@ def accumulate_lora_grads(
     x: torch.Tensor,
     a_pool: torch.Tensor,
     b_pool: torch.Tensor,
-    segments: list[Segment],
+    groups: list[SegmentGroup],
     grad_a: torch.Tensor,
     grad_b: torch.Tensor,
 ) -> None:
     """grad_a [Pa, in] / grad_b [Pb, out] (float32) += each segment's dA_s / dB_s^T rows.
 
     grad_y [T, out], x [T, in] (any float dtype; products in float32), a_pool [Pa, in],
-    b_pool [Pb, out] the weights; only the segments' pages are touched."""
-    for _, _, scale, rows, a_idx, b_idx in segments:
-        xs = x.index_select(0, rows).float()
-        gs = grad_y.index_select(0, rows).float()
-        a = a_pool.index_select(0, a_idx).float()  # A_s [r, in]
-        bt = b_pool.index_select(0, b_idx).float()  # B_s^T [r, out]
-        h = xs @ a.t()  # [n, r] = A_s x_t
-        u = gs @ bt.t()  # [n, r] = B_s^T g_t
-        grad_a.index_add_(0, a_idx, (u.t() @ xs).mul_(scale))
-        grad_b.index_add_(0, b_idx, (h.t() @ gs).mul_(scale))
+    b_pool [Pb, out] the weights; groups: the segments, batched by (length, rank).  Only the
+    segments' pages are touched."""
+    for rows, a_idx, b_idx, scale, run in groups:
+        G, n = rows.shape
+        xs, gs = _gather(x, rows, run), _gather(grad_y, rows, run)  # [G, n, in], [G, n, out]
+        a = a_pool.index_select(0, a_idx.reshape(-1)).float().view(G, -1, xs.shape[2])  # A_s [G, r, in]
+        bt = b_pool.index_select(0, b_idx.reshape(-1)).float().view(G, -1, gs.shape[2])  # B_s^T [G, r, out]
+        h = torch.bmm(xs, a.transpose(1, 2))  # [G, n, r] = A_s x_t
+        u = torch.bmm(gs, bt.transpose(1, 2))  # [G, n, r] = B_s^T g_t
+        d_a = torch.bmm(u.transpose(1, 2), xs).mul_(scale)  # [G, r, in]
+        d_bt = torch.bmm(h.transpose(1, 2), gs).mul_(scale)  # [G, r, out]
+        # index_put_(accumulate=True), not index_add_: on a view of a large arena, CPU
+        # index_add_ costs time in the arena's size, not the rows'.
+        grad_a.index_put_((a_idx.reshape(-1),), d_a.flatten(0, 1), accumulate=True)
+        grad_b.index_put_((b_idx.reshape(-1),), d_bt.flatten(0, 1), accumulate=True)
+
+
+def _gather(t: torch.Tensor, rows: torch.Tensor, run: int) -> torch.Tensor:
+    """t[rows] as float32 [G, n, d]; a view, with no copy, when the rows are the run of
+    consecutive tokens starting at `run` (each batch row its own adapter)."""
+    G, n = rows.shape
+    if run >= 0 and t.dtype == torch.float32:
+        return t.narrow(0, run, G * n).view(G, n, -1)
+    return t.index_select(0, rows.reshape(-1)).float().view(G, n, -1)
 
 
 class LoraGrad(torch.autograd.Function):
@@ -63,7 +79,7 @@ class LoraGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor, t: ModuleTables, token_slot: torch.Tensor,
-                plan: BatchPlan, segments: list[Segment], grad_a: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
+                plan: BatchPlan, segments: list[SegmentGroup], grad_a: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.args = (t, token_slot, plan, segments, grad_a, grad_b)
         return ops.lora(x, t.a_pool, t.b_pool, t.a_pages, t.b_pages, t.ranks, t.scales, token_slot, plan=plan)
@@ -94,7 +110,7 @@ class GradientStep:
         self._step = step
         self._grad_pool = grad_pool
         self._anchor = torch.zeros((), requires_grad=True)
-        self._segments: dict[tuple[str, int], tuple[BatchPlan, list[Segment]]] = {}
+        self._segments: dict[tuple[str, int], tuple[BatchPlan, list[SegmentGroup]]] = {}
         self._plans: dict[int, tuple[BatchPlan, list[tuple[int, int, int]]]] = {}
 
     @property
@@ -133,18 +149,28 @@ class GradientStep:
             self._plans[key] = hit
         return hit[1]
 
-    def _module_segments(self, module: str, t: ModuleTables, plan: BatchPlan) -> list[Segment]:
+    def _module_segments(self, module: str, t: ModuleTables, plan: BatchPlan) -> list[SegmentGroup]:
+        """The module's segments with a non-zero rank, batched by (length, rank)."""
         key = (module, id(plan))
         hit = self._segments.get(key)
         if hit is not None and hit[0] is plan:
             return hit[1]
         ranks = t.ranks.tolist()
-        scales = t.scales.tolist()
-        order = plan.order.long()
-        segments = []
+        by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for s, lo, hi in self._plan_segments(plan):
-            r = ranks[s]
-            if r > 0:
-                segments.append((s, r, scales[s], order[lo:hi], t.a_pages[s, :r].long(), t.b_pages[s, :r].long()))
-        self._segments[key] = (plan, segments)
-        return segments
+            if ranks[s] > 0:
+                by_shape.setdefault((hi - lo, ranks[s]), []).append((s, lo))
+        order = plan.order.long()
+        groups = []
+        for (n, r), members in by_shape.items():
+            slots = torch.tensor([s for s, _ in members], device=order.device)
+            starts = torch.tensor([lo for _, lo in members], device=order.device)
+            rows = order[starts[:, None] + torch.arange(n, device=order.device)]
+            scale = t.scales.index_select(0, slots).view(-1, 1, 1)
+            first = int(rows[0, 0])
+            run = first if bool((rows.reshape(-1) == torch.arange(first, first + rows.numel(),
+                                                                  device=rows.device)).all()) else -1
+            groups.append((rows, t.a_pages.index_select(0, slots)[:, :r].long(),
+                           t.b_pages.index_select(0, slots)[:, :r].long(), scale, run))
+        self._segments[key] = (plan, groups)
+        return groups
