@@ -23,7 +23,6 @@ def readme_snippet() -> str:
     return m.group(1)
 
 
-@pytest.mark.slow
 def test_readme_training_example(tmp_path, monkeypatch, capsys):
     code = readme_snippet()
     monkeypatch.chdir(tmp_path)

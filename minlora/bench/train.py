@@ -55,6 +55,7 @@ class TrainBenchConfig:
     device: str = "cpu"
     seed: int = 0
     isolate: bool = True  # each contender in its own process (peak memory); False: in this one
+    threads: Optional[int] = None  # torch threads (None: torch's default)
 
 
 def _base_model(cfg: TrainBenchConfig) -> torch.nn.Module:
@@ -173,7 +174,17 @@ def _reset_peak() -> bool:
 
 
 def measure(name: str, cfg: TrainBenchConfig) -> dict[str, Any]:
-    """One contender in this process: set-up, warm-up, timed steps; seconds and memory."""
+    """One contender in this process (with cfg.threads torch threads): set-up, warm-up, timed
+    steps; seconds and memory."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or threads)
+    try:
+        return _measure(name, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(name: str, cfg: TrainBenchConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     step = _BUILDERS[name](cfg)
@@ -203,7 +214,6 @@ def measure(name: str, cfg: TrainBenchConfig) -> dict[str, Any]:
 
 def _measure_in_child(args: tuple[str, dict]) -> dict[str, Any]:
     name, cfg = args
-    torch.set_num_threads(cfg.pop("threads"))
     return measure(name, TrainBenchConfig(**cfg))
 
 
@@ -211,6 +221,8 @@ def bench_train(cfg: Optional[TrainBenchConfig] = None, *, show_progress: bool =
     """Runs the three contenders (see the module docstring); returns the configuration, the
     figures, the ratios and a text table."""
     cfg = cfg or TrainBenchConfig()
+    if cfg.threads is None:
+        cfg = TrainBenchConfig(**{**asdict(cfg), "threads": torch.get_num_threads()})
     samples: dict[str, list[dict[str, Any]]] = {k: [] for k in CONTENDERS}
     ctx = multiprocessing.get_context("spawn")
     for r in range(cfg.rounds):
@@ -219,7 +231,7 @@ def bench_train(cfg: Optional[TrainBenchConfig] = None, *, show_progress: bool =
                 print(f"round {r + 1}/{cfg.rounds}: {name}", flush=True)
             if cfg.isolate:
                 with ctx.Pool(1) as pool:
-                    got = pool.apply(_measure_in_child, ((name, {**asdict(cfg), "threads": torch.get_num_threads()}),))
+                    got = pool.apply(_measure_in_child, ((name, asdict(cfg)),))
             else:
                 got = measure(name, cfg)
             samples[name].append(got)
@@ -257,7 +269,7 @@ def bench_train(cfg: Optional[TrainBenchConfig] = None, *, show_progress: bool =
     table += (
         f"\nLlama hidden {cfg.hidden}, intermediate {cfg.intermediate}, {cfg.layers} layers, vocab {cfg.vocab}; "
         f"{cfg.adapters} rank-{cfg.rank} adapters on all 7 projections; {cfg.rows} rows x {cfg.tokens} tokens "
-        f"per step; {cfg.dtype} on {cfg.device}, {torch.get_num_threads()} threads; median of {cfg.steps} steps"
+        f"per step; {cfg.dtype} on {cfg.device}, {cfg.threads} threads; median of {cfg.steps} steps"
         f" x {cfg.rounds} round(s)"
         f"\nminlora vs PEFT one adapter after another: {ratios['speedup_vs_peft_sequential']:.2f}x tokens/s "
         "(target >= 8x on CPU)"
@@ -273,7 +285,7 @@ def bench_train(cfg: Optional[TrainBenchConfig] = None, *, show_progress: bool =
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainBenchConfig()
     for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "adapters", "rank", "rows",
-                 "tokens", "steps", "warmup", "rounds", "seed"):
+                 "tokens", "steps", "warmup", "rounds", "seed", "threads"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=getattr(d, name))
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--dtype", default=d.dtype, help="float32 / bfloat16 / float16")
