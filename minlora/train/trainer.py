@@ -23,7 +23,6 @@ from ..formats.state import AdapterState
 from ..formats.targeting import TargetModules, select_modules
 from ..patching import is_patched, linear_shape, patch, patched_modules, patched_pool, use_step
 from ..pool import STATE_KINDS, PoolExhaustedError
-from ..registry.fingerprint import fingerprint_base_model
 from .adamw import AdamParams, paged_adamw_step
 from .batch import Batch, check_batch, check_known
 from .checkpoint import MOMENTS, commit_checkpoint, read_checkpoint, registry_key
@@ -78,9 +77,18 @@ class Trainer:
         self.model = model
         self.pool = pool
         self.vocab_size = _vocab_size(model)
-        self.fingerprint = fingerprint_base_model(model)
+        self._fingerprint: Optional[str] = None
         self._adapters: dict[str, AdapterTraining] = {}
         self._lock = threading.RLock()
+
+    @property
+    def fingerprint(self) -> str:
+        """The base model's fingerprint (minlora.registry.fingerprint_base_model), as revisions record it."""
+        if self._fingerprint is None:
+            from ..registry.fingerprint import fingerprint_base_model  # the registry is imported on first use
+
+            self._fingerprint = fingerprint_base_model(self.model)
+        return self._fingerprint
 
     # ------------------------------------------------------------------ adapters
 
