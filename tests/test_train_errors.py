@@ -202,3 +202,14 @@ def test_trainer_needs_a_pool_with_optimizer_state_and_its_own_patch(base):
     assert t.pool is other and all(not p.requires_grad for p in model.parameters())
     with pytest.raises(TypeError, match="nn.Module"):
         Trainer("model", pool)
+
+
+def test_rows_without_adapters_accumulate_nothing(trainer):
+    t = trainer
+    t.optim_step(lr=1e-2)
+    before = trainer_state(t)
+    b = make_batch([None, None], seed=7)
+    res = fb(t, b)
+    assert res.metrics["rows_with_adapter:sum"] == 0 and torch.isfinite(res.loss).all()
+    assert_same_state(before, trainer_state(t))
+    assert t.optim_step(lr=1e-2).status == "no-op"

@@ -65,9 +65,8 @@ def _gather(t: torch.Tensor, rows: torch.Tensor, run: int) -> torch.Tensor:
     """t[rows] as float32 [G, n, d]; a view, with no copy, when the rows are the run of
     consecutive tokens starting at `run` (each batch row its own adapter)."""
     G, n = rows.shape
-    if run >= 0 and t.dtype == torch.float32:
-        return t.narrow(0, run, G * n).view(G, n, -1)
-    return t.index_select(0, rows.reshape(-1)).float().view(G, n, -1)
+    picked = t.narrow(0, run, G * n) if run >= 0 else t.index_select(0, rows.reshape(-1))
+    return picked.float().view(G, n, -1)
 
 
 class LoraGrad(torch.autograd.Function):
