@@ -253,3 +253,24 @@ def test_save_peft_is_read_by_peft(bases, tmp_path):
     again.load_peft("rs", str(tmp_path / "rs"))
     assert again.info("rs")["rank"] == 8 and again.info("rs")["use_rslora"] is True
     assert torch.equal(again.forward(c.adapters, c.input_ids, c.targets, attention_mask=c.mask).logprobs, got)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_pools_train(bases, dtype):
+    """A half-precision model and pool: float32 gradient pages and moments, the update computed
+    in float32 and rounded into the weights; the loss goes down."""
+    base = copy.deepcopy(bases["llama"]).to(dtype)
+    trainer = new_trainer(base, "llama", dtype=dtype)
+    trainer.create("h", rank=4, alpha=8)
+    b = make_batch(["h", None, "h"], seed=21)
+    losses = []
+    for _ in range(4):
+        res = trainer.forward_backward(b.adapters, b.input_ids, b.targets, b.weights, attention_mask=b.mask)
+        losses.append(float(res.loss[[0, 2]].sum()))
+        assert trainer.optim_step(lr=1e-2).stepped == ["h"]
+    assert losses[-1] < losses[0]
+    w = trainer.export("h").modules
+    assert all(x.a.dtype == dtype and torch.isfinite(x.b).all() and x.b.any() for x in w.values())
+    with trainer.pool.prepare(["h"], wait=True):
+        st = trainer.pool.read_state("h")
+    assert all(a.dtype == torch.float32 and a.any() for kinds in st.modules.values() for a, _ in [kinds["exp_avg_sq"]])
