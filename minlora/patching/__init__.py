@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .layers import PatchedLayer, linear_shape
 from .model import adapters, is_patched, patch, patched_modules, patched_pool, unpatch, use_step
-from .protocol import DeltaFn, PoolLike, StepLike
+from .protocol import LoraAddFn, PoolLike, StepLike
 
-__all__ = ["DeltaFn", "PatchedLayer", "PoolLike", "StepLike", "adapters", "is_patched", "linear_shape", "patch",
+__all__ = ["LoraAddFn", "PatchedLayer", "PoolLike", "StepLike", "adapters", "is_patched", "linear_shape", "patch",
            "patched_modules", "patched_pool", "unpatch", "use_step"]

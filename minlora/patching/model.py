@@ -186,7 +186,7 @@ def adapters(model: nn.Module, adapter_ids: AdapterIds, *, wait: bool = True) ->
 @contextlib.contextmanager
 def use_step(model: nn.Module, step: StepLike) -> Iterator[StepLike]:
     """Within the block the model's forwards use `step` (one slot per batch row, its page
-    tables; a step with `lora_delta` also decides the differentiable path, see protocol.py).
+    tables; a step with `lora_add` also decides the differentiable path, see protocol.py).
     The caller made the step (from the model's pool, or a wrapper of one) and releases it."""
     state = _state_of(model)
     previous = state.snapshot()

@@ -8,11 +8,12 @@ import torch
 
 from ..ops import ModuleTables
 
-__all__ = ["DeltaFn", "PoolLike", "StepLike"]
+__all__ = ["LoraAddFn", "PoolLike", "StepLike"]
 
-# A step's own differentiable path for one module's LoRA delta (see StepLike.lora_delta):
-# (module name, x [T, in], the module's (padded) tables, token_slot [T] int32, plan) -> [T, out].
-DeltaFn = Callable[[str, torch.Tensor, ModuleTables, torch.Tensor, Any], torch.Tensor]
+# A step's own differentiable path for one module's LoRA delta (see StepLike.lora_add):
+# (module name, x [T, in], y [T, out] the base layer's output, the module's (padded) tables,
+#  token_slot [T] int32, plan) -> y + delta [T, out]  (y may be updated in place).
+LoraAddFn = Callable[[str, torch.Tensor, torch.Tensor, ModuleTables, torch.Tensor, Any], torch.Tensor]
 
 
 class StepLike(Protocol):
@@ -32,11 +33,11 @@ class StepLike(Protocol):
     def release(self) -> None:
         """The step is over: its adapters may be evicted and its tables reused."""
 
-    # Optional: a step may have `lora_delta: DeltaFn`.  When it has one and autograd is
-    # recording, every patched layer computes its delta with it (always, even when neither x
-    # nor the base output needs a gradient) instead of `minlora.ops.lora`: a training step
-    # decides there how the adapters' gradients are kept.  Without it (or under no_grad) the
-    # patch uses the op's own autograd, or the in-place op.
+    # Optional: a step may have `lora_add: LoraAddFn`.  When it has one and autograd is
+    # recording, every patched layer adds its delta with it (always, even when neither x nor
+    # the base output needs a gradient) instead of `minlora.ops.lora`: a training step decides
+    # there how the adapters' gradients are kept.  Without it (or under no_grad) the patch uses
+    # the op's own autograd, or the in-place op.
 
 
 class PoolLike(Protocol):

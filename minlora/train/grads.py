@@ -3,8 +3,9 @@ each adapter's dA / dB accumulated in float32 into its own gradient pages, and n
 gradient of a whole pool ever made.
 
 `GradientStep` wraps a pool Step for the patched model (`minlora.patching.use_step`): its
-`lora_delta` is what every patched layer calls while autograd records.  It runs the op's
-forward through `LoraGrad`, a custom autograd function whose backward computes grad_x with the
+`lora_add` is what every patched layer calls while autograd records.  It runs the op's
+accumulating forward (y += delta, in place) through `LoraGrad`, a custom autograd function
+whose backward passes grad_y through to the base layer, computes grad_x with the
 op (`lora_backward`, output_mask (True, False, False)) and hands dA, dB to
 `accumulate_lora_grads`, the one place they are computed: per slot segment,
 
@@ -70,18 +71,22 @@ def _gather(t: torch.Tensor, rows: torch.Tensor, run: int) -> torch.Tensor:
 
 
 class LoraGrad(torch.autograd.Function):
-    """delta = lora(x) with the adapters' gradients accumulated into gradient pages (see module doc).
+    """y += lora(x), in place, with the adapters' gradients accumulated into gradient pages (see
+    the module doc); the gradient of y passes through unchanged.
 
-    `anchor` is a scalar that requires grad, so the delta takes part in autograd even when
-    neither x nor anything else feeding it does (the first patched layer of a frozen model).
+    `anchor` is a scalar that requires grad, so the result takes part in autograd even when
+    neither x nor y does (the first patched layers of a frozen model).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor, t: ModuleTables, token_slot: torch.Tensor,
-                plan: BatchPlan, segments: list[SegmentGroup], grad_a: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, y: torch.Tensor, x: torch.Tensor, anchor: torch.Tensor, t: ModuleTables,
+                token_slot: torch.Tensor, plan: BatchPlan, segments: list[SegmentGroup], grad_a: torch.Tensor,
+                grad_b: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.args = (t, token_slot, plan, segments, grad_a, grad_b)
-        return ops.lora(x, t.a_pool, t.b_pool, t.a_pages, t.b_pages, t.ranks, t.scales, token_slot, plan=plan)
+        ops.lora_add_(y, x, t.a_pool, t.b_pool, t.a_pages, t.b_pages, t.ranks, t.scales, token_slot, plan=plan)
+        ctx.mark_dirty(y)
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor):  # type: ignore[override]
@@ -89,13 +94,13 @@ class LoraGrad(torch.autograd.Function):
         t, token_slot, plan, segments, grad_a, grad_b = ctx.args
         grad_y = grad_y.contiguous()
         gx = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[1]:
             gx, _, _ = ops.lora_backward(
                 grad_y, x, t.a_pool, t.b_pool, t.a_pages, t.b_pages, t.ranks, t.scales, token_slot,
                 plan=plan, output_mask=(True, False, False),
             )
         accumulate_lora_grads(grad_y, x, t.a_pool, t.b_pool, segments, grad_a, grad_b)
-        return gx, None, None, None, None, None, None, None
+        return grad_y, gx, None, None, None, None, None, None, None
 
 
 class GradientStep:
@@ -126,9 +131,10 @@ class GradientStep:
     def release(self) -> None:
         self._step.release()
 
-    def lora_delta(self, module: str, x: torch.Tensor, t: ModuleTables, token_slot: torch.Tensor,
-                   plan: Optional[BatchPlan]) -> torch.Tensor:
-        """The module's delta [T, out] for x [T, in], differentiable as described above."""
+    def lora_add(self, module: str, x: torch.Tensor, y: torch.Tensor, t: ModuleTables, token_slot: torch.Tensor,
+                 plan: Optional[BatchPlan]) -> torch.Tensor:
+        """y [T, out] (the base layer's output) + the module's delta for x [T, in], differentiable
+        as described above; y is updated in place (a fresh tensor, or a view of one)."""
         if plan is None:
             from ..plan import build_plan
 
@@ -136,7 +142,10 @@ class GradientStep:
         segments = self._module_segments(module, t, plan)
         grad_a = self._grad_pool(t.a_pool.shape[1])
         grad_b = self._grad_pool(t.b_pool.shape[1])
-        return LoraGrad.apply(x, self._anchor, t, token_slot, plan, segments, grad_a, grad_b)
+        if not y.is_contiguous():
+            y = y.contiguous()
+        # y first: autograd's in-place-on-a-view handling takes the first input as the one modified.
+        return LoraGrad.apply(y, x, self._anchor, t, token_slot, plan, segments, grad_a, grad_b)
 
     def _plan_segments(self, plan: BatchPlan) -> list[tuple[int, int, int]]:
         """(slot, start, end) of every non-empty segment of the plan (read to the host once)."""
