@@ -1,8 +1,10 @@
 """torch.optim.AdamW's update over float32 pages, vectorised across adapters.
 
-One call updates every page of several adapters at once: the pages of each row length are
-gathered (weights, gradient accumulator, exp_avg, exp_avg_sq), updated with per-page step counts
-and clip coefficients (each adapter's own), and scattered back.  The arithmetic is
+One call updates every page of several adapters at once: each adapter's pages (weights,
+gradient accumulator, exp_avg, exp_avg_sq: the same page numbers in four pools) are runs of
+consecutive pages, and all runs of all adapters go through torch's multi-tensor (_foreach)
+kernels together, in place, with per-run step sizes and clip coefficients (each adapter's own
+step count and gradient norm).  The arithmetic is
 torch.optim.AdamW's (decoupled weight decay, bias correction by the adapter's step count):
 
     p  *= 1 - lr * weight_decay
@@ -19,9 +21,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
-__all__ = ["AdamParams", "PageGroups", "paged_adamw_step"]
+__all__ = ["AdamParams", "PageGroups", "page_runs", "paged_adamw_step"]
 
 # row length -> (pages [N] int64, slot [N] int64): every page of the adapters being stepped.
 PageGroups = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -74,14 +77,19 @@ class AdamParams:
         return d
 
 
-def grad_norms(grad_views: dict[int, torch.Tensor], groups: PageGroups, num_slots: int) -> torch.Tensor:
-    """[num_slots] float32: the 2-norm of each slot's gradient pages."""
-    device = next(iter(grad_views.values())).device if grad_views else torch.device("cpu")
-    sumsq = torch.zeros(num_slots, dtype=torch.float32, device=device)
+def page_runs(groups: PageGroups) -> dict[int, list[tuple[int, int, int]]]:
+    """Per row length, the slots' pages as runs of consecutive pages: [(slot, first page, count)].
+    An adapter's pages come from a few allocator chunks, so there are few runs, and the update
+    works on views of the pools in place: no gather, no scatter."""
+    out = {}
     for d, (pages, slots) in groups.items():
-        g = grad_views[d].index_select(0, pages)
-        sumsq.index_add_(0, slots, g.square().sum(1))
-    return sumsq.sqrt()
+        p, s = pages.cpu().numpy(), slots.cpu().numpy()
+        order = np.lexsort((p, s))
+        p, s = p[order], s[order]
+        starts = np.flatnonzero(np.concatenate([[True], (p[1:] != p[:-1] + 1) | (s[1:] != s[:-1])]))
+        ends = np.append(starts[1:], len(p))
+        out[d] = [(int(s[a]), int(p[a]), int(b - a)) for a, b in zip(starts, ends)]
+    return out
 
 
 def paged_adamw_step(
@@ -98,43 +106,57 @@ def paged_adamw_step(
     weights: row length -> [P, d] pool (any float dtype); state: row length -> its (grad,
     exp_avg, exp_avg_sq) [P, d] float32 companions; groups: the pages of the slots;
     steps: each slot's step count after this step (t >= 1); skip: slots not to update.
+    All slots' runs of pages go through torch's multi-tensor (_foreach) kernels at once, each
+    run with its slot's bias corrections and clip coefficient.
     """
     S = len(steps)
-    grads = {d: state[d][0] for d in groups}
-    norms = grad_norms(grads, groups, S)
-    norm_list = norms.tolist()
-    update = torch.tensor(
-        [not skip[s] and math.isfinite(norm_list[s]) for s in range(S)], dtype=torch.bool, device=norms.device
-    )
-    lr, (b1, b2), eps, wd = params.lr, params.betas, params.eps, params.weight_decay
-    # Per slot, as torch.optim.AdamW computes them (in double, then applied to float32 data).
-    step_size = torch.tensor([lr / (1 - b1**t) for t in steps], dtype=torch.float32, device=norms.device)
-    bc2_sqrt = torch.tensor([math.sqrt(1 - b2**t) for t in steps], dtype=torch.float32, device=norms.device)
-    if params.grad_clip_norm is not None:
-        coef = (params.grad_clip_norm / (norms + 1e-6)).clamp(max=1.0)
-    else:
-        coef = None
-    for d, (pages, slots) in groups.items():
+    run_slot: list[int] = []
+    w_runs: list[torch.Tensor] = []
+    g_runs: list[torch.Tensor] = []
+    m_runs: list[torch.Tensor] = []
+    v_runs: list[torch.Tensor] = []
+    for d, runs in page_runs(groups).items():
         g_view, m_view, v_view = state[d]
-        keep = update.index_select(0, slots)
-        idx = pages[keep]
-        if idx.numel():
-            sl = slots[keep]
-            w_view = weights[d]
-            p = w_view.index_select(0, idx).float()
-            g = g_view.index_select(0, idx)
-            m = m_view.index_select(0, idx)
-            v = v_view.index_select(0, idx)
-            if coef is not None:
-                g = g * coef.index_select(0, sl)[:, None]
-            if wd:
-                p.mul_(1 - lr * wd)
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / bc2_sqrt.index_select(0, sl)[:, None]).add_(eps)
-            p.add_((m / denom) * -step_size.index_select(0, sl)[:, None])
-            w_view.index_copy_(0, idx, p.to(w_view.dtype))
-            m_view.index_copy_(0, idx, m)
-            v_view.index_copy_(0, idx, v)
-        g_view.index_fill_(0, pages, 0.0)
-    return norm_list
+        for slot, first, n in runs:
+            run_slot.append(slot)
+            w_runs.append(weights[d].narrow(0, first, n))
+            g_runs.append(g_view.narrow(0, first, n))
+            m_runs.append(m_view.narrow(0, first, n))
+            v_runs.append(v_view.narrow(0, first, n))
+    sumsq = [0.0] * S
+    if g_runs:
+        for slot, norm in zip(run_slot, torch.stack(torch._foreach_norm(g_runs)).double().tolist()):
+            sumsq[slot] += norm * norm
+    norms = [math.sqrt(x) for x in sumsq]
+    update = [not skip[s] and math.isfinite(norms[s]) for s in range(S)]
+    keep = [i for i, s in enumerate(run_slot) if update[s]]
+    if keep:
+        _adamw_runs([w_runs[i] for i in keep], [g_runs[i] for i in keep], [m_runs[i] for i in keep],
+                    [v_runs[i] for i in keep], [run_slot[i] for i in keep], steps, norms, params)
+    if g_runs:
+        torch._foreach_zero_(g_runs)
+    return norms
+
+
+def _adamw_runs(w: list[torch.Tensor], g: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
+                slot: list[int], steps: list[int], norms: list[float], params: AdamParams) -> None:
+    """torch.optim.AdamW's multi-tensor update of the runs (their gradients may be scaled in place)."""
+    lr, (b1, b2), eps, wd = params.lr, params.betas, params.eps, params.weight_decay
+    if params.grad_clip_norm is not None:
+        coef = [min(1.0, params.grad_clip_norm / (norms[s] + 1e-6)) for s in slot]
+        torch._foreach_mul_(g, coef)
+    # Per run, in double as torch.optim.AdamW computes them.
+    step_size = [-(lr / (1 - b1 ** steps[s])) for s in slot]
+    bc2_sqrt = [math.sqrt(1 - b2 ** steps[s]) for s in slot]
+    p = w if all(t.dtype == torch.float32 for t in w) else [t.float() for t in w]
+    if wd:
+        torch._foreach_mul_(p, 1 - lr * wd)
+    torch._foreach_lerp_(m, g, 1 - b1)
+    torch._foreach_mul_(v, b2)
+    torch._foreach_addcmul_(v, g, g, 1 - b2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(p, m, denom, step_size)
+    if p is not w:
+        torch._foreach_copy_(w, p)  # rounded into the pool's dtype
