@@ -3,28 +3,17 @@ held-out loss improved are promoted, the others refused by the gate, and the mix
 serves each user's serving revision."""
 from __future__ import annotations
 
-import os
-import re
 import warnings
 
-import pytest
 import torch
 
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+from readme_snippets import readme_snippet
+
 HEADING = "## Train many users' adapters together"
 
 
-def readme_snippet() -> str:
-    text = open(README, encoding="utf-8").read()
-    assert HEADING in text, f"README.md has no {HEADING!r} section"
-    section = text.split(HEADING, 1)[1]
-    m = re.search(r"```python\n(.*?)```", section, re.S)
-    assert m is not None and "\n## " not in section[: m.start()], "no ```python block under the heading"
-    return m.group(1)
-
-
 def test_readme_training_example(tmp_path, monkeypatch, capsys):
-    code = readme_snippet()
+    code = readme_snippet(HEADING)
     monkeypatch.chdir(tmp_path)
     ns: dict = {"__name__": "__readme__"}
     with warnings.catch_warnings():

@@ -152,18 +152,22 @@ def save_adapter_file(adapter: Adapter, path: Union[str, "os.PathLike[str]"]) ->
     write_atomic(path, serialize(adapter))
 
 
-def load_adapter_file(path: Union[str, "os.PathLike[str]"]) -> Adapter:
-    """Reads a file written by save_adapter_file (or a registry blob); ValueError if it is not one."""
+def read_parsed(path: Union[str, "os.PathLike[str]"], parse: Any, refusal: str) -> Any:
+    """parse(the bytes of the file at `path`); its ValueError comes back naming the file:
+    "<path>: " + refusal with {why} replaced by the parser's message."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return deserialize(data)
+        return parse(data)
     except ValueError as exc:
-        raise ValueError(
-            f"{path!r}: not a minlora adapter file ({exc}), and not a PEFT directory "
-            "(a PEFT adapter is the directory holding adapter_config.json)"
-        ) from None
+        raise ValueError(f"{path!r}: " + refusal.format(why=exc)) from None
+
+
+def load_adapter_file(path: Union[str, "os.PathLike[str]"]) -> Adapter:
+    """Reads a file written by save_adapter_file (or a registry blob); ValueError if it is not one."""
+    return read_parsed(path, deserialize, "not a minlora adapter file ({why}), and not a PEFT directory "
+                       "(a PEFT adapter is the directory holding adapter_config.json)")
 
 
 # ----------------------------------------------------------------------------- content hash

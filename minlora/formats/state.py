@@ -28,7 +28,7 @@ from safetensors.torch import save as st_save
 
 from .atomic import write_atomic
 from .native import _metadata as safetensors_metadata
-from .native import canonical_config, canonical_json, tensor_cpu
+from .native import canonical_config, canonical_json, read_parsed, tensor_cpu
 
 __all__ = [
     "STATE_FORMAT",
@@ -160,10 +160,4 @@ def save_state_file(state: AdapterState, path: Union[str, "os.PathLike[str]"]) -
 
 def load_state_file(path: Union[str, "os.PathLike[str]"]) -> AdapterState:
     """Reads a file written by save_state_file; ValueError naming the file if it is not one."""
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return deserialize_state(data)
-    except ValueError as exc:
-        raise ValueError(f"{path!r}: not a minlora state file ({exc})") from None
+    return read_parsed(path, deserialize_state, "not a minlora state file ({why})")
