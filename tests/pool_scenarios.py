@@ -137,6 +137,9 @@ def scenario_stuck_load_does_not_queue_others(tmp: str) -> None:
         assert pool.residency("stuck") == "disk"
     finally:
         gate.set()
+    # Let the released source finish on its worker thread: a daemon thread still running torch
+    # code while the interpreter exits can abort the process ("terminate called ...").
+    pool.prepare(["stuck"], wait=True, timeout=PROMPT_S).release()
 
 
 def scenario_close_with_stuck_loader(tmp: str) -> None:

@@ -6,31 +6,18 @@ PEFT LoRA adapters for it as `alice-lora` and `bob-lora`, in a fresh directory i
 from __future__ import annotations
 
 import copy
-import os
-import re
 import warnings
 
 import torch
 
+from readme_snippets import readme_snippet
 from test_patch_fixtures import adapter_specs, make_peft_adapter, peft_reference, rel_err, tiny_model, Family
 
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 HEADING = "## Patch a HuggingFace model"
 
 
-def readme_snippet() -> str:
-    text = open(README, encoding="utf-8").read()
-    assert HEADING in text, f"README.md has no {HEADING!r} section"
-    section = text.split(HEADING, 1)[1]
-    m = re.search(r"```python\n(.*?)```", section, re.S)
-    assert m is not None, "no ```python block under the heading"
-    # It must be the section's own block, not one from a later section.
-    assert "\n## " not in section[: m.start()]
-    return m.group(1)
-
-
 def test_readme_snippet_runs_and_matches_peft(tmp_path, monkeypatch):
-    code = readme_snippet()
+    code = readme_snippet(HEADING)
     assert len(code.strip().splitlines()) < 15
     base = tiny_model("llama")
     base.save_pretrained(tmp_path / "base")

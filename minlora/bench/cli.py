@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, Command] = {
     "model": Command("minlora.bench.model", "a patched HF model vs PEFT's mixed batch vs the base model"),
     "pool": Command("minlora.bench.pool", "the AdapterPool at scale: registration, Zipf trace, hit rate"),
     "registry": Command("minlora.bench.registry", "the adapter registry at scale: registration, latencies"),
+    "train": Command("minlora.bench.train", "many adapters trained together vs PEFT one by one and one adapter on all rows"),
     "vllm": Command("minlora.bench.vllm", "minlora as vLLM's LoRA backend vs vLLM's own: the layer and end to end"),
 }
 

@@ -8,6 +8,7 @@ PEFT's targeting rules.
     targeting.py  PEFT's rules on module names (on RE2): target_modules, exclude_modules, layers, patterns
     load.py       load_adapter(path): a file or a PEFT directory, whichever `path` is
     atomic.py     write_atomic: the file writer every format (and the registry's blobs) uses
+    state.py      AdapterState (optimizer moments beside an adapter's weights) and its file, content hash
 
 Names are imported on first use (PEP 562), so `from minlora.formats.targeting import ...`
 loads neither safetensors nor the file readers.
@@ -45,6 +46,13 @@ _NAMES = {
     "targets_module": "targeting",
     "load_adapter": "load",
     "write_atomic": "atomic",
+    "AdapterState": "state",
+    "check_state": "state",
+    "deserialize_state": "state",
+    "load_state_file": "state",
+    "save_state_file": "state",
+    "serialize_state": "state",
+    "state_hash": "state",
 }
 
 __all__ = sorted(_NAMES)

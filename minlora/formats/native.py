@@ -60,7 +60,12 @@ def canonical_config(config: Any) -> dict[str, Any]:
 
 
 def tensor_cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu").contiguous()
+    """t on the CPU with row-major strides.  contiguous() alone is not enough: a [n, 1] tensor
+    with strides (1, n) counts as contiguous, yet its bytes cannot be viewed as uint8."""
+    t = t.detach().to("cpu")
+    if t.dim() and (not t.is_contiguous() or t.stride(-1) != 1):
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 def serialize(adapter: Adapter) -> bytes:
@@ -189,18 +194,22 @@ def save_adapter_file(adapter: Adapter, path: Union[str, "os.PathLike[str]"]) ->
     write_atomic(path, serialize(adapter))
 
 
-def load_adapter_file(path: Union[str, "os.PathLike[str]"]) -> Adapter:
-    """Reads a file written by save_adapter_file (or a registry blob); ValueError if it is not one."""
+def read_parsed(path: Union[str, "os.PathLike[str]"], parse: Any, refusal: str) -> Any:
+    """parse(the bytes of the file at `path`); its ValueError comes back naming the file:
+    "<path>: " + refusal with {why} replaced by the parser's message."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return deserialize(data)
+        return parse(data)
     except ValueError as exc:
-        raise ValueError(
-            f"{path!r}: not a minlora adapter file ({exc}), and not a PEFT directory "
-            "(a PEFT adapter is the directory holding adapter_config.json)"
-        ) from None
+        raise ValueError(f"{path!r}: " + refusal.format(why=exc)) from None
+
+
+def load_adapter_file(path: Union[str, "os.PathLike[str]"]) -> Adapter:
+    """Reads a file written by save_adapter_file (or a registry blob); ValueError if it is not one."""
+    return read_parsed(path, deserialize, "not a minlora adapter file ({why}), and not a PEFT directory "
+                       "(a PEFT adapter is the directory holding adapter_config.json)")
 
 
 # ----------------------------------------------------------------------------- content hash

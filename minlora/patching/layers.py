@@ -28,7 +28,7 @@ from torch import nn
 from .. import ops
 from ..ops import ModuleTables
 from ..plan import build_plan
-from .protocol import PoolLike, StepLike
+from .protocol import LoraAddFn, PoolLike, StepLike
 
 __all__ = ["PatchState", "PatchedLayer", "linear_shape", "patched_class"]
 
@@ -81,6 +81,8 @@ class PatchState:
     request_slot: Optional[torch.Tensor] = None  # [B] int32, -1 = none
     num_slots: int = 0
     tables: dict[str, ModuleTables] = field(default_factory=dict)
+    # The step's own differentiable path (StepLike.lora_add), if it has one.
+    lora_add: Optional[LoraAddFn] = None
     # Per forward: leading shape of x -> (token_slot [T] int32, BatchPlan); emptied before each forward.
     plans: dict = field(default_factory=dict)
     # Steps opened by the forward keyword, to close when that forward ends.
@@ -121,6 +123,7 @@ class PatchState:
         self.request_slot = slots.to(device=device, dtype=torch.int32) if device is not None else slots
         self.num_slots = s_pad
         self.tables = tables
+        self.lora_add = getattr(step, "lora_add", None)
         self.plans = {}
 
     def snapshot(self) -> tuple:
@@ -128,6 +131,7 @@ class PatchState:
 
     def restore(self, snap: tuple) -> None:
         self.step, self.request_slot, self.num_slots, self.tables = snap
+        self.lora_add = getattr(self.step, "lora_add", None)
         self.plans = {}
 
 
@@ -185,6 +189,10 @@ def _add_lora(state: PatchState, name: str, x: torch.Tensor, y: torch.Tensor) ->
     x2 = x.reshape(num_tokens, in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
+    if state.lora_add is not None and torch.is_grad_enabled():
+        # The step keeps the adapters' gradients itself (a training step).
+        y2 = y.reshape(num_tokens, out_features)
+        return state.lora_add(name, x2, y2, t, token_slot, plan).view(y.shape)
     args = (t.a_pool, t.b_pool, t.a_pages, t.b_pages, t.ranks, t.scales, token_slot)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or y.requires_grad or t.a_pool.requires_grad or t.b_pool.requires_grad

@@ -36,7 +36,7 @@ from ..formats.targeting import TargetModules, select_modules
 from .layers import PatchedLayer, PatchState, linear_shape, patched_class
 from .protocol import PoolLike, StepLike
 
-__all__ = ["adapters", "is_patched", "patch", "unpatch"]
+__all__ = ["adapters", "is_patched", "patch", "patched_modules", "patched_pool", "unpatch", "use_step"]
 
 _STATE = "_minlora_patch_state"
 _FORWARD_KEYWORD = "adapters"
@@ -156,6 +156,16 @@ def _normalise(adapter_ids: AdapterIds) -> list[Optional[str]]:
     return [None if a is None or a == _PEFT_BASE else a for a in adapter_ids]
 
 
+def patched_pool(model: nn.Module) -> PoolLike:
+    """The pool the model was patched with."""
+    return _state_of(model).pool
+
+
+def patched_modules(model: nn.Module) -> list[str]:
+    """The names of the model's patched layers, in the model's order."""
+    return list(_state_of(model).layers)
+
+
 @contextlib.contextmanager
 def adapters(model: nn.Module, adapter_ids: AdapterIds, *, wait: bool = True) -> Iterator[StepLike]:
     """Within the block, batch row i of every forward (and `generate`) uses adapter_ids[i]
@@ -166,13 +176,25 @@ def adapters(model: nn.Module, adapter_ids: AdapterIds, *, wait: bool = True) ->
     """
     state = _state_of(model)
     step = state.pool.prepare(_normalise(adapter_ids), wait=wait)
+    try:
+        with use_step(model, step):
+            yield step
+    finally:
+        step.release()
+
+
+@contextlib.contextmanager
+def use_step(model: nn.Module, step: StepLike) -> Iterator[StepLike]:
+    """Within the block the model's forwards use `step` (one slot per batch row, its page
+    tables; a step with `lora_add` also decides the differentiable path, see protocol.py).
+    The caller made the step (from the model's pool, or a wrapper of one) and releases it."""
+    state = _state_of(model)
     previous = state.snapshot()
     try:
         state.activate(step)
         yield step
     finally:
         state.restore(previous)
-        step.release()
 
 
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -2,13 +2,18 @@
 files or allocation, so any pool that hands out page tables can drive a patched model."""
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 
 from ..ops import ModuleTables
 
-__all__ = ["PoolLike", "StepLike"]
+__all__ = ["LoraAddFn", "PoolLike", "StepLike"]
+
+# A step's own differentiable path for one module's LoRA delta (see StepLike.lora_add):
+# (module name, x [T, in], y [T, out] the base layer's output, the module's (padded) tables,
+#  token_slot [T] int32, plan) -> y + delta [T, out]  (y may be updated in place).
+LoraAddFn = Callable[[str, torch.Tensor, torch.Tensor, ModuleTables, torch.Tensor, Any], torch.Tensor]
 
 
 class StepLike(Protocol):
@@ -27,6 +32,12 @@ class StepLike(Protocol):
 
     def release(self) -> None:
         """The step is over: its adapters may be evicted and its tables reused."""
+
+    # Optional: a step may have `lora_add: LoraAddFn`.  When it has one and autograd is
+    # recording, every patched layer adds its delta with it (always, even when neither x nor
+    # the base output needs a gradient) instead of `minlora.ops.lora`: a training step decides
+    # there how the adapters' gradients are kept.  Without it (or under no_grad) the patch uses
+    # the op's own autograd, or the in-place op.
 
 
 class PoolLike(Protocol):

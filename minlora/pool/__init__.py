@@ -44,17 +44,38 @@ a `disk_dir` never read or delete each other's files; `close()` removes the dire
 spill cannot be written (disk_dir unusable) the adapter keeps its source and reloads from it
 (`stats()["spill_errors"]` counts these); a loader callable also stands behind its spill file.
 
+Trainable adapters and optimizer state
+--------------------------------------
+``AdapterPool(..., optimizer_state=True)`` also allocates three float32 companion arenas
+(``STATE_KINDS``: "grad", the gradient accumulator; "exp_avg" and "exp_avg_sq", Adam's moments)
+with the weight arena's element count, so page p of row length d has its companions at the same
+page of ``state_tensor(kind, d)`` ([P_d, d] float32): the same page tables address the weights
+and their state, and a rank-1 adapter's state is as small as the adapter.  They come on top of
+capacity_bytes: 3 * 4 / (the weights' element size) times capacity_bytes more memory.
+
+``register(id, adapter, trainable=True, state=None)`` (the source must be an `Adapter`; `state`
+an `AdapterState` holding any of the kinds, the others zero) makes an adapter whose pages change
+in the fast tier (an optimizer writes them in place through ``Step.slot_pages()``).  The pool
+copies its weights at once and holds the only up-to-date copy from then on: while it is ready in
+the fast tier the pages are authoritative (its source is let go); eviction writes weights and
+state back to the host tier (always, replacing any older copy) and a host-tier victim is spilled
+to disk_dir with its state file, or, when there is no disk_dir or the write fails, kept in memory
+as the adapter's source beyond the host budget.  A trainable adapter is never dropped and never
+reloaded from an older copy; a step's references (and pins) keep it in place while it is used.
+``read_state(id)`` returns the companions as an `AdapterState` (like ``read_adapter``).
+
 Public API
 ----------
 ::
 
     pool = AdapterPool(modules, dtype=torch.float32, device="cpu", capacity_bytes=...,
                        host_capacity_bytes=None, max_slots=256, disk_dir=None,
-                       chunk_bytes=None, poison=False, load_workers=4)
+                       chunk_bytes=None, poison=False, load_workers=4, optimizer_state=False)
     # a bad argument raises ValueError naming it (TypeError for dtype)
     # modules: module name (as in the model, "model.layers.0.self_attn.q_proj") -> (in, out)
     pool.register(adapter_id, source)    # metadata only, O(1); source: Adapter, a callable
                                          # returning one, or a path (safetensors file / PEFT dir)
+    pool.register(adapter_id, adapter, trainable=True, state=None)   # optimizer_state pools
     pool.unregister(adapter_id)
     with pool.prepare(["u1", None, "u2", "u1"]) as step:   # one call per step
         step.request_slot   # [B] int32 on the pool's device; -1 for None or not ready
@@ -70,7 +91,8 @@ Public API
     pool.module_names: list[str]
     pool.modules: dict[str, tuple[int, int]]       # module name -> (in, out)
     # also: poll() (take in finished loads), read_adapter(id) (the weights as the fast tier
-    # holds them), pool_tensor(row_length), snapshot() (an immutable PoolSnapshot of the
+    # holds them), read_state(id), is_trainable(id), state_tensor(kind, row_length),
+    # step.slot_pages(), pool_tensor(row_length), snapshot() (an immutable PoolSnapshot of the
     # bookkeeping: residents with refs / ready / pinned, LRU order, host tier, pages, bytes),
     # check_invariants(), close()
 
@@ -127,12 +149,14 @@ from __future__ import annotations
 from ..formats.native import load_adapter_file, save_adapter_file
 from .adapter_pool import AdapterPool
 from .errors import AdapterLoadError, LoadTimeoutError, PoolExhaustedError
+from .layout import STATE_KINDS
 from .snapshot import PoolSnapshot, ResidentState
 from .step import Step
 from ..ops import ModuleTables
 
 __all__ = [
     "AdapterPool",
+    "STATE_KINDS",
     "Step",
     "ModuleTables",
     "PoolExhaustedError",

@@ -11,10 +11,11 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 
 from ..formats.adapter import Adapter, LoraWeights
+from ..formats.state import AdapterState
 from .errors import AdapterLoadError, LoadTimeoutError
 from .fast_tier import FastTier, Resident
 from .host_tier import HostTier
-from .layout import Layout
+from .layout import Layout, PackedAdapter
 from .loader import Loader, Source
 from .options import PoolOptions
 from .snapshot import PoolSnapshot
@@ -44,6 +45,7 @@ class AdapterPool:
         chunk_bytes: Optional[int] = None,
         poison: bool = False,
         load_workers: int = 4,
+        optimizer_state: bool = False,
     ) -> None:
         """modules: target module name -> (in_features, out_features).
         capacity_bytes: the fast tier's budget, shared by all row lengths.
@@ -56,6 +58,10 @@ class AdapterPool:
         load_workers: how many sources (loader callables, files) are read at once, each on its own
             thread; a source that blocks holds one of them.  A loader must not call back into
             the pool.
+        optimizer_state: also keep, for adapters registered with trainable=True, float32
+            companion pages (STATE_KINDS: gradient accumulator, Adam's exp_avg and exp_avg_sq)
+            under the weights' page numbers: three float32 arenas with as many elements as the
+            weight arena, on top of capacity_bytes.
         """
         o = PoolOptions.check(
             dtype=dtype,
@@ -67,6 +73,7 @@ class AdapterPool:
             chunk_bytes=chunk_bytes,
             poison=poison,
             load_workers=load_workers,
+            optimizer_state=optimizer_state,
         )
         self.device = o.device
         self.dtype = o.dtype
@@ -79,7 +86,7 @@ class AdapterPool:
             os.makedirs(self.disk_dir, exist_ok=True)
         self._layout = Layout(
             modules, dtype=o.dtype, device=o.device, capacity_bytes=o.capacity_bytes,
-            chunk_bytes=o.chunk_bytes, poison=o.poison,
+            chunk_bytes=o.chunk_bytes, poison=o.poison, optimizer_state=o.optimizer_state,
         )
         self.module_names: list[str] = list(self._layout.module_names)
         self._fast = FastTier(self._layout, poison=o.poison)
@@ -112,6 +119,16 @@ class AdapterPool:
         """The shared [P, row_length] pool of that row length."""
         return self._layout.pool_tensor(row_length)
 
+    @property
+    def optimizer_state(self) -> bool:
+        """Whether the pool keeps companion state pages (optimizer_state=True)."""
+        return self._layout.state_arena is not None
+
+    def state_tensor(self, kind: str, row_length: int) -> torch.Tensor:
+        """The [P, row_length] float32 companion pool of `kind` ("grad", "exp_avg",
+        "exp_avg_sq"): row p is the state of page p of pool_tensor(row_length)."""
+        return self._layout.state_tensor(kind, row_length)
+
     def __len__(self) -> int:
         return len(self._tiers.sources)
 
@@ -120,12 +137,23 @@ class AdapterPool:
 
     # ------------------------------------------------------------------ registration
 
-    def register(self, adapter_id: str, source: Source) -> None:
+    def register(
+        self, adapter_id: str, source: Source, *, trainable: bool = False, state: Optional[AdapterState] = None
+    ) -> None:
         """Registers an adapter (metadata only, O(1)): an `Adapter`, a callable returning one,
-        or the path of a safetensors file (save_adapter_file) or a PEFT directory."""
+        or the path of a safetensors file (save_adapter_file) or a PEFT directory.
+
+        trainable (optimizer_state pools; source an Adapter, copied at once in the pool's dtype):
+        its pages change in the fast tier and carry companion `state` (kinds it lacks are zero).
+        The pool holds its only up-to-date copy: written back on eviction, never reloaded stale."""
         if not isinstance(adapter_id, str) or not adapter_id:
             raise TypeError(f"adapter_id must be a non-empty str, got {adapter_id!r}")
-        if isinstance(source, Adapter):
+        if trainable or state is not None:
+            what = f"adapter {adapter_id!r}"
+            if not trainable:
+                raise ValueError(f"{what}: state is given only with trainable=True")
+            source = self._layout.pack_trainable(source, state, what)
+        elif isinstance(source, Adapter):
             self._layout.check_adapter(source, f"adapter {adapter_id!r}")
         elif isinstance(source, (str, os.PathLike)):
             source = os.fspath(source)
@@ -140,6 +168,11 @@ class AdapterPool:
             if adapter_id in self._tiers.sources:
                 raise ValueError(f"adapter {adapter_id!r} is already registered (unregister it first)")
             self._tiers.sources[adapter_id] = source
+            if trainable:
+                self._tiers.trainable.add(adapter_id)
+
+    def is_trainable(self, adapter_id: str) -> bool:
+        return adapter_id in self._tiers.trainable
 
     def unregister(self, adapter_id: str) -> None:
         """Forgets an adapter and frees its pages and copies.  Refused while a step uses it."""
@@ -230,7 +263,7 @@ class AdapterPool:
                 with self._lock:
                     if self._closed:
                         raise RuntimeError("the pool is closed")
-                    distinct = self._check_request(ids)
+                    distinct = self._tiers.check_request(ids, self.max_slots)
                     self._sync()
                     self._raise_load_error(distinct)
                     if was_ready is None:  # hits count what was ready when prepare was called
@@ -281,7 +314,7 @@ class AdapterPool:
             source = None
             if future is None:
                 src = self._tiers.sources[a]
-                if isinstance(src, Adapter):
+                if isinstance(src, (Adapter, PackedAdapter)):
                     future, source = self._loader.claim(a, src), src
                 else:
                     self._loader.submit(a, src)
@@ -311,19 +344,6 @@ class AdapterPool:
             self._raise_load_error(distinct)
         return self._new_step(ids, distinct, was_ready)
 
-    def _check_request(self, ids: list[Optional[str]]) -> list[str]:
-        """The distinct adapter ids of a request list, checked (lock held)."""
-        bad = [a for a in ids if a is not None and not isinstance(a, str)]
-        if bad:
-            raise TypeError(f"adapter ids must be str or None, got {bad[:3]!r}")
-        unknown = [a for a in dict.fromkeys(ids) if a is not None and a not in self._tiers.sources]
-        if unknown:
-            raise KeyError(f"unknown adapter id(s) {unknown[:5]!r} (not registered)")
-        distinct = list(dict.fromkeys(a for a in ids if a is not None))
-        if len(distinct) > self.max_slots:
-            raise ValueError(f"{len(distinct)} distinct adapters in one step, more than max_slots = {self.max_slots}")
-        return distinct
-
     def _raise_load_error(self, ids: list[str]) -> None:
         """Raises the first recorded load error among `ids` (and forgets it: the next prepare retries)."""
         for a in ids:
@@ -341,13 +361,7 @@ class AdapterPool:
                 slot_of[a] = len(entries)
                 entries.append(e)
                 self._fast.acquire(e)
-        n_req = sum(1 for a in ids if a is not None)
-        hits = sum(1 for a in ids if a is not None and a in was_ready)
-        counters = self._tiers.counters
-        counters["hits"] += hits
-        counters["misses"] += n_req - hits
-        counters["requests"] += len(ids)
-        counters["steps"] += 1
+        self._tiers.count_step(ids, was_ready)
         self._steps_in_flight += 1
         slots = [slot_of.get(a, -1) if a is not None else -1 for a in ids]
         ready = [a is None or a in slot_of for a in ids]
@@ -376,11 +390,24 @@ class AdapterPool:
         """The weights as the fast tier holds them (a copy): module -> LoraWeights(a [r, in],
         b [out, r], scale), in the pool's dtype.  The adapter must be ready ("gpu")."""
         with self._lock:
-            self._check_registered(adapter_id)
-            e = self._fast.get(adapter_id)
-            if e is None or not e.ready:
-                raise ValueError(f"adapter {adapter_id!r} is not in the fast tier (residency {self.residency(adapter_id)!r})")
+            e = self._ready_resident(adapter_id)
             return self._layout.unpack(self._fast.read(adapter_id), e.mods).modules
+
+    def read_state(self, adapter_id: str) -> AdapterState:
+        """A trainable adapter's companion state as the fast tier holds it (a copy): every kind
+        of STATE_KINDS, module -> (a [r, in], b [out, r]) float32.  It must be ready ("gpu")."""
+        with self._lock:
+            e = self._ready_resident(adapter_id)
+            if not e.trainable:
+                raise ValueError(f"adapter {adapter_id!r} is not trainable (it has no state)")
+            return self._layout.unpack_state(self._layout.read_state_rows(e.pages), e.mods)
+
+    def _ready_resident(self, adapter_id: str) -> Resident:
+        self._check_registered(adapter_id)
+        e = self._fast.get(adapter_id)
+        if e is None or not e.ready:
+            raise ValueError(f"adapter {adapter_id!r} is not in the fast tier (residency {self.residency(adapter_id)!r})")
+        return e
 
     def check_invariants(self) -> None:
         """Raises AssertionError/RuntimeError if any bookkeeping invariant is broken (for tests)."""

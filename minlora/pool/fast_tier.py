@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import itertools
 from collections import OrderedDict
-from typing import Any, Iterable, Optional
+from typing import Any, Collection, Iterable, Optional
 
 import numpy as np
 import torch
@@ -47,10 +47,15 @@ class Resident:
     """An adapter that holds fast-tier pages (loading or ready).  A Step reads `id`, `minfo`
     and `npages` of the residents it was built from; everything else is the fast tier's."""
 
-    __slots__ = ("id", "pages", "npages", "flat", "mods", "minfo", "nbytes", "refs", "ready", "pending")
+    __slots__ = ("id", "pages", "npages", "flat", "mods", "minfo", "nbytes", "refs", "ready", "pending", "trainable")
 
-    def __init__(self, adapter_id: str, packed: PackedAdapter, pages: dict[int, torch.Tensor]) -> None:
+    def __init__(
+        self, adapter_id: str, packed: PackedAdapter, pages: dict[int, torch.Tensor], trainable: bool = False
+    ) -> None:
         self.id = adapter_id
+        # A trainable adapter's companion pages (optimizer state) are copied in and out with its
+        # weights, and its pages are the only up-to-date copy while it is resident.
+        self.trainable = trainable
         self.pages = pages  # allocator pool -> int32 pages (as PackedAdapter.rows)
         self.npages = {pid: p.numpy() for pid, p in pages.items()}  # the same as numpy arrays
         # (pool of each page, page) int32 arrays, for eviction planning.
@@ -65,10 +70,17 @@ class Resident:
         self.pending: Optional[_PendingCopy] = None
 
 
-def _copy_rows(jobs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+# One copy into pages: (view, page dimension, int32 pages, rows or None = zero the pages).
+CopyJob = tuple[torch.Tensor, int, torch.Tensor, Optional[torch.Tensor]]
+
+
+def _copy_rows(jobs: list[CopyJob]) -> None:
     """Scatters packed rows into their pages (inline, or on the CPU copy worker)."""
-    for view, pages, rows in jobs:
-        view.index_copy_(0, pages.long(), rows)
+    for view, dim, pages, rows in jobs:
+        if rows is None:
+            view.index_fill_(dim, pages.long(), 0.0)
+        else:
+            view.index_copy_(dim, pages.long(), rows)
 
 
 class FastTier:
@@ -117,6 +129,13 @@ class FastTier:
     def read(self, adapter_id: str) -> dict[int, torch.Tensor]:
         """The packed rows of a resident adapter, copied to the host."""
         return self.layout.read_rows(self.residents[adapter_id].pages)
+
+    def read_packed(self, adapter_id: str) -> PackedAdapter:
+        """A resident adapter's pages (and, trainable, its companion pages) as a host copy."""
+        e = self.residents[adapter_id]
+        pin = self.layout.cuda
+        state = self.layout.read_state_rows(e.pages, pin=pin) if e.trainable else None
+        return PackedAdapter(self.layout.read_rows(e.pages, pin=pin), dict(e.mods), state)
 
     # ------------------------------------------------------------------ LRU, pins, references
 
@@ -198,23 +217,27 @@ class FastTier:
 
     # ------------------------------------------------------------------ pages in and out
 
-    def admit(self, ids: list[str], packed: list[PackedAdapter]) -> None:
-        """Allocates pages for `ids` and starts copying `packed` into them.  The caller has made
-        room (evictions_needed + drop); all or nothing."""
+    def admit(self, ids: list[str], packed: list[PackedAdapter], trainable: Collection[str] = ()) -> None:
+        """Allocates pages for `ids` and starts copying `packed` into them (and, for the
+        `trainable` ones, their companion state, zero when they have none).  The caller has
+        made room (evictions_needed + drop); all or nothing."""
         requests = [r for p in packed for r in p.requests()]
         got = self.alloc.alloc(requests)
         if got is None:  # the plan said it fits: a bug, never silently corrupt
             raise RuntimeError("minlora pool: the page allocator refused an allocation its plan accepted")
         pages = iter(got)
         for a, p in zip(ids, packed):
-            e = Resident(a, p, {pid: next(pages) for pid in p.rows})
+            e = Resident(a, p, {pid: next(pages) for pid in p.rows}, a in trainable)
             self.residents[a] = e
             e.pending = self._start_copy(e, p)
             self.loading.add(a)
 
     def _start_copy(self, e: Resident, p: PackedAdapter) -> _PendingCopy:
         views = self.layout.views
-        jobs = [(views[pid], e.pages[pid], rows) for pid, rows in p.rows.items()]
+        jobs: list[CopyJob] = [(views[pid], 0, e.pages[pid], rows) for pid, rows in p.rows.items()]
+        if e.trainable:
+            state = p.state or {}
+            jobs += [(self.layout.state_views[pid], 1, e.pages[pid], state.get(pid)) for pid in p.rows]
         if self._side is None:
             if p.nbytes <= _INLINE_COPY_BYTES:
                 # A small memcpy costs less than handing it to a thread (and the GIL back).
@@ -227,16 +250,20 @@ class FastTier:
         with torch.cuda.stream(self._side):
             if self._free_fence is not None:
                 self._side.wait_event(self._free_fence)
-            for view, pages, rows in jobs:
+            for view, dim, pages, rows in jobs:
                 idx = pages.to(device, non_blocking=True).long()
-                view.index_copy_(0, idx, rows.to(device, non_blocking=True))
+                if rows is None:
+                    view.index_fill_(dim, idx, 0.0)
+                else:
+                    view.index_copy_(dim, idx, rows.to(device, non_blocking=True))
             ev = torch.cuda.Event()
             ev.record(self._side)
         return _PendingCopy(event=ev, keep=(p, jobs))
 
-    def finish_copies(self) -> list[tuple[str, BaseException]]:
-        """Marks adapters whose copy finished ready; drops those whose copy failed and returns
-        them with their errors."""
+    def finish_copies(self) -> tuple[list[str], list[tuple[str, BaseException]]]:
+        """Marks adapters whose copy finished ready; drops those whose copy failed.  Returns
+        (the adapters now ready, [(adapter, error)] of the failed ones)."""
+        ready: list[str] = []
         failed = []
         for a in list(self.loading):
             e = self.residents[a]
@@ -251,9 +278,10 @@ class FastTier:
                 continue
             e.pending = None
             e.ready = True
+            ready.append(a)
             if e.refs == 0:
                 self._lru_add(e)
-        return failed
+        return ready, failed
 
     def wait_copy(self, adapter_id: str) -> None:
         """Blocks until the adapter's copy (if any) is done (a bounded memcpy or DMA)."""
@@ -275,7 +303,10 @@ class FastTier:
         views = self.layout.views
         for pid, pages in e.pages.items():
             if self.poison and pages.numel():
-                views[pid].index_fill_(0, pages.to(self.layout.device, torch.long), float("nan"))
+                idx = pages.to(self.layout.device, torch.long)
+                views[pid].index_fill_(0, idx, float("nan"))
+                if self.layout.state_views:
+                    self.layout.state_views[pid].index_fill_(1, idx, float("nan"))
             self.alloc.free(pid, pages)
         if self._side is not None:
             ev = torch.cuda.Event()

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 from ..formats.adapter import Adapter
 from ..formats.native import save_adapter_file
+from ..formats.state import AdapterState, save_state_file
 from .layout import PackedAdapter
 
 __all__ = ["HostTier", "SpillFile"]
@@ -28,18 +29,26 @@ class SpillFile:
     The file is in the pool's own directory under disk_dir and names the pool and the adapter
     in its config, so no other pool (and no other adapter) can be served from it.  fallback:
     the loader callable the file stands in for, if any (called when the file is unusable).
+    state_path: a trainable adapter's companion state (optimizer moments), written beside it.
     """
 
     path: str
     pool: str
     adapter_id: str
     fallback: Optional[Callable[[], Adapter]] = None
+    state_path: Optional[str] = None
 
     def check(self, adapter: Adapter) -> Adapter:
         """`adapter` read from the file, if the file is this pool's spill of this adapter."""
         if adapter.config.get(_SPILL_KEY) != {"pool": self.pool, "adapter": self.adapter_id}:
             raise ValueError(f"{self.path!r} is not this pool's spill file of adapter {self.adapter_id!r}")
         return adapter
+
+    def check_state(self, state: AdapterState) -> AdapterState:
+        """`state` read from `state_path`, if it is this pool's spill of this adapter's state."""
+        if state.meta.get(_SPILL_KEY) != {"pool": self.pool, "adapter": self.adapter_id}:
+            raise ValueError(f"{self.state_path!r} is not this pool's state file of adapter {self.adapter_id!r}")
+        return state
 
 
 class HostTier:
@@ -111,26 +120,38 @@ class HostTier:
     # ------------------------------------------------------------------ spill files
 
     def spill(
-        self, adapter_id: str, adapter: Adapter, fallback: Optional[Callable[[], Adapter]]
+        self,
+        adapter_id: str,
+        adapter: Adapter,
+        fallback: Optional[Callable[[], Adapter]],
+        state: Optional[AdapterState] = None,
     ) -> SpillFile:
-        """Writes the adapter to a file of this pool's own under disk_dir; OSError if it cannot."""
+        """Writes the adapter (and its companion state, if given) to files of this pool's own
+        under disk_dir; OSError if it cannot."""
         if self._spill_dir is None:
             self._spill_dir = tempfile.mkdtemp(prefix="minlora-pool-", dir=self.disk_dir)
             self._remove_spill_dir = weakref.finalize(self, shutil.rmtree, self._spill_dir, True)
         name = hashlib.sha256(adapter_id.encode()).hexdigest()[:32] + ".safetensors"
         pool = os.path.basename(self._spill_dir)
-        spill = SpillFile(os.path.join(self._spill_dir, name), pool, adapter_id, fallback)
+        path = os.path.join(self._spill_dir, name)
+        state_path = None if state is None else path[: -len(".safetensors")] + ".state.safetensors"
+        spill = SpillFile(path, pool, adapter_id, fallback, state_path)
         config = {_SPILL_KEY: {"pool": spill.pool, "adapter": adapter_id}}
+        if state is not None:
+            # The state first: a file of weights under this name is then never without it.
+            save_state_file(AdapterState(state.modules, config), state_path)
         save_adapter_file(Adapter(adapter.modules, config), spill.path)
         self._spill_files += 1
         return spill
 
     def remove_spill(self, spill: SpillFile) -> None:
         """Deletes a spill file; the pool's directory goes with its last file."""
-        try:
-            os.remove(spill.path)
-        except OSError:
-            pass
+        for path in (spill.path, spill.state_path):
+            try:
+                if path is not None:
+                    os.remove(path)
+            except OSError:
+                pass
         self._spill_files -= 1
         if self._spill_files == 0:
             self.close()

@@ -8,10 +8,14 @@ import numpy as np
 import torch
 
 from ..formats.adapter import Adapter, LoraWeights, check_adapter
+from ..formats.state import AdapterState, check_state
 
-__all__ = ["Layout", "PackedAdapter", "choose_chunk_bytes"]
+__all__ = ["STATE_KINDS", "Layout", "PackedAdapter", "choose_chunk_bytes"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The float32 companions of every weight page in a pool made with optimizer_state=True, in the
+# order of the companion arena's first dimension.
+STATE_KINDS = ("grad", "exp_avg", "exp_avg_sq")
 
 # module index -> (a_off, b_off, rank, scale)
 ModulePlacement = dict[int, tuple[int, int, int, float]]
@@ -24,15 +28,20 @@ class PackedAdapter:
           module: A rows of modules with in = d, B columns (B^T rows) of modules with out = d);
     mods: module index -> (a_off, b_off, r, scale): module mi's A is rows[pa][a_off:a_off+r] and
           its B^T is rows[pb][b_off:b_off+r].
+    state: None, or (a trainable adapter's companions) allocator pool id -> [len(STATE_KINDS),
+          n, d] float32, row i of state[pid][k] the companion of rows[pid][i]; None = all zero.
     Copies and page allocation work per row length, not per module (a model has hundreds).
     """
 
-    __slots__ = ("rows", "mods", "nbytes", "minfo", "flat_pools")
+    __slots__ = ("rows", "mods", "state", "nbytes", "minfo", "flat_pools")
 
-    def __init__(self, rows: dict[int, torch.Tensor], mods: ModulePlacement) -> None:
+    def __init__(
+        self, rows: dict[int, torch.Tensor], mods: ModulePlacement, state: Optional[dict[int, torch.Tensor]] = None
+    ) -> None:
         self.rows = rows
         self.mods = mods
-        self.nbytes = sum(t.nbytes for t in rows.values())
+        self.state = state
+        self.nbytes = sum(t.nbytes for t in rows.values()) + sum(t.nbytes for t in (state or {}).values())
         # Packed once here and shared by every residency of this copy (see Resident.minfo/flat):
         # (int64 [4, k]: module index, a_off, b_off, rank; float32 [k]: scale).
         self.minfo = (
@@ -103,6 +112,7 @@ class Layout:
         capacity_bytes: int,
         chunk_bytes: Optional[int],
         poison: bool,
+        optimizer_state: bool = False,
     ) -> None:
         self.module_names, self.features = _check_modules(modules)
         self.index = {n: i for i, n in enumerate(self.module_names)}
@@ -129,6 +139,19 @@ class Layout:
         self.pool_of_length = {d: pid for pid, d in enumerate(self.row_lengths)}
         self.num_pages = [self.arena_bytes // rb for rb in self.row_bytes]
         self.views = [self.arena[: n * d].view(n, d) for n, d in zip(self.num_pages, self.row_lengths)]
+        # optimizer_state: float32 companion arenas with the weight arena's page numbering (page
+        # p of row length d is elements [p*d, (p+1)*d) of each), one per STATE_KINDS entry.
+        self.state_arena: Optional[torch.Tensor] = None
+        self.state_views: list[torch.Tensor] = []  # pool id -> [len(STATE_KINDS), P, d]
+        if optimizer_state:
+            elems = self.arena.numel()
+            self.state_arena = torch.empty(len(STATE_KINDS), elems, dtype=torch.float32, device=device)
+            if poison:
+                self.state_arena.fill_(float("nan"))
+            self.state_views = [
+                self.state_arena[:, : n * d].view(len(STATE_KINDS), n, d)
+                for n, d in zip(self.num_pages, self.row_lengths)
+            ]
         self.mod_pools = [(self.pool_of_length[fi], self.pool_of_length[fo]) for fi, fo in self.features]
         self.mod_pa = np.array([p[0] for p in self.mod_pools], dtype=np.int64)
         self.mod_pb = np.array([p[1] for p in self.mod_pools], dtype=np.int64)
@@ -142,6 +165,15 @@ class Layout:
         if row_length not in self.pool_of_length:
             raise ValueError(f"no module has a row length of {row_length}; lengths: {self.row_lengths}")
         return self.views[self.pool_of_length[row_length]]
+
+    def state_tensor(self, kind: str, row_length: int) -> torch.Tensor:
+        """The [P, row_length] float32 companion pool of `kind` (same page numbers as the weights)."""
+        if self.state_arena is None:
+            raise ValueError("this pool keeps no optimizer state (create it with optimizer_state=True)")
+        if kind not in STATE_KINDS:
+            raise ValueError(f"kind must be one of {STATE_KINDS}, got {kind!r}")
+        self.pool_tensor(row_length)  # ValueError for a row length no module has
+        return self.state_views[self.pool_of_length[row_length]][STATE_KINDS.index(kind)]
 
     def check_adapter(self, adapter: Adapter, what: str) -> None:
         """Raises TypeError/ValueError if `adapter` does not fit this pool's modules."""
@@ -213,14 +245,83 @@ class Layout:
         for mi, (ao, bo, r, scale) in mods.items():
             pa, pb = self.mod_pools[mi]
             a = rows[pa][ao : ao + r].clone()
-            b = rows[pb][bo : bo + r].t().contiguous()
+            b = rows[pb][bo : bo + r].t().clone(memory_format=torch.contiguous_format)
             out[self.module_names[mi]] = LoraWeights(a, b, scale)
         return Adapter(out)
 
     def read_rows(self, pages: dict[int, torch.Tensor], pin: bool = False) -> dict[int, torch.Tensor]:
         """The arena rows at `pages` (pool id -> int32 pages), copied to the host."""
+        return self._read(self.views, 0, pages, pin)
+
+    def read_state_rows(self, pages: dict[int, torch.Tensor], pin: bool = False) -> dict[int, torch.Tensor]:
+        """The companion rows at `pages`: pool id -> [len(STATE_KINDS), n, d] float32 on the host."""
+        return self._read(self.state_views, 1, pages, pin)
+
+    def _read(self, views: list[torch.Tensor], dim: int, pages: dict[int, torch.Tensor], pin: bool) -> dict:
         out = {}
         for pid, p in pages.items():
-            t = self.views[pid].index_select(0, p.to(self.device, torch.long)).cpu()
+            idx = p.to(self.device, torch.long)
+            if dim == 0:
+                t = views[pid].index_select(0, idx)
+            else:  # per kind: index_select along dim 1 of the [K, P, d] view is slow on CPU
+                t = torch.stack([v.index_select(0, idx) for v in views[pid]])
+            t = t.cpu()
             out[pid] = t.pin_memory() if pin else t
         return out
+
+    # ------------------------------------------------------------------ companion state
+
+    def pack_state(self, state: AdapterState, mods: ModulePlacement, what: str) -> dict[int, torch.Tensor]:
+        """`state` (checked against the placement `mods` of the adapter's packed weights) in
+        companion-row layout: pool id -> [len(STATE_KINDS), n, d] float32; kinds it lacks are 0."""
+        check_state(state, what)
+        placed = {self.module_names[mi]: m for mi, m in mods.items()}
+        counts: dict[int, int] = {}
+        for mi, (ao, bo, r, _) in mods.items():
+            pa, pb = self.mod_pools[mi]
+            counts[pa] = max(counts.get(pa, 0), ao + r)
+            counts[pb] = max(counts.get(pb, 0), bo + r)
+        out = {pid: torch.zeros(len(STATE_KINDS), n, self.row_lengths[pid], pin_memory=self.cuda)
+               for pid, n in counts.items()}
+        for name, kinds in state.modules.items():
+            if name not in placed:
+                raise ValueError(f"{what}: module {name!r} is not one of the adapter's modules")
+            ao, bo, r, _ = placed[name]
+            fin, fout = self.features[self.index[name]]
+            pa, pb = self.mod_pools[self.index[name]]
+            for kind, (a, b) in kinds.items():
+                if kind not in STATE_KINDS:
+                    raise ValueError(f"{what}: module {name!r}: kind {kind!r} is not one of {STATE_KINDS}")
+                if tuple(a.shape) != (r, fin) or tuple(b.shape) != (fout, r):
+                    raise ValueError(
+                        f"{what}: module {name!r} kind {kind!r} has a {tuple(a.shape)} and b {tuple(b.shape)}, "
+                        f"expected a [{r}, {fin}] and b [{fout}, {r}] like the weights"
+                    )
+                k = STATE_KINDS.index(kind)
+                out[pa][k, ao : ao + r].copy_(a)
+                out[pb][k, bo : bo + r].copy_(b.t())
+        return out
+
+    def pack_trainable(self, adapter: object, state: Optional[AdapterState], what: str) -> PackedAdapter:
+        """A trainable adapter's packed copy (its registered source): weights and state checked."""
+        if self.state_arena is None:
+            raise ValueError(f"{what}: trainable=True needs a pool made with optimizer_state=True")
+        if not isinstance(adapter, Adapter):
+            raise TypeError(f"{what}: a trainable adapter's source must be an Adapter, got {type(adapter).__name__}")
+        self.check_adapter(adapter, what)
+        packed = self.pack(adapter)
+        if state is None:
+            return packed
+        return PackedAdapter(packed.rows, packed.mods, self.pack_state(state, packed.mods, f"{what} state"))
+
+    def unpack_state(self, state: dict[int, torch.Tensor], mods: ModulePlacement) -> AdapterState:
+        """The AdapterState (every kind) of companion rows in the layout of `mods` (copied out)."""
+        out: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for mi, (ao, bo, r, _) in mods.items():
+            pa, pb = self.mod_pools[mi]
+            out[self.module_names[mi]] = {
+                kind: (state[pa][k, ao : ao + r].clone(),
+                       state[pb][k, bo : bo + r].t().clone(memory_format=torch.contiguous_format))
+                for k, kind in enumerate(STATE_KINDS)
+            }
+        return AdapterState(out)

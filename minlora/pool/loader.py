@@ -10,6 +10,7 @@ from ..formats.adapter import Adapter
 from ..formats.load import load_adapter
 from ..formats.native import safetensors_elements
 from ..formats.peft import WEIGHTS_NAME
+from ..formats.state import load_state_file
 from .host_tier import SpillFile
 from .layout import Layout, PackedAdapter
 from .workers import Workers
@@ -58,7 +59,11 @@ class Loader:
 
     def materialise(self, source: Any) -> PackedAdapter:
         """source -> checked Adapter -> packed host copy.  A file is refused from its header
-        when its tensors cannot fit the fast tier, before its data is read."""
+        when its tensors cannot fit the fast tier, before its data is read.  A packed copy (a
+        trainable adapter's, held in memory) is its own host copy; a trainable adapter's spill
+        file brings its companion state."""
+        if isinstance(source, PackedAdapter):
+            return source
         if isinstance(source, str):
             n = declared_elements(source)
             layout = self.layout
@@ -69,7 +74,12 @@ class Loader:
                 )
         adapter = load_source(source)
         self.layout.check_adapter(adapter, "the loaded adapter")
-        return self.layout.pack(adapter)
+        packed = self.layout.pack(adapter)
+        if isinstance(source, SpillFile) and source.state_path is not None:
+            state = source.check_state(load_state_file(source.state_path))
+            rows = self.layout.pack_state(state, packed.mods, f"the state file {source.state_path!r}")
+            packed = PackedAdapter(packed.rows, packed.mods, rows)
+        return packed
 
     def submit(self, adapter_id: str, source: Any) -> None:
         """Starts reading the source on a worker."""

@@ -25,6 +25,7 @@ class PoolOptions:
     chunk_bytes: Optional[int]
     poison: bool
     load_workers: int
+    optimizer_state: bool = False
 
     @classmethod
     def check(
@@ -39,6 +40,7 @@ class PoolOptions:
         chunk_bytes: Optional[int],
         poison: bool,
         load_workers: int,
+        optimizer_state: bool = False,
     ) -> "PoolOptions":
         """Raises TypeError (dtype) or ValueError naming the argument that is wrong."""
         if dtype not in DTYPES:
@@ -52,6 +54,8 @@ class PoolOptions:
         _check_int("load_workers", load_workers, 1)
         if not isinstance(poison, bool):
             raise ValueError(f"poison must be a bool, got {poison!r}")
+        if not isinstance(optimizer_state, bool):
+            raise ValueError(f"optimizer_state must be a bool, got {optimizer_state!r}")
         if disk_dir is not None and not isinstance(disk_dir, (str, os.PathLike)):
             raise ValueError(f"disk_dir must be None or a path, got {disk_dir!r}")
         if not isinstance(device, (str, torch.device)):
@@ -74,6 +78,7 @@ class PoolOptions:
             chunk_bytes=chunk_bytes,
             poison=poison,
             load_workers=load_workers,
+            optimizer_state=optimizer_state,
         )
 
 

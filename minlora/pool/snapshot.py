@@ -34,3 +34,4 @@ class PoolSnapshot:
     host_used_bytes: int
     steps_in_flight: int
     registered: int
+    trainable: frozenset[str] = frozenset()  # registered with trainable=True

@@ -116,6 +116,22 @@ class Step:
         self._buf = (buf, M, S, R)
         return self._buf
 
+    def slot_pages(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Every page the step's adapters hold, per row length d: (pages [N] int64, slot [N]
+        int64), on the pool's device; rows of `AdapterPool.pool_tensor(d)` (and of its state
+        companions).  What an optimizer needs to update the step's adapters in place."""
+        self._check_live()
+        layout = self._layout
+        out = {}
+        for pid, d in enumerate(layout.row_lengths):
+            arrs = [e.npages.get(pid, _NO_PAGES) for e in self._entries]
+            if sum(len(a) for a in arrs) == 0:
+                continue
+            pages = torch.from_numpy(np.concatenate(arrs).astype(np.int64))
+            slots = torch.from_numpy(np.repeat(np.arange(len(arrs), dtype=np.int64), [len(a) for a in arrs]))
+            out[d] = (pages.to(layout.device), slots.to(layout.device))
+        return out
+
     def plan(self, tokens_per_request: int) -> tuple[torch.Tensor, BatchPlan]:
         """(token_slot [B*L] int32, its BatchPlan) for L tokens per request, request i's L
         tokens consecutive."""

@@ -5,7 +5,8 @@ revision needs): the blob is written first, atomically and durably, unless a fil
 right size is already under its name; then one database transaction takes the lock of the
 content hash (Store.lock_blobs, which gc's deletion also holds), checks again that the file
 is in place (rewriting it if gc removed it in between), and inserts the blob row (if new)
-and the revision row.  A crash before that transaction commits leaves at most an
+and the revision row.  A revision's optimizer-state blob, when it has one, goes the same way
+beside the weights' (its row in `blobs`, then its `revision_states` row, in that transaction).  A crash before that transaction commits leaves at most an
 unreferenced blob, which `gc` removes; a revision row is only ever visible with its blob in
 place, and once it is visible gc keeps the blob.
 """
@@ -20,7 +21,16 @@ from sqlalchemy.engine import Connection
 
 from . import entities
 from . import schema as S
-from .adapter_io import Adapter, LoraWeights, canonical_config, content_hash, serialize
+from .adapter_io import (
+    Adapter,
+    AdapterState,
+    LoraWeights,
+    canonical_config,
+    content_hash,
+    serialize,
+    serialize_state,
+    state_hash,
+)
 from .blobs import BlobStore
 from .ids import normalize_adapter_id
 from .store import Store
@@ -78,16 +88,25 @@ def commit(
     parent: Any,
     message: str,
     author: str,
+    state: AdapterState | None = None,
 ) -> Revision:
-    """Record `adapter` (prepared) as the next revision of `adapter_id` (validated)."""
+    """Record `adapter` (prepared) as the next revision of `adapter_id` (validated), with its
+    optimizer-state blob when `state` is given (written and locked like the weights' blob)."""
     h = content_hash(adapter)
     data = serialize(adapter)
-    _ensure_blob(blobs, h, data)
+    new_blobs = {h: data}
+    sh = None
+    if state is not None:
+        sh = state_hash(state)
+        new_blobs[sh] = serialize_state(state)
+    for bh, bdata in new_blobs.items():
+        _ensure_blob(blobs, bh, bdata)
     common = _recorded(message, author, prov)
 
     def txn(conn: Connection) -> Revision:
-        store.lock_blobs(conn, [h])
-        _ensure_blob(blobs, h, data)
+        store.lock_blobs(conn, new_blobs)
+        for bh, bdata in new_blobs.items():
+            _ensure_blob(blobs, bh, bdata)
         now = entities.now()
         pk = conn.execute(
             sa.select(S.adapters.c.pk).where(S.adapters.c.adapter_id == adapter_id).with_for_update()
@@ -114,11 +133,12 @@ def commit(
             ).scalar()
             or 0
         ) + 1
-        conn.execute(
-            store.insert(S.blobs)
-            .values(content_hash=h, size=len(data), created_at=now)
-            .on_conflict_do_nothing()
-        )
+        for bh, bdata in new_blobs.items():
+            conn.execute(
+                store.insert(S.blobs)
+                .values(content_hash=bh, size=len(bdata), created_at=now)
+                .on_conflict_do_nothing()
+            )
         rpk = conn.execute(
             S.revisions.insert().values(
                 adapter_pk=pk,
@@ -129,6 +149,8 @@ def commit(
                 **common,
             )
         ).inserted_primary_key[0]
+        if sh is not None:
+            conn.execute(S.revision_states.insert().values(revision_pk=rpk, content_hash=sh, created_at=now))
         row = conn.execute(store.revision_query().where(S.revisions.c.pk == rpk)).first()
         return store.revision(conn, pk, adapter_id, row)
 

@@ -96,9 +96,11 @@ def _create_whole(url: str, path: str) -> None:
                 os.unlink(leftover)
 
 
-def _judge(tables: set[str], name: str, *, new_allowed: bool) -> None:
-    """Refuse a database whose tables are not the registry's (see the module docstring)."""
-    ours = set(S.metadata.tables)
+def _judge(tables: set[str], name: str, *, new_allowed: bool, migrated: bool = False) -> None:
+    """Refuse a database whose tables are not the registry's (see the module docstring).
+    Before migration (`migrated` False) only the tables of every schema version are required:
+    an older registry lacks the tables of later migrations until it is upgraded."""
+    ours = set(S.metadata.tables) if migrated else set(S.INITIAL_TABLES)
     if _VERSION_TABLE not in tables:
         if tables & ours:
             missing = sorted(ours - tables) + [_VERSION_TABLE]
@@ -143,7 +145,7 @@ def open_checked(url: str) -> Engine:
         if path is None:
             _judge(_engine_tables(engine), database_name(url), new_allowed=True)
         migrate.upgrade(engine)
-        _judge(_engine_tables(engine), database_name(url), new_allowed=False)
+        _judge(_engine_tables(engine), database_name(url), new_allowed=False, migrated=True)
     except RegistryError:
         engine.dispose()
         raise

@@ -23,7 +23,8 @@ def utc(value: datetime | None) -> datetime | None:
 
 
 def revision(adapter_id: str, row: Any, tags: Sequence[str] = (), serving_pk: int | None = None) -> Revision:
-    """A row of store.Store.revision_query() (a revision with its parent's number and blob size)."""
+    """A row of store.Store.revision_query() (a revision with its parent's number, blob size and
+    optimizer-state hash)."""
     m = row._mapping
     created = utc(m["created_at"])
     return Revision(
@@ -48,6 +49,7 @@ def revision(adapter_id: str, row: Any, tags: Sequence[str] = (), serving_pk: in
         },
         tags=sorted(tags),
         serving=serving_pk is not None and m["pk"] == serving_pk,
+        state_hash=m["state_hash"],
     )
 
 

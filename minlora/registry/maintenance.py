@@ -1,5 +1,6 @@
-"""Maintenance of a registry's stored weights: `verify` re-hashes every revision's blob,
-`gc` deletes blob files no revision references (orphans of crashed commits)."""
+"""Maintenance of a registry's stored weights: `verify` re-hashes every revision's blob (and
+its optimizer-state blob), `gc` deletes blob files no revision references (orphans of crashed
+commits; a state blob is referenced through its `blobs` row like the weights')."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from .adapter_io import load_verified
+from .adapter_io import load_verified, load_verified_state
 from .blobs import BlobFile, BlobStore
 from .errors import CorruptBlobError, DamagedDatabaseError
 from .store import Store
@@ -16,11 +17,12 @@ from .types import GcReport, VerifyReport
 __all__ = ["gc", "verify"]
 
 _GC_CHUNK = 100  # files deleted per locking transaction
+_STATE = "optimizer state "  # how messages name a revision's optimizer-state blob
 
 
-def _reword(message: str, adapter_id: str, number: int, h: str) -> str:
+def _reword(message: str, adapter_id: str, number: int, h: str, what: str = "") -> str:
     # The first revision found with a bad blob names itself; restate for the others sharing it.
-    prefix = f"adapter {adapter_id!r} revision {number} (content {h[:12]}): "
+    prefix = f"adapter {adapter_id!r} revision {number} ({what}content {h[:12]}): "
     return prefix + message.split("): ", 1)[-1]
 
 
@@ -33,14 +35,15 @@ def _database_failure(store: Store, why: str) -> dict[str, Any]:
     }
 
 
-def _check_blob(blobs: BlobStore, aid: str, number: int, h: str) -> str | None:
-    """Why revision `number`'s blob fails, or None when it loads and hashes right."""
+def _check_blob(blobs: BlobStore, aid: str, number: int, h: str, what: str = "") -> str | None:
+    """Why revision `number`'s blob (what="optimizer state ": its state blob) fails, or None
+    when it loads and hashes right."""
     try:
-        load_verified(blobs, aid, number, h)
+        (load_verified_state if what else load_verified)(blobs, aid, number, h)
     except CorruptBlobError as exc:
         return str(exc)
     except Exception as exc:  # the store itself failed (permissions, network): not verified either
-        where = f"adapter {aid!r} revision {number} (content {h[:12]})"
+        where = f"adapter {aid!r} revision {number} ({what}content {h[:12]})"
         return f"{where}: blob could not be read ({type(exc).__name__}: {exc})"
     return None
 
@@ -59,19 +62,21 @@ def verify(store: Store, blobs: BlobStore, adapter_id: str | None, *, progress: 
 
         bar = tqdm(desc="verify", unit="rev")
     try:
-        for aid, number, h in store.iter_revisions(adapter_id):
+        for aid, number, h, state_h in store.iter_revisions(adapter_id):
             n += 1
             if bar is not None:
                 bar.update(1)
-            if h not in good and h not in bad:
-                why = _check_blob(blobs, aid, number, h)
-                if why is None:
-                    good.add(h)
-                else:
-                    bad[h] = why
-            if h in bad:
-                error = _reword(bad[h], aid, number, h)
-                failures.append({"adapter_id": aid, "revision": number, "content_hash": h, "error": error})
+            checks = [(h, "")] + ([(state_h, _STATE)] if state_h is not None else [])
+            for bh, what in checks:
+                if bh not in good and bh not in bad:
+                    why = _check_blob(blobs, aid, number, bh, what)
+                    if why is None:
+                        good.add(bh)
+                    else:
+                        bad[bh] = why
+                if bh in bad:
+                    error = _reword(bad[bh], aid, number, bh, what)
+                    failures.append({"adapter_id": aid, "revision": number, "content_hash": bh, "error": error})
     except DamagedDatabaseError as exc:
         failures.append(_database_failure(store, f"reading the revisions failed after {n}: {exc}"))
     finally:

@@ -20,7 +20,7 @@ from . import evaluations as E
 from . import maintenance, serving
 from . import tags as T
 from . import validation as V
-from .adapter_io import Adapter, load_verified, read_peft, write_peft
+from .adapter_io import Adapter, AdapterState, load_verified, load_verified_state, read_peft, write_peft
 from .blobs import BlobStore
 from .diff import config_changes, tensor_changes
 from .errors import RevisionNotFoundError
@@ -104,6 +104,7 @@ class Registry:
         message: str = "",
         author: str | None = None,
         provenance: Mapping[str, Any] | None = None,
+        optimizer_state: AdapterState | None = None,
     ) -> Revision:
         """Record a new revision of `adapter_id` (created on first commit) and return it.
 
@@ -112,13 +113,16 @@ class Registry:
         provenance: base_model (fingerprint or nn.Module), training_data (a reference),
             training_config (dict), and any other JSON keys (kept under `extra`).  The author,
             time, parent, minlora and torch versions are always recorded.
+        optimizer_state: stored as the revision's state blob (content-addressed beside the
+            weights; `load_optimizer_state` reads it back, `Revision.state_hash` names it).
         """
         aid = normalize_adapter_id(adapter_id)
         adapter = C.prepare(weights, config)
         prov = V.provenance(provenance)
+        state = V.optimizer_state(optimizer_state)
         who = author or default_actor()
         return C.commit(
-            self.store, self.blobs, aid, adapter, prov, parent=parent, message=message, author=who
+            self.store, self.blobs, aid, adapter, prov, parent=parent, message=message, author=who, state=state
         )
 
     def commit_many(
@@ -174,6 +178,14 @@ class Registry:
 
     def _weights(self, info: Revision) -> Adapter:
         return load_verified(self.blobs, info.adapter_id, info.number, info.content_hash)
+
+    def load_optimizer_state(self, adapter_id: str, rev: RevRef = "head") -> AdapterState | None:
+        """The revision's optimizer state (verified against its hash), or None when it was
+        committed without one.  CorruptBlobError names the adapter and revision."""
+        info = self.show(adapter_id, rev)
+        if info.state_hash is None:
+            return None
+        return load_verified_state(self.blobs, info.adapter_id, info.number, info.state_hash)
 
     def diff(self, adapter_id: str, rev_a: RevRef, rev_b: RevRef = "head") -> Diff:
         """Which tensors (and scales, config keys) changed between two revisions, and by how much."""
@@ -348,8 +360,9 @@ class Registry:
     # ------------------------------------------------------------------ maintenance
 
     def verify(self, adapter_id: str | None = None, *, progress: bool = False) -> VerifyReport:
-        """Load and re-hash the blob of every revision (of one adapter, or all).  Each distinct
-        blob is read once; a failure is reported for every revision that uses it."""
+        """Load and re-hash the blob of every revision (of one adapter, or all), and its
+        optimizer-state blob when it has one.  Each distinct blob is read once; a failure is
+        reported for every revision that uses it."""
         aid = None if adapter_id is None else normalize_adapter_id(adapter_id)
         return maintenance.verify(self.store, self.blobs, aid, progress=progress)
 

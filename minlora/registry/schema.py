@@ -8,6 +8,9 @@ Design notes:
   itself append-only history.
 - `blobs` lists the content hashes that have a stored blob; a revision row and (when new)
   its blob row are inserted in one transaction, after the blob file is durably written.
+- `revision_states` gives a revision its optional optimizer-state blob (minlora.formats.state:
+  Adam moments and step counts, for a bit-exact resume); it is inserted with the revision, in
+  the same transaction, and its blob is a row of `blobs` like the weights' (so gc keeps it).
 - Timestamps are UTC; SQLite stores them without a zone and the registry re-attaches UTC.
 """
 
@@ -16,11 +19,13 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 __all__ = [
+    "INITIAL_TABLES",
     "adapters",
     "blobs",
     "evaluations",
     "gates",
     "metadata",
+    "revision_states",
     "revisions",
     "serving",
     "serving_events",
@@ -64,6 +69,14 @@ revisions = sa.Table(
     sa.Column("torch_version", sa.String(64), nullable=False),
     sa.Column("extra", sa.JSON, nullable=True),
     sa.UniqueConstraint("adapter_pk", "number", name="uq_revisions_adapter_number"),
+)
+
+revision_states = sa.Table(
+    "revision_states",
+    metadata,
+    sa.Column("revision_pk", sa.Integer, sa.ForeignKey("revisions.pk"), primary_key=True),
+    sa.Column("content_hash", sa.String(64), sa.ForeignKey("blobs.content_hash"), nullable=False, index=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 tags = sa.Table(
@@ -112,6 +125,12 @@ evaluations = sa.Table(
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("details", sa.JSON, nullable=True),
     sa.Index("ix_evaluations_revision", "revision_pk", "suite", "metric"),
+)
+
+# The tables every registry database has at any schema version (migration 0001 made them);
+# the others come with later migrations, so a database opened before it is migrated may lack them.
+INITIAL_TABLES = frozenset(
+    {"adapters", "blobs", "revisions", "tags", "serving", "serving_events", "evaluations", "gates"}
 )
 
 gates = sa.Table(

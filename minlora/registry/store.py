@@ -87,15 +87,20 @@ class Store:
 
     @staticmethod
     def revision_query() -> sa.Select:
-        """Revision rows with their parent's number and their blob's size."""
+        """Revision rows with their parent's number, their blob's size and their optimizer-state
+        blob's hash (NULL when they have none)."""
         r = S.revisions
         parent = S.revisions.alias("parent")
+        st = S.revision_states
         return sa.select(
-            r, parent.c.number.label("parent_number"), S.blobs.c.size.label("blob_size")
+            r,
+            parent.c.number.label("parent_number"),
+            S.blobs.c.size.label("blob_size"),
+            st.c.content_hash.label("state_hash"),
         ).select_from(
-            r.outerjoin(parent, parent.c.pk == r.c.parent_pk).join(
-                S.blobs, S.blobs.c.content_hash == r.c.content_hash
-            )
+            r.outerjoin(parent, parent.c.pk == r.c.parent_pk)
+            .join(S.blobs, S.blobs.c.content_hash == r.c.content_hash)
+            .outerjoin(st, st.c.revision_pk == r.c.pk)
         )
 
     def resolve(self, conn: Connection, adapter_pk: int, adapter_id: str, ref: RevRef) -> Any:
@@ -235,16 +240,17 @@ class Store:
 
         return self.read(q)
 
-    def iter_revisions(self, adapter_id: str | None) -> Iterator[tuple[str, int, str]]:
-        """(adapter_id, number, content_hash) of every revision (of one adapter, or all), in
-        keyset-paged chunks so a million rows never sit in memory at once."""
-        r, a = S.revisions, S.adapters
+    def iter_revisions(self, adapter_id: str | None) -> Iterator[tuple[str, int, str, str | None]]:
+        """(adapter_id, number, content_hash, state hash or None) of every revision (of one
+        adapter, or all), in keyset-paged chunks so a million rows never sit in memory at once."""
+        r, a, st = S.revisions, S.adapters, S.revision_states
         apk = None if adapter_id is None else self.read(lambda c: self.adapter_pk(c, adapter_id))
         last = 0
         while True:
             stmt = (
-                sa.select(r.c.pk, a.c.adapter_id, r.c.number, r.c.content_hash)
+                sa.select(r.c.pk, a.c.adapter_id, r.c.number, r.c.content_hash, st.c.content_hash)
                 .join(a, a.c.pk == r.c.adapter_pk)
+                .outerjoin(st, st.c.revision_pk == r.c.pk)
                 .where(r.c.pk > last)
                 .order_by(r.c.pk)
                 .limit(_PAGE)
@@ -254,8 +260,8 @@ class Store:
             rows = self.read(lambda c, stmt=stmt: c.execute(stmt).all())
             if not rows:
                 return
-            for _pk, aid, number, h in rows:
-                yield aid, number, h
+            for _pk, aid, number, h, state in rows:
+                yield aid, number, h, state
             last = rows[-1][0]
 
     def lock_blobs(self, conn: Connection, hashes: Iterable[str]) -> None:

@@ -34,6 +34,8 @@ class Revision:
     provenance: dict[str, Any]  # base_model, training_data, training_config, versions, extra
     tags: list[str] = field(default_factory=list)
     serving: bool = False
+    # The content hash of the revision's optimizer-state blob (minlora.formats.state), if any.
+    state_hash: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _iso(asdict(self))

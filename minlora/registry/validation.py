@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from .adapter_io import canonical_config
+from .adapter_io import AdapterState, canonical_config
 from .fingerprint import fingerprint_base_model
 from .types import Gate
 
-__all__ = ["actor", "default_actor", "evaluation_input", "gate", "provenance"]
+__all__ = ["actor", "default_actor", "evaluation_input", "gate", "optimizer_state", "provenance"]
 
 _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 MAX_NAME_LENGTH = 128  # suites and metrics (the schema's column width)
@@ -71,6 +71,16 @@ def provenance(prov: Mapping[str, Any] | None) -> dict[str, Any]:
         "training_config": training_config,
         "extra": canonical_config(rest) if rest else None,
     }
+
+
+def optimizer_state(state: Any) -> AdapterState | None:
+    """The optimizer state of a commit (None, or an AdapterState whose meta is JSON)."""
+    if state is None:
+        return None
+    if not isinstance(state, AdapterState):
+        raise TypeError(f"optimizer_state must be a minlora.formats.AdapterState, got {type(state).__name__}")
+    canonical_config(state.meta)  # ValueError when meta is not JSON
+    return state
 
 
 def evaluation_input(
