@@ -1,4 +1,4 @@
-"""The `minlora` command line: `minlora bench ...`, `minlora adapters ...`, `minlora demo`.
+"""The `minlora` command line: `minlora bench ...`, `minlora adapters ...`, `minlora demo`, `minlora serve`.
 
 Each command group lives in its own module exposing `register(subparsers)`; this file
 only assembles them, importing each lazily so `minlora --help` stays fast.
@@ -16,6 +16,7 @@ COMMANDS = {
     "bench": ("minlora.bench.cli", "microbenchmarks against the baselines"),
     "adapters": ("minlora.registry.cli", "adapter registry: import, commit, log, promote, ..."),
     "demo": ("minlora.demo", "serve a mixed batch of PEFT adapters on a small random Llama"),
+    "serve": ("minlora.serve.cli", "the Tinker/MinT-compatible training and sampling service"),
 }
 
 
