@@ -237,6 +237,9 @@ class DecodeEngine:
         cache.stepped(mask)
         self.counters["steps"] += 1
         self.counters["row_steps"] += len(rows)
+        adapters = len({r.job.adapter for r in rows})
+        self.counters["max_step_rows"] = max(self.counters["max_step_rows"], len(rows))
+        self.counters["max_step_adapters"] = max(self.counters["max_step_adapters"], adapters)
         alive = self._choose(rows, logits)
         if len(alive) != len(rows):
             self._rows = [rows[i] for i in alive]
