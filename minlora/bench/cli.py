@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     # The model and pool benchmarks live in their own drivers; they add their own arguments.
     for name, help_text in (("model", "a patched HF model vs PEFT's mixed batch vs the base model"),
-                            ("pool", "the AdapterPool at scale: registration, Zipf trace, hit rate")):
+                            ("pool", "the AdapterPool at scale: registration, Zipf trace, hit rate"),
+                            ("serve", "the service under concurrent tinker clients: mixed vs one adapter at a time")):
         parser = sub.add_parser(name, help=help_text)
         try:
             driver = __import__(f"minlora.bench.{name}", fromlist=["add_arguments"])

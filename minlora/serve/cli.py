@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     comp.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
     comp.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                       help="model and adapter dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    comp.add_argument("--threads", type=int, default=None,
+                      help="torch intra-op threads (default: torch's choice; fewer is steadier on a shared machine)")
     comp.add_argument("--pool-mib", type=int, default=1024, help="adapter memory (fast tier) in MiB (default: 1024)")
     comp.add_argument("--max-batch-rows", type=int, default=64, help="most sequences decoded at once (default: 64)")
     comp.add_argument("--max-batch-adapters", type=int, default=None,
@@ -64,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
     from .service import Service
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        if args.threads < 1:
+            print("minlora serve: --threads must be at least 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     config = ServeConfig(

@@ -75,13 +75,16 @@ class DecodeEngine:
     """Continuous batching over the hosted (patched) model; see the module docstring."""
 
     def __init__(self, host: HostedModel, *, max_rows: int = 64, max_prefill_tokens: int = 4096,
-                 max_batch_adapters: Optional[int] = None) -> None:
+                 max_batch_adapters: Optional[int] = None, admit_linger_s: float = 0.003) -> None:
         if max_rows < 1 or max_prefill_tokens < 1 or (max_batch_adapters is not None and max_batch_adapters < 1):
             raise ValueError("max_rows, max_prefill_tokens and max_batch_adapters must be >= 1")
         self.host = host
         self.max_rows = max_rows
         self.max_prefill_tokens = max_prefill_tokens
         self.max_batch_adapters = max_batch_adapters
+        # When idle, wait this long after a request arrives for the ones sent with it (clients
+        # often send together), so they share one prefill and fill the first steps.
+        self.admit_linger_s = admit_linger_s
         params = inspect.signature(host.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._cond = threading.Condition()
@@ -127,12 +130,19 @@ class DecodeEngine:
                     self._cond.wait()
                 if self._stopping:
                     break
+                if not self._rows and self.admit_linger_s > 0:
+                    deadline = time.monotonic() + self.admit_linger_s
+                    while not self._stopping and (left := deadline - time.monotonic()) > 0:
+                        self._cond.wait(left)
                 newcomers = self._admit()
+            t0 = time.perf_counter()
             try:
                 if newcomers:
                     self._prefill(newcomers)
+                    self.counters["prefill_s_x1000"] += int(1000 * (time.perf_counter() - t0))
                 if self._rows:
                     self._decode_step()
+                self.counters["busy_s_x1000"] += int(1000 * (time.perf_counter() - t0))
             except Exception as exc:  # a failed forward fails the requests it carried, not the server
                 log.exception("decode step failed")
                 failed = {id(r.job): r.job for r in self._rows}

@@ -235,6 +235,10 @@ class SamplingService:
                                 "save them with save_weights_for_sampler to keep them")
             pool_id, source = f"snapshot/{rec.sampler_id}", adapter
         else:
+            with self._lock:
+                held = self._held.get(rec.sampler_id)
+            if rec.kind == "revision" and held is not None:
+                return held  # a fixed revision: what it resolved to once, it resolves to forever
             weights = Weights(rec.model_path or "", rec.adapter_id or "", rec.revision)
             try:
                 rev = self.catalog.revision(weights)
