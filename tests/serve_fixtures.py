@@ -31,7 +31,8 @@ CONTEXT = 256
 ALICE = "tml-alice-0123456789abcdef"
 ALICE_MINT = "sk-alice-0123456789abcdef"
 BOB = "tml-bob-0123456789abcdef00"
-KEYS = {ALICE: "alice", ALICE_MINT: "alice", BOB: "bob"}
+CAROL_MINT = "sk-carol-0123456789abcdef"
+KEYS = {ALICE: "alice", ALICE_MINT: "alice", BOB: "bob", CAROL_MINT: "carol"}
 
 
 def tiny_llama(seed: int = 11) -> torch.nn.Module:
@@ -99,6 +100,12 @@ def teacher_logprobs(model: torch.nn.Module, prompt: list[int], generated: list[
     picked = lp[:-1].gather(1, targets[:, None]).squeeze(1)
     n = len(prompt)
     return picked[: n - 1], picked[n - 1:], lp[n - 1: n - 1 + len(generated)]
+
+
+def train_batch(seed: int, rows: int = 2, length: int = 12) -> list[list[int]]:
+    """`rows` random token sequences of length+1 (input = seq[:-1], targets = seq[1:])."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB - 6, (length + 1,), generator=g).tolist() for _ in range(rows)]
 
 
 def free_port() -> int:

@@ -12,6 +12,10 @@ client alone.  Figure: aggregate training tokens/s, and the ratio.  Needs minlor
 
 The model is a random Llama built from a config (nothing downloaded); adapters are random
 rank-`rank` LoRA weights on all seven projections, committed to a throwaway registry.
+
+Columns besides the figures: rows_per_step (sequences per decode step), forward_s (seconds in
+decode forwards / in Trainer.forward_backward calls), prefill_s, engine_busy_s (all of the
+decode engine's work / all Trainer calls): what the wall time was spent on.
 """
 from __future__ import annotations
 
@@ -155,7 +159,7 @@ def _sampling(service: Any, url: str, paths: list[str], cfg: ServeBenchConfig, l
     return rows
 
 
-def _training(url: str, cfg: ServeBenchConfig, base_model: str, log: Callable[[str], None]) -> list:
+def _training(service: Any, url: str, cfg: ServeBenchConfig, log: Callable[[str], None]) -> list:
     import tinker
     from tinker import types
 
@@ -169,7 +173,8 @@ def _training(url: str, cfg: ServeBenchConfig, base_model: str, log: Callable[[s
                             loss_fn_inputs={"target_tokens": s[1:], "weights": [1.0] * cfg.train_tokens}) for s in seqs]
 
     def round_(n: int) -> float:
-        clients = [sc.create_lora_training_client(base_model=base_model, rank=cfg.rank, seed=i) for i in range(n)]
+        clients = [sc.create_lora_training_client(base_model=service.host.name, rank=cfg.rank, seed=i)
+                   for i in range(n)]
 
         def client(i: int) -> None:
             batch = data(i)
@@ -184,9 +189,13 @@ def _training(url: str, cfg: ServeBenchConfig, base_model: str, log: Callable[[s
     rows = []
     for n in (cfg.train_clients, 1):
         log(f"training: {n} client(s) ...")
+        before = service.training.scheduler.stats()["seconds"]
         seconds = round_(n)
+        after = service.training.scheduler.stats()["seconds"]
+        spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("forward_backward", "optim_step")}
         rows.append({"workload": f"training, {n} client{'s' if n > 1 else ''}", "clients": n,
-                     "tokens": n * per_client, "seconds": seconds, "tokens_per_s": n * per_client / seconds})
+                     "tokens": n * per_client, "seconds": seconds, "tokens_per_s": n * per_client / seconds,
+                     "forward_s": spent["forward_backward"], "engine_busy_s": sum(spent.values())})
     rows[0]["x"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
     rows[1]["x"] = 1.0
     return rows
@@ -210,7 +219,7 @@ def bench_serve(cfg: Optional[ServeBenchConfig] = None, *, show_progress: bool =
             rows = _sampling(service, server.url, paths, cfg, log)
             note = None
             if service.backend.available:
-                rows += _training(server.url, cfg, service.host.name, log)
+                rows += _training(service, server.url, cfg, log)
             else:
                 note = "training: skipped (minlora.train is not installed on this server)"
             stats = service.stats()

@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds without a heartbeat after which a session ends and its adapters are freed")
     limits.add_argument("--long-poll", type=float, default=10.0,
                         help="seconds a retrieve_future call waits for its result before 'try again'")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="what the server logs (default: info)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from .service import Service
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # the registry's migrations at open
     if args.threads is not None:
         if args.threads < 1:
             print("minlora serve: --threads must be at least 1", file=sys.stderr)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -60,6 +61,7 @@ class TrainingScheduler:
         self._stopping = False
         self.calls = collections.Counter()  # kind -> Trainer calls made
         self.works = collections.Counter()  # kind -> requests served
+        self.seconds = collections.Counter()  # kind -> seconds spent in its calls (model lock held)
         self._thread = threading.Thread(target=self._loop, name="minlora-serve-train", daemon=True)
         self._thread.start()
 
@@ -87,7 +89,8 @@ class TrainingScheduler:
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            return {"calls": dict(self.calls), "requests": dict(self.works), "ready": len(self._ready)}
+            return {"calls": dict(self.calls), "requests": dict(self.works), "ready": len(self._ready),
+                    "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
 
     def _loop(self) -> None:
         while True:
@@ -123,7 +126,9 @@ class TrainingScheduler:
         kind = group[0].kind
         try:
             with self._lock:
+                t0 = time.perf_counter()
                 results = self._execute(kind, group)
+                self.seconds[kind] += time.perf_counter() - t0
             if len(results) != len(group):
                 raise RuntimeError(f"{kind}: {len(results)} results for {len(group)} requests")
         except Exception as exc:  # noqa: BLE001  (the group's requests fail; the scheduler goes on)

@@ -47,7 +47,8 @@ class Service:
         if config.api_keys is not None:
             self.keys = KeyRing(keys=config.api_keys)
         else:
-            self.new_key = ensure_keys_file(config.resolved_keys_file)
+            if config.api_keys_file is None:  # the default file is made on first use; a named one must exist
+                self.new_key = ensure_keys_file(config.resolved_keys_file)
             self.keys = KeyRing(config.resolved_keys_file)
         if config.registry_url:
             self.registry = Registry(config.registry_url, config.blobs_url)

@@ -29,12 +29,16 @@ __all__ = ["TRAINER_IMPORT_ERROR", "TrainingBackend", "pool_options"]
 log = logging.getLogger("minlora.serve")
 
 try:
-    from ..train import Trainer  # the training package (its own branch of work)
+    from ..train import Trainer, TrainingError  # the training package (its own branch of work)
     TRAINER_IMPORT_ERROR: Optional[BaseException] = None
 except ModuleNotFoundError as _exc:  # only "minlora.train is absent"; a broken trainer still raises
     if _exc.name not in ("minlora.train", "minlora"):
         raise
     Trainer = None
+
+    class TrainingError(RuntimeError):  # type: ignore[no-redef]  (never raised without the trainer)
+        pass
+
     TRAINER_IMPORT_ERROR = _exc
 
 
@@ -187,7 +191,7 @@ class TrainingBackend:
         """A Trainer call; its documented errors become the future's user / server errors."""
         try:
             return fn(*args, **kwargs)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, TrainingError) as exc:
             raise UserError(str(exc)) from exc
         except KeyError as exc:
             raise ServerError(f"the trainer lost an adapter: {exc}") from exc
