@@ -5,7 +5,8 @@ carries its own authorization (the SDK's download uses plain urllib, without the
 the token is signed by the server, names one registry revision and expires (15 minutes by
 default).  The tar holds `adapter_config.json`, `adapter_model.safetensors` and the empty
 `checkpoint_complete` marker tinker's tools look for; `PeftModel.from_pretrained(base, dir)`
-loads the extracted directory.
+loads the extracted directory.  Newer SDKs download an `external_weights` checkpoint file by
+file instead: `.../external_weights_urls` gives one such link per file.
 """
 from __future__ import annotations
 
@@ -15,35 +16,41 @@ import os
 import tarfile
 import tempfile
 import time
-from typing import Any
+from typing import Any, Optional
 
 from ..registry import Registry
 from .errors import not_found
 from .tokens import Signer, TokenError
 
-__all__ = ["ArchiveLinks", "build_archive"]
+__all__ = ["FILES", "ArchiveLinks", "build_archive", "peft_files"]
 
-FILES = ("adapter_config.json", "adapter_model.safetensors")
 MARKER = "checkpoint_complete"
+FILES = ("adapter_config.json", "adapter_model.safetensors", MARKER)
 
 
-def build_archive(registry: Registry, adapter_id: str, revision: int, base_model: str) -> bytes:
-    """The revision as a PEFT adapter directory, in a tar (the weights verified on the way)."""
+def peft_files(registry: Registry, adapter_id: str, revision: int, base_model: str) -> dict[str, bytes]:
+    """The revision as the files of a PEFT adapter directory, plus the empty completion marker
+    (the weights verified on the way)."""
     with tempfile.TemporaryDirectory(prefix="minlora-serve-archive-") as tmp:
         path = os.path.join(tmp, "adapter")
         registry.export_peft(adapter_id, path, revision)
-        cfg_path = os.path.join(path, "adapter_config.json")
-        with open(cfg_path, encoding="utf-8") as f:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
             config = json.load(f)
         config.setdefault("base_model_name_or_path", base_model)
         config.setdefault("task_type", "CAUSAL_LM")
-        files = {name: open(os.path.join(path, name), "rb").read() for name in FILES if name != "adapter_config.json"}
-        files["adapter_config.json"] = json.dumps(config, indent=2, sort_keys=True).encode()
-    files[MARKER] = b""
+        with open(os.path.join(path, "adapter_model.safetensors"), "rb") as f:
+            weights = f.read()
+    return {"adapter_config.json": json.dumps(config, indent=2, sort_keys=True).encode(),
+            "adapter_model.safetensors": weights, MARKER: b""}
+
+
+def build_archive(registry: Registry, adapter_id: str, revision: int, base_model: str) -> bytes:
+    """The revision's PEFT adapter directory (peft_files) as a tar."""
+    files = peft_files(registry, adapter_id, revision, base_model)
     buf = io.BytesIO()
     now = int(time.time())
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name in (*FILES, MARKER):
+        for name in FILES:
             info = tarfile.TarInfo(name)
             info.size = len(files[name])
             info.mtime = now
@@ -59,10 +66,14 @@ class ArchiveLinks:
         self.signer = signer
         self.ttl_s = ttl_s
 
-    def token(self, owner: str, adapter_id: str, revision: int, name: str) -> tuple[str, float]:
-        """(token, expiry time) for one revision."""
+    def token(self, owner: str, adapter_id: str, revision: int, name: str,
+              file: Optional[str] = None) -> tuple[str, float]:
+        """(token, expiry time) for one revision's archive, or for one of its files."""
         expires = time.time() + self.ttl_s
-        return self.signer.url_token({"o": owner, "a": adapter_id, "r": int(revision), "n": name}, self.ttl_s), expires
+        payload = {"o": owner, "a": adapter_id, "r": int(revision), "n": name}
+        if file is not None:
+            payload["f"] = file
+        return self.signer.url_token(payload, self.ttl_s), expires
 
     def open(self, token: str) -> dict[str, Any]:
         """The link's payload ({"o", "a", "r", "n"}); 404 for a bad or expired link."""

@@ -127,17 +127,17 @@ class FutureTable:
             return None
         raise not_found(f"unknown request_id {request_id!r} (never issued to this key, or expired)")
 
-    async def wait(self, owner: str, request_id: str, timeout_s: float) -> Optional[dict[str, Any]]:
-        """The result body when the entry finishes within `timeout_s`, else None (try again)."""
+    async def wait(self, owner: str, request_id: str, timeout_s: float) -> tuple[Optional[dict[str, Any]], str]:
+        """(the result body, or None when the entry did not finish within `timeout_s`; its kind)."""
         entry = self.lookup(owner, request_id)
         if entry is None:
-            return {"error": LOST_IN_RESTART, "category": "server"}
+            return {"error": LOST_IN_RESTART, "category": "server"}, "lost"
         if entry.result is None:
             try:
                 await asyncio.wait_for(entry.event.wait(), timeout=timeout_s)
             except asyncio.TimeoutError:
                 pass
-        return entry.result
+        return entry.result, entry.kind
 
     def _earlier_boot(self, request_id: str) -> bool:
         parts = request_id.split("-", 2)

@@ -5,6 +5,7 @@
     sampler         "<session>:sample:<sampling_session_seq_id>"
     checkpoint      tinker://<run>/weights/<name>                a training checkpoint
                     tinker://<run>/sampler_weights/<name>        a checkpoint saved for sampling
+                    tinker://<run>/external_weights/<name>       one exported for download (newer SDKs)
     registry        tinker://<adapter>/sampler_weights/<ref>     revision <ref> of a registry adapter
                     tinker://<adapter>/weights/<ref>             (number, head, serving, a tag or a
                                                                  hash prefix); `serving` follows
@@ -28,6 +29,7 @@ __all__ = [
     "check_checkpoint_name",
     "model_id",
     "new_session_id",
+    "parse_checkpoint_id",
     "parse_path",
     "run_session",
     "sampler_id",
@@ -36,7 +38,7 @@ __all__ = [
 
 SCHEME = "tinker://"
 # path folder -> checkpoint type (as the REST API names it)
-FOLDERS = {"weights": "training", "sampler_weights": "sampler"}
+FOLDERS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 FOLDER_OF_TYPE = {v: k for k, v in FOLDERS.items()}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 _RUN = re.compile(r"^([0-9a-f-]{36}):train:(\d{1,9})$")
@@ -103,7 +105,8 @@ def parse_path(path: object, what: str = "path") -> WeightsPath:
         raise bad_request(f"{what} {path!r}: expected tinker://<run>/<weights|sampler_weights>/<name>")
     source, folder, name = parts
     if folder not in FOLDERS:
-        raise bad_request(f"{what} {path!r}: the middle part must be 'weights' or 'sampler_weights'")
+        raise bad_request(f"{what} {path!r}: the middle part must be 'weights', 'sampler_weights' or "
+                          "'external_weights'")
     return WeightsPath(source, folder, name)
 
 

@@ -26,13 +26,12 @@ from .errors import ApiError, ServerError, UserError, bad_request, conflict, not
 from .futures import FutureEntry, FutureTable
 from .model_host import HostedModel
 from .ordering import SeqOrder
-from .paths import check_checkpoint_name, model_id as make_model_id, tinker_path
+from .paths import FOLDERS, check_checkpoint_name, model_id as make_model_id, tinker_path
 from .scheduler import TrainingScheduler, Work
 from .state import CheckpointRecord, RunRecord, StateStore
 from .train_batch import TrainData, parse_train_data, stack
 from .training import TrainingBackend
-from .wire import (AdamParams, CreateModelRequest, ForwardBackwardInput, LoadWeightsRequest, LoraConfig,
-                   SaveWeightsForSamplerRequest, SaveWeightsRequest)
+from .wire import AdamParams, CreateModelRequest, ForwardBackwardInput, LoadWeightsRequest, LoraConfig
 
 __all__ = ["LiveRun", "TrainingService"]
 
@@ -235,41 +234,45 @@ class TrainingService:
 
         return self._submit(run, owner, seq_id, "optim_step", key=tuple(values), payload=params, finish=finish)
 
-    def save(self, owner: str, req: SaveWeightsRequest | SaveWeightsForSamplerRequest, for_sampler: bool) -> dict:
+    def save(self, owner: str, req: Any, folder: str) -> dict:
+        """save_weights (folder "weights": with optimizer state), save_weights_for_sampler
+        ("sampler_weights"; without a path: an in-memory snapshot for a sampling session) and
+        save_weights_external ("external_weights": for download)."""
         run = self.live(owner, req.model_id)
         ttl = req.ttl_seconds
         if ttl is not None and ttl <= 0:
             raise bad_request("ttl_seconds must be > 0 (or omitted: never expires)")
-        ephemeral = for_sampler and not req.path
-        if ephemeral:
-            seq = getattr(req, "sampling_session_seq_id", None)
-            if seq is None:
-                raise bad_request("save_weights_for_sampler needs a path, or a sampling_session_seq_id")
+        if getattr(req, "age_encryption_recipients", None):
+            raise bad_request("age_encryption_recipients: encrypted exports are not supported")
+        ephemeral = folder == "sampler_weights" and not req.path
+        seq = getattr(req, "sampling_session_seq_id", None)
+        if ephemeral and seq is None:
+            raise bad_request("save_weights_for_sampler needs a path, or a sampling_session_seq_id")
         name = check_checkpoint_name(req.path) if req.path else f"{int(time.time() * 1000):015d}"
-        folder = "sampler_weights" if for_sampler else "weights"
         path = tinker_path(run.record.run_id, folder, name)
+        kind = FOLDERS[folder]
         overwrite = bool(getattr(req, "overwrite", True))
-        meta = dict(req.user_metadata or {})
+        meta = dict(getattr(req, "user_metadata", None) or {})
 
         def work() -> dict:
             if ephemeral:
                 weights = self.backend.export(run.adapter_id)
                 sid = self._snapshot(owner, run.record.session_id, seq, weights, path)
                 return {"path": None, "sampling_session_id": sid, "type": "save_weights_for_sampler"}
-            kind = "sampler" if for_sampler else "training"
             if not overwrite and self.store.checkpoint(run.record.run_id, kind, name) is not None:
                 raise UserError(f"checkpoint {path} exists (pass overwrite=True to replace it)")
-            rev = self.backend.save(run.adapter_id, message=path, with_optimizer=not for_sampler,
+            rev = self.backend.save(run.adapter_id, message=path, with_optimizer=kind == "training",
                                     provenance=self._provenance(run, path, meta))
             rec = CheckpointRecord(run.record.run_id, kind, name, owner, run.adapter_id, rev.number, rev.size,
                                    time.time(), expires_at=None if ttl is None else time.time() + ttl, step=run.steps)
             self.store.put_checkpoint(rec, overwrite=True)
-            if for_sampler:
+            if kind == "sampler":
                 return {"path": path, "sampling_session_id": None, "type": "save_weights_for_sampler"}
+            if kind == "external":
+                return {"path": path, "size_bytes": rev.size, "type": "save_weights_external"}
             return {"path": path, "type": "save_weights"}
 
-        kind = "save_weights_for_sampler" if for_sampler else "save_weights"
-        return self._submit(run, owner, req.seq_id, kind, payload=work)
+        return self._submit(run, owner, req.seq_id, f"save_{folder}", payload=work)
 
     def _provenance(self, run: LiveRun, path: str, meta: dict) -> dict[str, Any]:
         rec = self.store.run(run.record.run_id) or run.record
@@ -286,9 +289,16 @@ class TrainingService:
         }
 
     def load(self, owner: str, req: LoadWeightsRequest) -> dict:
-        if req.model_id is None:
-            raise bad_request("load_weights without model_id (tinker 0.38's create-from-state form) is not "
-                              "supported; create the training client first, then load")
+        if req.model_id is None:  # newer SDKs create a training client from a checkpoint in one request
+            if req.session_id is None or req.model_seq_id is None:
+                raise bad_request("load_weights needs a model_id, or a session_id and model_seq_id")
+            info = self.weights_info(owner, req.path)
+            lora = LoraConfig(rank=info["lora_rank"], train_unembed=info["train_unembed"],
+                              train_mlp=info["train_mlp"], train_attn=info["train_attn"])
+            self.create_model(owner, CreateModelRequest(
+                session_id=req.session_id, model_seq_id=req.model_seq_id, base_model=req.base_model or self.host.name,
+                user_metadata=req.user_metadata, lora_config=lora))
+            req = req.model_copy(update={"model_id": make_model_id(req.session_id, req.model_seq_id)})
         run = self.live(owner, req.model_id)
         weights = self.catalog.resolve(owner, req.path, "path")
 
@@ -296,7 +306,7 @@ class TrainingService:
             rev = self.catalog.revision(weights)
             self.backend.load(run.adapter_id, rev, with_optimizer=req.optimizer, exists=True)
             run.steps = self.backend.steps(run.adapter_id)
-            return {"path": req.path, "type": "load_weights"}
+            return {"path": req.path, "model_id": req.model_id, "type": "load_weights"}
 
         return self._submit(run, owner, req.seq_id, "load_weights", payload=work)
 

@@ -33,6 +33,7 @@ __all__ = [
     "RetrieveFutureRequest",
     "SampleRequest",
     "SamplingParams",
+    "SaveWeightsExternalRequest",
     "SaveWeightsForSamplerRequest",
     "SaveWeightsRequest",
     "SessionHeartbeatRequest",
@@ -232,6 +233,14 @@ class SaveWeightsForSamplerRequest(Wire):
     seq_id: Optional[StrictInt] = None
     ttl_seconds: Optional[StrictInt] = None
     user_metadata: Optional[dict[str, Any]] = None
+
+
+class SaveWeightsExternalRequest(Wire):
+    model_id: str
+    path: str
+    seq_id: Optional[StrictInt] = None
+    ttl_seconds: Optional[StrictInt] = None
+    age_encryption_recipients: Optional[list[str]] = None
 
 
 class LoadWeightsRequest(Wire):

@@ -6,6 +6,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..proto import encode_forward_output, encode_sample_response
 from ..wire import ClientConfigRequest, CreateSessionRequest, RetrieveFutureRequest, SessionHeartbeatRequest, Wire
 from .common import body, caller, offload, service
 
@@ -104,8 +105,17 @@ async def retrieve_future(request: Request) -> Any:
     who = caller(request)
     req = await body(request, RetrieveFutureRequest, "retrieve_future")
     svc = service(request)
-    result = await svc.futures.wait(who.owner, req.request_id, svc.config.long_poll_s)
+    result, kind = await svc.futures.wait(who.owner, req.request_id, svc.config.long_poll_s)
     if result is None:
         return JSONResponse({"type": "try_again", "request_id": req.request_id, "queue_state": "active",
                              "queue_state_reason": None})
+    accept = request.headers.get("accept", "")
+    encode = _PROTO_RESULTS.get(kind)
+    if encode is not None and "error" not in result and "application/x-protobuf" in accept \
+            and "application/json" not in accept:  # tinker >= 0.3x reads these results only as protobuf
+        return Response(await offload(encode, result), media_type="application/x-protobuf")
     return JSONResponse(result)
+
+
+_PROTO_RESULTS = {"forward_backward": encode_forward_output, "forward": encode_forward_output,
+                  "sample": encode_sample_response}

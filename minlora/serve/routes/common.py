@@ -37,7 +37,7 @@ async def body(request: Request, model: type[Wire], what: str) -> Any:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             ctype = request.headers.get("content-type", "")
-            hint = " (protobuf bodies, as tinker >= 0.3x sends, are not supported)" if "protobuf" in ctype else ""
+            hint = " (protobuf bodies are taken by forward_backward only)" if "protobuf" in ctype else ""
             raise bad_request(f"{what}: the body is not valid JSON{hint}: {exc}") from None
     return await offload(parse, data, model, what)
 

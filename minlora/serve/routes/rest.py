@@ -12,11 +12,11 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from ..archive import build_archive
+from ..archive import FILES, build_archive, peft_files
 from ..catalog import Weights, adapter_owner
 from ..errors import bad_request, not_found
 from ..paths import parse_checkpoint_id
-from ..results import checkpoint_json, revision_checkpoint_json, training_run_json
+from ..results import checkpoint_json, iso, revision_checkpoint_json, training_run_json
 from ..state import CheckpointRecord
 from ..wire import TtlRequest
 from .common import body, caller, offload, service
@@ -79,8 +79,7 @@ async def list_checkpoints(request: Request, run_id: str) -> dict:
                     "cursor": None}
         run = _owned_run(svc, who.owner, run_id)
         cks, _ = svc.store.checkpoints(run_id=run.run_id)
-        return {"checkpoints": [checkpoint_json(c) for c in cks if svc.catalog.checkpoint_visible(c, who.owner)],
-                "cursor": None}
+        return {"checkpoints": [checkpoint_json(c) for c in cks if _listed(svc, c, who.owner)], "cursor": None}
 
     return await offload(work)
 
@@ -93,10 +92,16 @@ async def list_user_checkpoints(request: Request, limit: int = 100, offset: int 
 
     def work() -> dict:
         cks, total = svc.store.checkpoints(owner=who.owner, limit=limit, offset=offset)
-        return {"checkpoints": [checkpoint_json(c) for c in cks if svc.catalog.checkpoint_visible(c, who.owner)],
+        return {"checkpoints": [checkpoint_json(c) for c in cks if _listed(svc, c, who.owner)],
                 "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
     return await offload(work)
+
+
+def _listed(svc: Any, ck: CheckpointRecord, owner: str) -> bool:
+    """Listings show training and sampler checkpoints (tinker 0.22's Checkpoint knows no other
+    type); external exports are reached by their paths."""
+    return ck.checkpoint_type != "external" and svc.catalog.checkpoint_visible(ck, owner)
 
 
 def _resolve(svc: Any, owner: str, run_id: str, checkpoint_id: str) -> Weights:
@@ -128,10 +133,36 @@ async def checkpoint_archive(request: Request, run_id: str, checkpoint_id: str) 
                                               "Expires": email.utils.formatdate(expires, usegmt=True)})
 
 
+@router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/external_weights_urls")
+async def external_weights_urls(request: Request, run_id: str, checkpoint_id: str) -> dict:
+    who = caller(request)
+    svc = service(request)
+
+    def work() -> dict:
+        weights = _resolve(svc, who.owner, run_id, checkpoint_id)
+        if weights.checkpoint is None or weights.checkpoint.checkpoint_type != "external":
+            raise bad_request("external_weights_urls is for external_weights checkpoints (save_weights_external)")
+        base = (svc.config.public_url or str(request.base_url)).rstrip("/")
+        urls, expires = {}, 0.0
+        for file in FILES:
+            token, expires = svc.archives.token(who.owner, weights.adapter_id, weights.revision,
+                                                weights.checkpoint.name, file)
+            urls[file] = f"{base}/api/v1/archives/{token}"
+        return {"urls": urls, "expires": iso(expires)}
+
+    return await offload(work)
+
+
 @router.get("/archives/{token}")
 async def archive_download(request: Request, token: str) -> Response:
     svc = service(request)  # the signed token is the authorization (the SDK's download sends no key)
     link = svc.archives.open(token)
+    file = link.get("f")
+    if file is not None:
+        files = await offload(peft_files, svc.registry, link["a"], link["r"], svc.host.name)
+        if file not in files:
+            raise not_found("this download link is not valid")
+        return Response(files[file], media_type="application/octet-stream")
     data = await offload(build_archive, svc.registry, link["a"], link["r"], svc.host.name)
     name = f"{link.get('n') or 'checkpoint'}.tar".replace('"', "")
     return Response(data, media_type="application/x-tar",

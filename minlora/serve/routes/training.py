@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from ..errors import bad_request
+from ..errors import ApiError, bad_request
+from ..proto import decode_forward_backward_request
 from ..wire import (CreateModelRequest, ForwardBackwardRequest, ForwardRequest, LoadWeightsRequest, ModelIdRequest,
-                    OptimStepRequest, SaveWeightsForSamplerRequest, SaveWeightsRequest, WeightsInfoRequest)
+                    OptimStepRequest, SaveWeightsExternalRequest, SaveWeightsForSamplerRequest, SaveWeightsRequest,
+                    WeightsInfoRequest, parse)
 from .common import body, caller, offload, service, submit
 
 router = APIRouter(prefix="/api/v1")
@@ -35,10 +37,18 @@ async def unload_model(request: Request) -> dict:
 @router.post("/forward_backward")
 async def forward_backward(request: Request) -> dict:
     who = caller(request)
-    req = await body(request, ForwardBackwardRequest, "forward_backward")
+    backward = True
+    if "application/x-protobuf" in request.headers.get("content-type", ""):
+        # tinker >= 0.3x: always protobuf; forward() is this request with forward_only set
+        if request.headers.get("content-encoding", "identity") != "identity":
+            raise ApiError(415, "compressed request bodies are not supported (proto_compress_fwdbwd is off)")
+        data, forward_only = await offload(decode_forward_backward_request, await request.body())
+        req, backward = await offload(parse, data, ForwardBackwardRequest, "forward_backward"), not forward_only
+    else:
+        req = await body(request, ForwardBackwardRequest, "forward_backward")
     training = service(request).training
     return await submit(request, who, lambda: training.forward(who.owner, req.model_id, req.seq_id,
-                                                               req.forward_backward_input, backward=True))
+                                                               req.forward_backward_input, backward=backward))
 
 
 @router.post("/forward")
@@ -63,14 +73,21 @@ async def optim_step(request: Request) -> dict:
 async def save_weights(request: Request) -> dict:
     who = caller(request)
     req = await body(request, SaveWeightsRequest, "save_weights")
-    return await submit(request, who, lambda: service(request).training.save(who.owner, req, for_sampler=False))
+    return await submit(request, who, lambda: service(request).training.save(who.owner, req, "weights"))
 
 
 @router.post("/save_weights_for_sampler")
 async def save_weights_for_sampler(request: Request) -> dict:
     who = caller(request)
     req = await body(request, SaveWeightsForSamplerRequest, "save_weights_for_sampler")
-    return await submit(request, who, lambda: service(request).training.save(who.owner, req, for_sampler=True))
+    return await submit(request, who, lambda: service(request).training.save(who.owner, req, "sampler_weights"))
+
+
+@router.post("/save_weights_external")
+async def save_weights_external(request: Request) -> dict:
+    who = caller(request)
+    req = await body(request, SaveWeightsExternalRequest, "save_weights_external")
+    return await submit(request, who, lambda: service(request).training.save(who.owner, req, "external_weights"))
 
 
 @router.post("/load_weights")
