@@ -20,6 +20,7 @@ decode engine's work / all Trainer calls): what the wall time was spent on.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import tempfile
 import threading
@@ -205,6 +206,8 @@ def bench_serve(cfg: Optional[ServeBenchConfig] = None, *, show_progress: bool =
     from ..serve import ServeConfig, Server, Service
 
     cfg = cfg or ServeBenchConfig()
+    # the SDK warns on every long-poll that comes back empty (requests queued behind others do)
+    logging.getLogger("tinker.lib.api_future_impl").setLevel(logging.ERROR)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     log = (lambda msg: print(msg, flush=True)) if show_progress else (lambda msg: None)
@@ -212,7 +215,7 @@ def bench_serve(cfg: Optional[ServeBenchConfig] = None, *, show_progress: bool =
         service = Service(ServeConfig(
             model_dir=_model_dir(cfg, work), root=os.path.join(work, "home"), api_keys={KEY: "bench"},
             device=cfg.device, dtype=cfg.dtype, max_batch_rows=max(64, cfg.clients), pool_bytes=512 << 20,
-            long_poll_s=5.0, session_timeout_s=600.0,
+            long_poll_s=30.0, session_timeout_s=600.0,
         ))
         with Server(service, "127.0.0.1", 0) as server:
             paths = _commit_adapters(service, cfg)

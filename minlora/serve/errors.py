@@ -23,7 +23,6 @@ __all__ = [
     "ServerError",
     "UserError",
     "bad_request",
-    "conflict",
     "failure_body",
     "forbidden",
     "install_handlers",
@@ -58,10 +57,6 @@ def forbidden(message: str) -> ApiError:
 
 def not_found(message: str) -> ApiError:
     return ApiError(404, message)
-
-
-def conflict(message: str) -> ApiError:
-    return ApiError(409, message)
 
 
 class FutureFailure(Exception):

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 from ..registry import normalize_adapter_id
 from ..registry.errors import InvalidIdError
 from .catalog import Catalog, owned_adapter_id
-from .errors import ApiError, ServerError, UserError, bad_request, conflict, not_found
+from .errors import ApiError, ServerError, UserError, bad_request, not_found
 from .futures import FutureEntry, FutureTable
 from .model_host import HostedModel
 from .ordering import SeqOrder
@@ -36,6 +36,7 @@ from .wire import AdamParams, CreateModelRequest, ForwardBackwardInput, LoadWeig
 __all__ = ["LiveRun", "TrainingService"]
 
 DEFAULT_RANK = 32
+MAX_REMEMBERED_SEQ = 256
 
 
 @dataclass(eq=False)
@@ -142,6 +143,9 @@ class TrainingService:
         if seq_id is not None:
             with self._lock:
                 run.answers[seq_id] = answer
+                if len(run.answers) > MAX_REMEMBERED_SEQ:  # retries come soon after: keep the newest
+                    for old in sorted(run.answers)[: len(run.answers) - MAX_REMEMBERED_SEQ]:
+                        del run.answers[old]
         try:
             run.order.submit(seq_id, work)
         except RuntimeError as exc:
@@ -164,22 +168,27 @@ class TrainingService:
             adapter_id = normalize_adapter_id(owned_adapter_id(owner, str(name)))
         except InvalidIdError as exc:
             raise bad_request(f"user_metadata.adapter: {exc}") from None
-        with self._lock:
-            existing = self._runs.get(run_id)
-        if existing is not None or self.store.run(run_id) is not None:
-            if existing is not None and existing.record.owner == owner:
-                return self._submit(existing, owner, None, "create_model", payload=lambda: None,
-                                    finish=lambda _: {"model_id": run_id, "type": "create_model"})
-            raise conflict(f"model_seq_id {req.model_seq_id} of this session is taken; use the next one")
-        other = self.store.live_run_of_adapter(adapter_id)
-        if other is not None or any(r.adapter_id == adapter_id for r in self._live_runs()):
-            raise conflict(f"adapter {adapter_id!r} is being trained by another live training client")
+        # (a 400, not a 409: the SDK retries 409s for minutes, and these do not go away)
+        taken = self.store.run(run_id) is not None
+        busy = self.store.live_run_of_adapter(adapter_id) is not None
         now = time.time()
         rec = RunRecord(run_id, owner, req.session_id, adapter_id, self.host.name, lora.model_dump(), meta,
                         now, now, boot_id=self.boot_id)
         run = LiveRun(rec, SeqOrder(self.scheduler.ready, gap_timeout_s=self.gap_timeout_s))
-        with self._lock:
-            self._runs[run_id] = run
+        with self._lock:  # checked and claimed at once, so two concurrent creates cannot both win
+            existing = self._runs.get(run_id)
+            if existing is not None and existing.record.owner == owner:
+                retry = existing
+            elif existing is not None or taken:
+                raise bad_request(f"model_seq_id {req.model_seq_id} of this session is taken; use the next one")
+            elif busy or any(r.adapter_id == adapter_id for r in self._runs.values()):
+                raise bad_request(f"adapter {adapter_id!r} is being trained by another live training client")
+            else:
+                retry = None
+                self._runs[run_id] = run
+        if retry is not None:  # the same create again (a retried submit): answer it again
+            return self._submit(retry, owner, None, "create_model", payload=lambda: None,
+                                finish=lambda _: {"model_id": run_id, "type": "create_model"})
 
         def create() -> None:
             try:
