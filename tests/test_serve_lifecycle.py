@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -15,6 +16,7 @@ httpx = pytest.importorskip("httpx")
 from tinker import types  # noqa: E402
 
 from minlora.registry import Registry  # noqa: E402
+from minlora.serve.state import CheckpointRecord, RunRecord, StateStore  # noqa: E402
 from serve_fixtures import (ALICE, REPO, ServerProcess, in_process_server, model_dir, peft_dir,  # noqa: E402
                             wait_until, write_keys)
 
@@ -29,6 +31,15 @@ def test_restart_keeps_sessions_and_samplers_and_fails_lost_futures(tmp_path):
     model = model_dir(root)
     with Registry(root=home) as reg:
         reg.import_peft(peft_dir(root, "a", rank=4, seed=9), "alice:a")
+    # a checkpoint row as a training client leaves it (the trainer itself is tested elsewhere)
+    store = StateStore("sqlite:///" + os.path.join(home, "serve.db"))
+    run_id = "00000000-0000-4000-8000-000000000002:train:0"
+    store.add_run(RunRecord(run_id, "alice", run_id.split(":")[0], "alice:a", "tiny-llama", {"rank": 4}, {},
+                            time.time(), time.time(), state="ended"))
+    store.put_checkpoint(CheckpointRecord(run_id, "sampler", "final", "alice", "alice:a", 1, 1, time.time()),
+                         overwrite=False)
+    store.close()
+    checkpoint = f"tinker://{run_id}/sampler_weights/final"
     server = ServerProcess(model, home, write_keys(os.path.join(root, "keys"))).start()
     try:
         sc = tinker.ServiceClient(base_url=server.url, api_key=ALICE)
@@ -53,6 +64,11 @@ def test_restart_keeps_sessions_and_samplers_and_fails_lost_futures(tmp_path):
         assert c.post("/retrieve_future", json={"request_id": "req-000000000000-nope"}).status_code == 404
         # The client made before the crash goes on: its session and sampling session were kept.
         assert sampler.sample(prompt, 1, greedy).result().sequences[0].tokens == before
+        # The checkpoint is still listed and still samples the same weights.
+        rest = sc.create_rest_client()
+        assert [c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints] == [checkpoint]
+        again = sc.create_sampling_client(model_path=checkpoint).sample(prompt, 1, greedy).result()
+        assert again.sequences[0].tokens == before
         assert session in c.get("/sessions").json()["sessions"]
         assert c.get(f"/samplers/{sid}").json()["base_model"] == "tiny-llama"
         # The registry revision behind it is intact, and the CLI reads it.
@@ -101,8 +117,6 @@ def test_a_client_that_vanishes_is_expired_and_its_adapters_freed(tmp_path):
 
 
 def test_heartbeats_keep_a_session_alive(tmp_path):
-    import time
-
     root = str(tmp_path)
     with in_process_server(model_dir(root), os.path.join(root, "home"), session_timeout_s=1.5) as server:
         c = raw(server.url)

@@ -95,6 +95,46 @@ def test_another_key_sees_nothing_of_alices(env):
         sc.create_rest_client().get_training_run(f"{sid}:train:0").result()
 
 
+def test_another_key_cannot_see_a_training_run_or_its_checkpoints(env):
+    import time
+
+    from minlora.serve.state import CheckpointRecord, RunRecord
+
+    svc = env.service  # a run as a training client leaves it: its row and a sampler checkpoint's
+    run_id = "00000000-0000-4000-8000-000000000001:train:0"
+    svc.store.add_run(RunRecord(run_id, "alice", run_id.split(":")[0], "alice:a", "tiny-llama", {"rank": 2},
+                                {"note": "x"}, time.time(), time.time(), state="ended"))
+    svc.store.put_checkpoint(CheckpointRecord(run_id, "sampler", "final", "alice", "alice:a", 1, 100, time.time()),
+                             overwrite=False)
+    path = f"tinker://{run_id}/sampler_weights/final"
+    rest = tinker.ServiceClient(base_url=env.url, api_key=ALICE).create_rest_client()
+    runs = rest.list_training_runs().result().training_runs
+    assert [r.training_run_id for r in runs] == [run_id] and runs[0].last_sampler_checkpoint.tinker_path == path
+    assert [c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints] == [path]
+    assert rest.get_checkpoint_archive_url_from_tinker_path(path).result().url
+    bob = tinker.ServiceClient(base_url=env.url, api_key=BOB)
+    bob_rest = bob.create_rest_client()
+    assert bob_rest.list_training_runs().result().training_runs == []
+    assert bob_rest.list_user_checkpoints().result().checkpoints == []
+    for call in (lambda: bob_rest.get_training_run(run_id), lambda: bob_rest.list_checkpoints(run_id),
+                 lambda: bob_rest.get_checkpoint_archive_url_from_tinker_path(path),
+                 lambda: bob_rest.get_weights_info_by_tinker_path(path),
+                 lambda: bob_rest.delete_checkpoint_from_tinker_path(path),
+                 lambda: bob_rest.publish_checkpoint_from_tinker_path(path)):
+        with pytest.raises(tinker.NotFoundError):
+            call().result()
+    with pytest.raises(tinker.NotFoundError):
+        bob.create_sampling_client(model_path=path)
+    # published, bob may sample it (and still not change it)
+    rest.publish_checkpoint_from_tinker_path(path).result()
+    bob.create_sampling_client(model_path=path)
+    with pytest.raises(tinker.NotFoundError):
+        bob_rest.delete_checkpoint_from_tinker_path(path).result()
+    rest.unpublish_checkpoint_from_tinker_path(path).result()
+    with pytest.raises(tinker.NotFoundError):
+        bob.create_sampling_client(model_path=path)
+
+
 def test_malformed_requests_get_400_never_500(env):
     c = http(env)
     garbage = [b"", b"null", b"[]", b"{}", b'{"x":', b"\xff\xfe", b'"text"', b"123",
