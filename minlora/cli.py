@@ -1,4 +1,5 @@
-"""The `minlora` command line: `minlora bench ...`, `minlora adapters ...`, `minlora demo`.
+"""The `minlora` command line: `minlora bench ...`, `minlora adapters ...`, `minlora serve`,
+`minlora demo`.
 
 Each command lives in its own module (see minlora.command for the convention); this file
 only names them.
@@ -12,9 +13,10 @@ from . import command
 from .command import Command
 
 COMMANDS: dict[str, Command] = {
-    "bench": Command("minlora.bench.cli", "benchmarks against the baselines: ops, model, pool, registry"),
+    "bench": Command("minlora.bench.cli", "benchmarks against the baselines: ops, model, pool, registry, train, serve, vllm"),
     "adapters": Command("minlora.registry.cli", "adapter registry: import, commit, log, promote, ..."),
     "demo": Command("minlora.demo", "serve a mixed batch of PEFT adapters on a small random Llama"),
+    "serve": Command("minlora.serve.cli", "the Tinker/MinT-compatible training and sampling service"),
 }
 
 

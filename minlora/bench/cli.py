@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, Command] = {
     "pool": Command("minlora.bench.pool", "the AdapterPool at scale: registration, Zipf trace, hit rate"),
     "registry": Command("minlora.bench.registry", "the adapter registry at scale: registration, latencies"),
     "train": Command("minlora.bench.train", "many adapters trained together vs PEFT one by one and one adapter on all rows"),
+    "serve": Command("minlora.bench.serve", "concurrent tinker clients of minlora serve: mixed batches vs one adapter at a time"),
     "vllm": Command("minlora.bench.vllm", "minlora as vLLM's LoRA backend vs vLLM's own: the layer and end to end"),
 }
 

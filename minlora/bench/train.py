@@ -30,7 +30,7 @@ import torch
 from ..command import device_name, positive_int, require_device
 from .common import add_output_arguments, format_table, report
 
-__all__ = ["TrainBenchConfig", "add_arguments", "bench_train", "run", "run_from_args"]
+__all__ = ["TrainBenchConfig", "add_arguments", "bench_train", "run"]
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONTENDERS = ("minlora", "peft_sequential", "peft_single")
