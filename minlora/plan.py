@@ -93,6 +93,8 @@ def build_plan(token_slot: torch.Tensor, num_slots: int, max_segment: Optional[i
     if max_segment is not None and max_segment < 0:
         raise ValueError(f"max_segment must be >= 0, got {max_segment}")
     order, seg_offsets = torch.ops.minlora.build_plan(token_slot, num_slots)
-    if max_segment is None and seg_offsets.device.type == "cpu" and num_slots > 0:
+    # Read on the host only where that is free: CPU tensors, outside tracing (under
+    # torch.compile the value would be data-dependent and turn into a graph break).
+    if max_segment is None and seg_offsets.device.type == "cpu" and num_slots > 0 and not torch.compiler.is_compiling():
         max_segment = int((seg_offsets[1:] - seg_offsets[:-1]).max())
     return BatchPlan(order, seg_offsets, plan_positions(order), max_segment)
