@@ -909,12 +909,58 @@ void selftest_launch_shapes(Rng& rng) {
   for (int64_t kk = 0; kk < g::expand_k(3); ++kk) CHECK(g::expand_index(pages, 3, kk) == (kk < 3 ? pages[kk] : 11), "expand padding");
 }
 
+// The dispatch rule over random call shapes: the grouped GEMM only where it can run and some
+// segment may reach its threshold; plans and positions exactly when the kernels need them.
+void selftest_dispatch(Rng& rng) {
+  k::OpShape s{};
+  s.num_tokens = rng.uniform(1, 9000);
+  s.num_slots = rng.uniform(1, 1100);
+  s.max_rank = rng.chance(0.1) ? rng.uniform(1025, 4096) : rng.uniform(1, 128);
+  s.in_features = rng.uniform(1, 2000) * 8;
+  s.out_features = rng.uniform(1, 2000) * 8;
+  s.max_segment = rng.chance(0.5) ? -1 : rng.uniform(0, s.num_tokens);
+  s.sm_count = static_cast<int>(rng.uniform(1, 200));
+  s.vec = rng.chance(0.5) ? 8 : 1;
+  s.half_precision = rng.chance(0.7);
+  s.has_plan = rng.chance(0.6);
+  s.has_positions = s.has_plan && rng.chance(0.7);
+  s.grouped_compiled = rng.chance(0.9);
+  s.grouped_aligned = rng.chance(0.9);
+  const k::KernelMode mode = static_cast<k::KernelMode>(rng.uniform(0, 3));
+  const bool write_only = rng.chance(0.5);
+  const k::Choice c = k::choose_forward(s, mode, write_only);
+  const bool grouped = c.mode.grouped_min > 0;
+  CHECK(!grouped || (s.half_precision && s.grouped_compiled && s.grouped_aligned && s.max_rank <= k::kGatherMaxRank),
+        "the grouped GEMM chosen where it cannot run");
+  CHECK(!grouped || (mode != k::KernelMode::kGather && mode != k::KernelMode::kFallback), "grouped against the mode");
+  CHECK(!(mode == k::KernelMode::kAuto && s.max_segment >= 0 && s.max_segment < k::kGroupedMinSegment) || !grouped,
+        "a grouped launch although every segment is shorter than its threshold");
+  CHECK(!(mode == k::KernelMode::kAuto && s.max_segment >= k::kGroupedMinSegment && s.half_precision &&
+          s.grouped_compiled && s.grouped_aligned && s.max_rank <= k::kGatherMaxRank) || grouped,
+        "no grouped launch although a segment reaches its threshold");
+  CHECK(!grouped || c.mode.planned, "the grouped GEMM without a plan");
+  CHECK(c.mode.tokens == (c.mode.planned ? k::kGatherTokens : 1), "tokens per gather group");
+  CHECK(c.build_plan == (c.mode.planned && !s.has_plan), "a plan built when not needed, or missing");
+  CHECK(c.need_positions == (c.mode.planned && (c.build_plan || !s.has_positions)), "positions computed wrongly");
+  CHECK(!write_only || c.launch_gather, "a write-only call without the kernels that zero unowned rows");
+  CHECK(mode != k::KernelMode::kFallback || (!c.mode.planned && c.launch.fused), "the fallback mode is not the simplest");
+  CHECK(!(s.max_rank > k::kGatherMaxRank) || !c.mode.planned, "a wide page table in planned groups");
+  const k::BackwardChoice b = k::choose_backward(s, mode, rng.chance(0.5));
+  CHECK(b.fwd.build_plan == !s.has_plan && b.fwd.need_positions == (!s.has_plan || !s.has_positions),
+        "the backward without its plan");
+  CHECK(b.grad_token_splits >= 1 && b.grad_token_splits <= 64 && b.grouped_grad_splits >= 1 &&
+            b.grouped_grad_splits <= 64,
+        "gradient splits out of range");
+  CHECK(b.fwd.launch.k_chunk >= 1 && b.h_launch.k_chunk >= 1, "empty shrink chunks");
+}
+
 int selftest(uint64_t seed, int64_t rounds) {
   Rng rng(seed);
   for (int64_t n = 0; n < rounds; ++n) {
     selftest_coverage(rng);
     selftest_valid_plans_cover_everything(rng);
     selftest_launch_shapes(rng);
+    selftest_dispatch(rng);
   }
   std::printf("selftest ok: %lld rounds\n", static_cast<long long>(rounds));
   return 0;
