@@ -3,7 +3,8 @@
 The schemas (csrc/ops.cpp), the shared argument checks, the CPU backend (csrc/cpu) and the
 page allocator (csrc/pool) are always built.  The CUDA backend (csrc/cuda: its host side and
 csrc/cuda/kernels) is built when torch has CUDA and a CUDA toolkit is found, for the
-architectures in MINLORA_CUDA_ARCHS (default "80;90a"); MINLORA_FORCE_CPU=1 skips it.  Each
+architectures in MINLORA_CUDA_ARCHS (default "80;90a", plus PTX for the highest); MINLORA_FORCE_CPU=1
+skips it.  Each
 backend registers its own kernels, so a CPU-only build simply leaves the CUDA sources out.  CUTLASS headers come from the nvidia-cutlass wheel
 (CUTLASS_DIR overrides); see third_party/README.md.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -47,8 +49,20 @@ def want_cuda() -> bool:
 
 
 def cuda_arch_flags() -> list[str]:
+    """A cubin per architecture of MINLORA_CUDA_ARCHS, plus PTX for the highest one (without an
+    "a" suffix: arch-specific PTX cannot be compiled for newer GPUs), so GPUs newer than every
+    cubin compile the PTX when the module loads.  MINLORA_CUDA_PTX=0 leaves the PTX out."""
     archs = [a.strip() for a in os.environ.get("MINLORA_CUDA_ARCHS", "80;90a").split(";") if a.strip()]
-    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    numbers = []
+    for a in archs:
+        m = re.fullmatch(r"(\d+)([af]?)", a)
+        if m is None:
+            raise SystemExit(f"minlora: MINLORA_CUDA_ARCHS entry {a!r} is not like 80, 90 or 90a")
+        numbers.append(int(m.group(1)))
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    if numbers and os.environ.get("MINLORA_CUDA_PTX", "1") != "0":
+        flags.append(f"-gencode=arch=compute_{max(numbers)},code=compute_{max(numbers)}")
+    return flags
 
 
 # C++20: torch >= 2.13's headers need it.  -fopenmp: at::parallel_for is inline and runs

@@ -62,14 +62,28 @@ LoraArgs check_lora_args(const at::Tensor& x, const at::Tensor& a_pool, const at
 }
 
 std::optional<Plan> check_plan(const LoraArgs& args, const std::optional<at::Tensor>& order,
-                               const std::optional<at::Tensor>& seg_offsets) {
+                               const std::optional<at::Tensor>& seg_offsets,
+                               const std::optional<at::Tensor>& positions) {
   TORCH_CHECK_VALUE(order.has_value() == seg_offsets.has_value(),
                     "order and seg_offsets must be given together (a BatchPlan) or not at all");
+  TORCH_CHECK_VALUE(order.has_value() || !positions.has_value(),
+                    "positions belong to a plan: give order and seg_offsets with them");
   if (!order) return std::nullopt;
   const auto dev = args.x.device();
   check_int32_vector(*order, "order", args.num_tokens(), dev);
   check_int32_vector(*seg_offsets, "seg_offsets", args.num_slots() + 1, dev);
-  return Plan{order->contiguous(), seg_offsets->contiguous()};
+  Plan plan{order->contiguous(), seg_offsets->contiguous(), at::Tensor()};
+  if (positions) {
+    check_int32_vector(*positions, "positions", args.num_tokens(), dev);
+    plan.positions = positions->contiguous();
+  }
+  return plan;
+}
+
+int64_t check_max_segment(const std::optional<int64_t>& max_segment) {
+  if (!max_segment) return -1;
+  TORCH_CHECK_VALUE(*max_segment >= 0, "max_segment must be >= 0, got ", *max_segment);
+  return *max_segment;
 }
 
 namespace {
@@ -123,6 +137,14 @@ void check_plan_values(const HostIndices& ix) {
   }
 }
 
+// positions, when given, is the inverse of the (already checked) permutation order.
+void check_positions(const std::vector<int32_t>& order, const std::vector<int32_t>& positions) {
+  for (size_t q = 0; q < order.size(); ++q)
+    TORCH_CHECK_VALUE(positions[order[q]] == static_cast<int32_t>(q), "positions[", order[q], "] = ",
+                      positions[order[q]], " but order[", q, "] = ", order[q],
+                      ": a plan's positions must be the inverse of its order (minlora.plan_positions)");
+}
+
 }  // namespace
 
 HostIndices read_indices(const LoraArgs& args, const Plan* plan) {
@@ -167,6 +189,8 @@ HostIndices read_indices(const LoraArgs& args, const Plan* plan) {
     ix.order = copy_ints(on_host(plan->order).data_ptr<int32_t>(), T);
     ix.seg_offsets = copy_ints(on_host(plan->seg_offsets).data_ptr<int32_t>(), S + 1);
     check_plan_values(ix);
+    if (plan->positions.defined())
+      check_positions(ix.order, copy_ints(on_host(plan->positions).data_ptr<int32_t>(), T));
   }
   return ix;
 }
@@ -188,6 +212,17 @@ void build_host_plan(const std::vector<int32_t>& token_slot, int64_t num_slots, 
   for (int64_t t = 0; t < T; ++t) order[cursor[key(token_slot[t])]++] = static_cast<int32_t>(t);
 }
 
+void host_plan_positions(const int32_t* order, int64_t num_tokens, int32_t* positions) {
+  std::fill(positions, positions + num_tokens, -1);
+  for (int64_t q = 0; q < num_tokens; ++q) {
+    const int32_t t = order[q];
+    TORCH_CHECK_VALUE(t >= 0 && t < num_tokens, "order[", q, "] = ", t, " is outside 0..T-1 = 0..", num_tokens - 1);
+    TORCH_CHECK_VALUE(positions[t] < 0, "order[", q, "] = ", t, " repeats a token: a plan's order must be a "
+                      "permutation of 0..T-1");
+    positions[t] = static_cast<int32_t>(q);
+  }
+}
+
 void check_output(const LoraArgs& args, const at::Tensor& y) {
   TORCH_CHECK(y.scalar_type() == args.x.scalar_type(), "y must have the dtype of x (", args.x.scalar_type(),
               "), got ", y.scalar_type());
@@ -207,6 +242,21 @@ void check_grad_output(const LoraArgs& args, const at::Tensor& grad_y) {
                         grad_y.size(1) == args.out_features(),
                     "grad_y must have shape [T, out] = [", args.num_tokens(), ", ", args.out_features(), "], got ",
                     grad_y.sizes());
+}
+
+void check_accumulator(const LoraArgs& args, const at::Tensor& acc, const char* name, const at::Tensor& pool) {
+  TORCH_CHECK(acc.scalar_type() == at::kFloat, name, " must be float32 (gradients accumulate in float32), got ",
+              acc.scalar_type());
+  TORCH_CHECK(acc.device() == args.x.device(), name, " must be on ", args.x.device(), " like x, got ", acc.device());
+  TORCH_CHECK_VALUE(acc.sizes() == pool.sizes(), name, " must have the shape of its pool ", pool.sizes(),
+                    " (the same page numbering), got ", acc.sizes());
+  TORCH_CHECK_VALUE(acc.is_contiguous(), name, " must be contiguous (its pages are updated in place)");
+}
+
+at::Tensor check_order(const at::Tensor& order) {
+  TORCH_CHECK(order.scalar_type() == at::kInt, "order must be int32, got ", order.scalar_type());
+  TORCH_CHECK_VALUE(order.dim() == 1, "order must be 1-D, got shape ", order.sizes());
+  return order.contiguous();
 }
 
 at::Tensor check_token_slot(const at::Tensor& token_slot, int64_t num_slots) {

@@ -18,6 +18,9 @@ namespace minlora {
 //   ranks [S] int32, scales [S] float32, token_slot [T] int32.
 struct LoraArgs {
   at::Tensor x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot;
+  // The plan's longest segment when the caller knows it (a host value: the step knows its tokens
+  // per request), else -1.  A hint for which kernels to launch; results never depend on it.
+  int64_t max_segment = -1;
   int64_t num_tokens() const { return x.size(0); }
   int64_t in_features() const { return x.size(1); }
   int64_t out_features() const { return b_pool.size(1); }
@@ -26,9 +29,11 @@ struct LoraArgs {
 };
 
 // A BatchPlan: tokens of slot s are order[seg_offsets[s] : seg_offsets[s + 1]];
-// tokens with slot -1 follow seg_offsets[S].  order [T] int32, seg_offsets [S + 1] int32.
+// tokens with slot -1 follow seg_offsets[S].  order [T] int32, seg_offsets [S + 1] int32,
+// positions [T] int32 (the inverse of order: positions[order[q]] == q) or undefined when the
+// caller gave none (a backend that needs it computes it).
 struct Plan {
-  at::Tensor order, seg_offsets;
+  at::Tensor order, seg_offsets, positions;
 };
 
 // (grad_x [T, in], grad_a_pool [Pa, in], grad_b_pool [Pb, out]); a gradient not asked for
@@ -44,15 +49,27 @@ LoraArgs check_lora_args(const at::Tensor& x, const at::Tensor& a_pool, const at
                          const at::Tensor& a_pages, const at::Tensor& b_pages, const at::Tensor& ranks,
                          const at::Tensor& scales, const at::Tensor& token_slot);
 
-// A plan's shapes and devices against the arguments; nullopt when neither tensor is given.
+// A plan's shapes and devices against the arguments; nullopt when neither order nor
+// seg_offsets is given (positions alone are refused).
 std::optional<Plan> check_plan(const LoraArgs& args, const std::optional<at::Tensor>& order,
-                               const std::optional<at::Tensor>& seg_offsets);
+                               const std::optional<at::Tensor>& seg_offsets,
+                               const std::optional<at::Tensor>& positions);
+
+// The longest-segment hint: >= 0 when given; -1 when not.
+int64_t check_max_segment(const std::optional<int64_t>& max_segment);
 
 // y of the accumulating form: [T, out], dtype and device of x, contiguous.
 void check_output(const LoraArgs& args, const at::Tensor& y);
 
 // grad_y of the backward: [T, out], dtype and device of x.
 void check_grad_output(const LoraArgs& args, const at::Tensor& grad_y);
+
+// A gradient accumulator of the accumulating backward: float32, the shape of `pool` (the
+// pool's page numbering), on x's device, contiguous.
+void check_accumulator(const LoraArgs& args, const at::Tensor& acc, const char* name, const at::Tensor& pool);
+
+// order of plan_positions: int32, 1-D; returns it contiguous.
+at::Tensor check_order(const at::Tensor& order);
 
 // token_slot of the plan builder (int32, 1-D) and num_slots >= 0; returns it contiguous.
 at::Tensor check_token_slot(const at::Tensor& token_slot, int64_t num_slots);
@@ -70,7 +87,7 @@ struct HostIndices {
   std::vector<int32_t> ranks;               // [S]
   std::vector<int64_t> page_begin;          // [S + 1]: slot s's pages are entries page_begin[s] .. [s + 1] - 1
   std::vector<int32_t> a_pages, b_pages;    // [sum of ranks]
-  std::vector<int32_t> order, seg_offsets;  // the plan given, or the one of token_slot
+  std::vector<int32_t> order, seg_offsets;  // the plan given, or the one of token_slot (positions checked, not kept)
   int32_t max_rank_used = 0;                // max of ranks (0 when S = 0)
 
   int64_t num_tokens() const { return static_cast<int64_t>(token_slot.size()); }
@@ -91,26 +108,39 @@ std::vector<int32_t> read_token_slot(const at::Tensor& token_slot, int64_t num_s
 void build_host_plan(const std::vector<int32_t>& token_slot, int64_t num_slots, int32_t* order,
                      int32_t* seg_offsets);
 
+// positions[order[q]] = q, after checking (ValueError naming order) that order is a
+// permutation of 0..T-1.  order and positions: [T] host memory.
+void host_plan_positions(const int32_t* order, int64_t num_tokens, int32_t* positions);
+
 // ---- the op front-end, shared by the backends
 
-// A backend provides four functions (shapes, dtypes and devices already checked; each backend
+// A backend provides six functions (shapes, dtypes and devices already checked; each backend
 // decides how index values are checked):
 //   at::Tensor forward(const LoraArgs&, const Plan*)                    the delta [T, out]
 //   void forward_add(at::Tensor& y, const LoraArgs&, const Plan*)      y[T, out] += delta
 //   Grads backward(const at::Tensor& grad_y, const LoraArgs&, const Plan*, std::array<bool, 3>)
-//   Plan build_plan(const at::Tensor& token_slot, int64_t num_slots)
+//   at::Tensor backward_accumulate(at::Tensor& grad_a_acc, at::Tensor& grad_b_acc,
+//                                  const at::Tensor& grad_y, const LoraArgs&, const Plan*, bool grad_x)
+//       grad_a_acc[a_pages[s, j]] += scale_s sum_{t in s} (B_s^T g_t)_j x_t and
+//       grad_b_acc[b_pages[s, j]] += scale_s sum_{t in s} (A_s x_t)_j g_t for j < ranks[s]
+//       (float32; no other row touched); returns grad_x [T, in] (or an empty tensor)
+//   Plan build_plan(const at::Tensor& token_slot, int64_t num_slots)   (no positions)
+//   at::Tensor plan_positions(const at::Tensor& order)                 positions [T]
 // A null Plan* means the caller passed none (the backend builds one if it needs it).  T = 0 and
-// S = 0 never reach a backend.
-template <auto Forward, auto ForwardAdd, auto Backward, auto BuildPlan>
+// S = 0 never reach a backend's LoRA functions.
+template <auto Forward, auto ForwardAdd, auto Backward, auto BackwardAccumulate, auto BuildPlan, auto PlanPositions>
 struct LoraOps {
   using OptTensor = std::optional<at::Tensor>;
+  using OptInt = std::optional<int64_t>;
 
   static LoraArgs checked(const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
                           const at::Tensor& a_pages, const at::Tensor& b_pages, const at::Tensor& ranks,
                           const at::Tensor& scales, const at::Tensor& token_slot, const OptTensor& order,
-                          const OptTensor& seg_offsets, std::optional<Plan>& plan) {
+                          const OptTensor& seg_offsets, const OptTensor& positions, const OptInt& max_segment,
+                          std::optional<Plan>& plan) {
     LoraArgs args = check_lora_args(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot);
-    plan = check_plan(args, order, seg_offsets);
+    plan = check_plan(args, order, seg_offsets, positions);
+    args.max_segment = check_max_segment(max_segment);
     return args;
   }
 
@@ -119,9 +149,10 @@ struct LoraOps {
   static at::Tensor forward(const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
                             const at::Tensor& a_pages, const at::Tensor& b_pages, const at::Tensor& ranks,
                             const at::Tensor& scales, const at::Tensor& token_slot, const OptTensor& order,
-                            const OptTensor& seg_offsets) {
+                            const OptTensor& seg_offsets, const OptTensor& positions, OptInt max_segment) {
     std::optional<Plan> plan;
-    const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets, plan);
+    const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets,
+                              positions, max_segment, plan);
     if (empty(args)) return at::zeros({args.num_tokens(), args.out_features()}, x.options());
     return Forward(args, plan ? &*plan : nullptr);
   }
@@ -129,9 +160,10 @@ struct LoraOps {
   static void forward_add_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
                            const at::Tensor& a_pages, const at::Tensor& b_pages, const at::Tensor& ranks,
                            const at::Tensor& scales, const at::Tensor& token_slot, const OptTensor& order,
-                           const OptTensor& seg_offsets) {
+                           const OptTensor& seg_offsets, const OptTensor& positions, OptInt max_segment) {
     std::optional<Plan> plan;
-    const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets, plan);
+    const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets,
+                              positions, max_segment, plan);
     check_output(args, y);
     if (!empty(args)) ForwardAdd(y, args, plan ? &*plan : nullptr);
   }
@@ -139,9 +171,11 @@ struct LoraOps {
   static Grads backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& a_pool,
                         const at::Tensor& b_pool, const at::Tensor& a_pages, const at::Tensor& b_pages,
                         const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& token_slot,
-                        const OptTensor& order, const OptTensor& seg_offsets, std::array<bool, 3> mask) {
+                        const OptTensor& order, const OptTensor& seg_offsets, std::array<bool, 3> mask,
+                        const OptTensor& positions, OptInt max_segment) {
     std::optional<Plan> plan;
-    const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets, plan);
+    const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets,
+                              positions, max_segment, plan);
     check_grad_output(args, grad_y);
     if (empty(args)) {
       auto zeros = [&](bool want, const at::Tensor& like) {
@@ -152,21 +186,42 @@ struct LoraOps {
     return Backward(grad_y, args, plan ? &*plan : nullptr, mask);
   }
 
+  static at::Tensor backward_accumulate_(at::Tensor& grad_a_acc, at::Tensor& grad_b_acc, const at::Tensor& grad_y,
+                                         const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
+                                         const at::Tensor& a_pages, const at::Tensor& b_pages,
+                                         const at::Tensor& ranks, const at::Tensor& scales,
+                                         const at::Tensor& token_slot, const OptTensor& order,
+                                         const OptTensor& seg_offsets, const OptTensor& positions,
+                                         OptInt max_segment, bool grad_x) {
+    std::optional<Plan> plan;
+    const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets,
+                              positions, max_segment, plan);
+    check_grad_output(args, grad_y);
+    check_accumulator(args, grad_a_acc, "grad_a_acc", a_pool);
+    check_accumulator(args, grad_b_acc, "grad_b_acc", b_pool);
+    if (empty(args)) return grad_x ? at::zeros_like(args.x) : at::empty({0}, x.options());
+    return BackwardAccumulate(grad_a_acc, grad_b_acc, grad_y, args, plan ? &*plan : nullptr, grad_x);
+  }
+
   static std::tuple<at::Tensor, at::Tensor> build_plan(const at::Tensor& token_slot, int64_t num_slots) {
     const Plan plan = BuildPlan(check_token_slot(token_slot, num_slots), num_slots);
     return {plan.order, plan.seg_offsets};
   }
+
+  static at::Tensor plan_positions(const at::Tensor& order) { return PlanPositions(check_order(order)); }
 };
 
 // m.impl of every minlora op for the dispatch key of `m` (TORCH_LIBRARY_IMPL(minlora, KEY, m)),
-// with a backend's four functions.
-template <auto Forward, auto ForwardAdd, auto Backward, auto BuildPlan>
+// with a backend's six functions.
+template <auto Forward, auto ForwardAdd, auto Backward, auto BackwardAccumulate, auto BuildPlan, auto PlanPositions>
 void register_lora_ops(torch::Library& m) {
-  using Ops = LoraOps<Forward, ForwardAdd, Backward, BuildPlan>;
+  using Ops = LoraOps<Forward, ForwardAdd, Backward, BackwardAccumulate, BuildPlan, PlanPositions>;
   m.impl("build_plan", &Ops::build_plan);
+  m.impl("plan_positions", &Ops::plan_positions);
   m.impl("lora_forward", &Ops::forward);
   m.impl("lora_forward_add_", &Ops::forward_add_);
   m.impl("lora_backward", &Ops::backward);
+  m.impl("lora_backward_accumulate_", &Ops::backward_accumulate_);
 }
 
 }  // namespace minlora

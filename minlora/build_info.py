@@ -7,7 +7,8 @@ import torch
 
 import minlora
 
-OPS = ("build_plan", "lora_forward", "lora_forward_add_", "lora_backward")
+OPS = ("build_plan", "plan_positions", "lora_forward", "lora_forward_add_", "lora_backward",
+       "lora_backward_accumulate_")
 
 
 def kernels_registered(dispatch_key: str) -> bool:

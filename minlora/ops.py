@@ -14,14 +14,17 @@ import torch
 from . import _C  # noqa: F401  (registers torch.ops.minlora.*)
 from .plan import BatchPlan
 
-__all__ = ["ModuleTables", "lora", "lora_add_", "lora_backward"]
+__all__ = ["ModuleTables", "lora", "lora_add_", "lora_backward", "lora_backward_accumulate_"]
 
 _ops = torch.ops.minlora
 Tensor = torch.Tensor
 
 
-def _plan_tensors(plan: Optional[BatchPlan]) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    return (plan.order, plan.seg_offsets) if plan is not None else (None, None)
+def _plan_args(plan: Optional[BatchPlan]) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[int]]:
+    """(order, seg_offsets, positions, max_segment) of the ops' schemas."""
+    if plan is None:
+        return None, None, None, None
+    return plan.order, plan.seg_offsets, plan.positions, plan.max_segment
 
 
 # ---------------------------------------------------------------- the op's argument bundle
@@ -60,8 +63,7 @@ def lora(
 
     `plan` (from minlora.build_plan(token_slot, S)) saves rebuilding it in every layer.
     """
-    order, seg = _plan_tensors(plan)
-    return _ops.lora_forward(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg)
+    return _ops.lora_forward(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, *_plan_args(plan))
 
 
 def lora_add_(
@@ -77,8 +79,7 @@ def lora_add_(
     plan: Optional[BatchPlan] = None,
 ) -> Tensor:
     """y [T, out] += the LoRA delta, in place (no autograd); returns y."""
-    order, seg = _plan_tensors(plan)
-    _ops.lora_forward_add_(y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg)
+    _ops.lora_forward_add_(y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, *_plan_args(plan))
     return y
 
 
@@ -97,13 +98,46 @@ def lora_backward(
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(grad_x [T, in], grad_a_pool [Pa, in], grad_b_pool [Pb, out]); None where output_mask is False.
 
-    Only the pool pages the batch uses are non-zero.
+    Only the pool pages the batch uses are non-zero.  The pool gradients are dense tensors of
+    the pools' dtype; training accumulates into float32 pages with lora_backward_accumulate_.
     """
-    order, seg = _plan_tensors(plan)
+    order, seg, positions, max_segment = _plan_args(plan)
     grads = _ops.lora_backward(
-        grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, list(output_mask)
+        grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, list(output_mask),
+        positions, max_segment,
     )
     return tuple(g if want else None for g, want in zip(grads, output_mask))  # type: ignore[return-value]
+
+
+def lora_backward_accumulate_(
+    grad_a_acc: Tensor,
+    grad_b_acc: Tensor,
+    grad_y: Tensor,
+    x: Tensor,
+    a_pool: Tensor,
+    b_pool: Tensor,
+    a_pages: Tensor,
+    b_pages: Tensor,
+    ranks: Tensor,
+    scales: Tensor,
+    token_slot: Tensor,
+    plan: Optional[BatchPlan] = None,
+    grad_x: bool = True,
+) -> Optional[Tensor]:
+    """Adds the batch's adapter gradients into float32 pages; returns grad_x [T, in] (None if not asked).
+
+    grad_a_acc [Pa, in] and grad_b_acc [Pb, out] are float32 and numbered like the pools: for
+    every slot s and j < ranks[s],
+        grad_a_acc[a_pages[s, j]] += scale_s * sum_{t of s} (B_s^T g_t)_j x_t
+        grad_b_acc[b_pages[s, j]] += scale_s * sum_{t of s} (A_s x_t)_j g_t
+    (pages shared by slots or rank indices get every contribution).  No other row is touched.
+    """
+    order, seg, positions, max_segment = _plan_args(plan)
+    gx = _ops.lora_backward_accumulate_(
+        grad_a_acc, grad_b_acc, grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot,
+        order, seg, positions, max_segment, grad_x,
+    )
+    return gx if grad_x else None
 
 
 # ---------------------------------------------------------------- fake kernels (shape only)
@@ -114,7 +148,13 @@ def _build_plan_fake(token_slot: Tensor, num_slots: int) -> tuple[Tensor, Tensor
     return torch.empty_like(token_slot), token_slot.new_empty(num_slots + 1)
 
 
-_ARG_NAMES = ("x", "a_pool", "b_pool", "a_pages", "b_pages", "ranks", "scales", "token_slot", "order", "seg_offsets")
+@torch.library.register_fake("minlora::plan_positions")
+def _plan_positions_fake(order: Tensor) -> Tensor:
+    return torch.empty_like(order)
+
+
+_ARG_NAMES = ("x", "a_pool", "b_pool", "a_pages", "b_pages", "ranks", "scales", "token_slot", "order", "seg_offsets",
+              "positions")
 
 
 def _check_devices(x: Tensor, named: dict[str, Optional[Tensor]]) -> None:
@@ -134,25 +174,37 @@ def _delta_fake(*args: Optional[Tensor], **extra: Tensor) -> Tensor:
 
 
 @torch.library.register_fake("minlora::lora_forward")
-def _lora_forward_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order=None, seg=None):
-    return _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg)
+def _lora_forward_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order=None, seg=None,
+                       positions=None, max_segment=None):
+    return _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, positions)
 
 
 @torch.library.register_fake("minlora::lora_forward_add_")
 def _lora_forward_add_fake(
-    y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order=None, seg=None
+    y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order=None, seg=None, positions=None,
+    max_segment=None,
 ):
-    _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, y=y)
+    _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, positions, y=y)
 
 
 @torch.library.register_fake("minlora::lora_backward")
-def _lora_backward_fake(grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, mask):
-    _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, grad_y=grad_y)
+def _lora_backward_fake(grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, mask,
+                        positions=None, max_segment=None):
+    _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, positions, grad_y=grad_y)
 
     def grad(want: bool, like: Tensor) -> Tensor:
         return torch.empty_like(like, memory_format=torch.contiguous_format) if want else x.new_empty(0)
 
     return grad(mask[0], x), grad(mask[1], a_pool), grad(mask[2], b_pool)
+
+
+@torch.library.register_fake("minlora::lora_backward_accumulate_")
+def _lora_backward_accumulate_fake(grad_a_acc, grad_b_acc, grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks,
+                                   scales, token_slot, order=None, seg=None, positions=None, max_segment=None,
+                                   grad_x=True):
+    _delta_fake(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, positions,
+                grad_y=grad_y, grad_a_acc=grad_a_acc, grad_b_acc=grad_b_acc)
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if grad_x else x.new_empty(0)
 
 
 # ---------------------------------------------------------------- autograd
@@ -169,18 +221,23 @@ def _lora_backward_fake(grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scal
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg = inputs
+    x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, positions, max_segment = inputs
     ctx.has_plan = order is not None
+    ctx.has_positions = positions is not None
+    ctx.max_segment = max_segment
     plan = (order, seg) if ctx.has_plan else ()
+    plan += (positions,) if ctx.has_positions else ()
     ctx.save_for_backward(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, *plan)
 
 
 def _backward(ctx, grad_y: Tensor):
     x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, *plan = ctx.saved_tensors
     mask = [bool(n) for n in ctx.needs_input_grad[:3]]
-    order, seg = plan if ctx.has_plan else (None, None)
+    order, seg = plan[:2] if ctx.has_plan else (None, None)
+    positions = plan[2] if ctx.has_positions else None
     gx, ga, gb = _ops.lora_backward(
-        grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, mask
+        grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, mask, positions,
+        ctx.max_segment,
     )
     grads = [gx if mask[0] else None, ga if mask[1] else None, gb if mask[2] else None]
     return tuple(grads + [None] * (len(ctx.needs_input_grad) - 3))
@@ -190,25 +247,26 @@ torch.library.register_autograd("minlora::lora_forward", _backward, setup_contex
 
 
 def _setup_backward_context(ctx, inputs, output) -> None:
-    grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, mask = inputs
+    grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg, mask, positions, max_seg = inputs
     ctx.mask = tuple(bool(m) for m in mask)
     ctx.tables = (a_pages, b_pages, ranks, scales, token_slot, order, seg)
+    ctx.plan_extra = (positions, max_seg)
     ctx.save_for_backward(grad_y, x, a_pool, b_pool)
 
 
 def _backward_of_backward(ctx, cx: Optional[Tensor], ca: Optional[Tensor], cb: Optional[Tensor]):
     g, x, a_pool, b_pool = ctx.saved_tensors
-    a_pages, b_pages, ranks, scales, token_slot, order, seg = ctx.tables
+    positions, max_seg = ctx.plan_extra
     # Cotangents of outputs the mask left out (empty tensors) are ignored.
     cx, ca, cb = (c.contiguous() if c is not None and m else None for c, m in zip((cx, ca, cb), ctx.mask))
     want_g, want_x, want_a, want_b = ctx.needs_input_grad[:4]
-    tables = (a_pages, b_pages, ranks, scales, token_slot, order, seg)
+    tables = ctx.tables
 
     def fwd(v: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        return _ops.lora_forward(v, a, b, *tables)
+        return _ops.lora_forward(v, a, b, *tables, positions, max_seg)
 
     def bwd(v: Tensor, a: Tensor, b: Tensor, out: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor]:
-        return _ops.lora_backward(g, v, a, b, *tables, list(out))
+        return _ops.lora_backward(g, v, a, b, *tables, list(out), positions, max_seg)
 
     def total(*terms: Optional[Tensor]) -> Optional[Tensor]:
         present = [t for t in terms if t is not None]

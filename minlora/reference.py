@@ -21,6 +21,7 @@ import torch
 __all__ = [
     "lora_forward_ref",
     "lora_backward_ref",
+    "lora_backward_accumulate_ref",
     "build_plan_ref",
     "slot_matrices",
 ]
@@ -101,6 +102,40 @@ def lora_backward_ref(
         grad_a.index_add_(0, a_idx, scale * u.t() @ xs)
         grad_b.index_add_(0, b_idx, scale * h.t() @ gs)
     return grad_x, grad_a, grad_b
+
+
+def lora_backward_accumulate_ref(
+    grad_a_acc: torch.Tensor,
+    grad_b_acc: torch.Tensor,
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    a_pages: torch.Tensor,
+    b_pages: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slot: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 (grad_x [T, in], grad_a_acc + dA rows [Pa, in], grad_b_acc + dB rows [Pb, out]).
+
+    The accumulating backward: the given accumulators (any dtype, read as float64) plus, for
+    every slot s and j < ranks[s],
+        row a_pages[s, j]: scale_s * sum_{t of s} (B_s^T g_t)_j x_t
+        row b_pages[s, j]: scale_s * sum_{t of s} (A_s x_t)_j g_t
+    with every other row unchanged (not even read: NaN stays NaN, not 0 * NaN).
+    """
+    grad_x, grad_a, grad_b = lora_backward_ref(grad_y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot)
+    acc_a = grad_a_acc.detach().cpu().double().clone()
+    acc_b = grad_b_acc.detach().cpu().double().clone()
+    used_a = torch.zeros(acc_a.shape[0], dtype=torch.bool)
+    used_b = torch.zeros(acc_b.shape[0], dtype=torch.bool)
+    for rows, _, _, a_idx, b_idx, _ in _slot_segments(a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot):
+        used_a[a_idx] = True
+        used_b[b_idx] = True
+    acc_a[used_a] += grad_a[used_a]
+    acc_b[used_b] += grad_b[used_b]
+    return grad_x, acc_a, acc_b
 
 
 def build_plan_ref(token_slot: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -142,14 +142,20 @@ def opcheck_cases(device: str = "cpu", dtype: torch.dtype = torch.float32, num_t
     a = case.args()
     (x, ap, bp), rest = (t.clone().requires_grad_() for t in a[:3]), a[3:]
     ops = torch.ops.minlora
+    acc = (torch.randn(case.a_pool.shape, device=device), torch.randn(case.b_pool.shape, device=device))
     return [
         (ops.build_plan, (case.token_slot, 4)),
+        (ops.plan_positions, (plan.order,)),
         (ops.lora_forward, (x, ap, bp, *rest)),
         (ops.lora_forward_add_, (y, *a)),
         (ops.lora_forward, (x, ap, bp, *rest, plan.order, plan.seg_offsets)),
-        (ops.lora_forward_add_, (y.clone(), *a, plan.order, plan.seg_offsets)),
+        (ops.lora_forward, (x, ap, bp, *rest, plan.order, plan.seg_offsets, plan.positions, 9)),
+        (ops.lora_forward_add_, (y.clone(), *a, plan.order, plan.seg_offsets, plan.positions)),
         (ops.lora_backward, (grad_y, *a, None, None, [True, True, True])),
-        (ops.lora_backward, (grad_y, *a, plan.order, plan.seg_offsets, [True, False, True])),
+        (ops.lora_backward, (grad_y, *a, plan.order, plan.seg_offsets, [True, False, True], plan.positions, 9)),
+        (ops.lora_backward_accumulate_, (*acc, grad_y, *a)),
+        (ops.lora_backward_accumulate_, (acc[0].clone(), acc[1].clone(), grad_y, *a, plan.order, plan.seg_offsets,
+                                         plan.positions, None, False)),
     ]
 
 

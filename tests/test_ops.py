@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import minlora
 from lora_cases import TOLERANCE, check_autograd, run_forward, make_case, mixed_ranks, opcheck_cases, rel_error
-from minlora.reference import build_plan_ref, lora_backward_ref, lora_forward_ref
+from minlora.reference import build_plan_ref, lora_backward_accumulate_ref, lora_backward_ref, lora_forward_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Long and short segments in one batch, so both CPU paths (matrix products, token loop) run.
@@ -201,10 +201,138 @@ def test_build_plan_matches_reference():
         assert torch.equal(plan.order, order) and torch.equal(plan.seg_offsets, seg)
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(len(opcheck_cases())))
 def test_opcheck(index):
     op, args = opcheck_cases()[index]
     torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------- the accumulating backward
+
+
+def check_accumulate(case, *, planned: bool, grad_x: bool, tol: float) -> None:
+    """lora_backward_accumulate_ adds exactly the reference's dA / dB rows into float32
+    accumulators; pages the batch does not use are neither read nor written (NaN there stays)."""
+    T, out = case.x.shape[0], case.b_pool.shape[1]
+    grad_y = torch.randn(T, out, dtype=torch.float64).to(case.x.dtype).to(case.x.device)
+    acc_a = torch.randn(case.a_pool.shape, device=case.x.device)
+    acc_b = torch.randn(case.b_pool.shape, device=case.x.device)
+    acc_a[~case.used_a_pages.to(acc_a.device)] = float("nan")
+    acc_b[~case.used_b_pages.to(acc_b.device)] = float("nan")
+    before = (acc_a.clone(), acc_b.clone())
+    plan = minlora.build_plan(case.token_slot, case.ranks.shape[0]) if planned else None
+    gx = minlora.ops.lora_backward_accumulate_(acc_a, acc_b, grad_y, *case.args(), plan=plan, grad_x=grad_x)
+    want_x, want_a, want_b = lora_backward_accumulate_ref(*before, grad_y, *case.args())
+    for name, got, want, used in (("grad_a_acc", acc_a, want_a, case.used_a_pages),
+                                  ("grad_b_acc", acc_b, want_b, case.used_b_pages)):
+        got, used = got.cpu(), used.cpu()
+        assert got.dtype == torch.float32, name
+        assert torch.isnan(got[~used]).all(), f"{name}: a page the batch does not use was touched"
+        # The accumulated change against the reference's change (the starting values cancel).
+        assert rel_error(got[used].double() - before[0 if name == "grad_a_acc" else 1].cpu()[used].double(),
+                         want[used] - before[0 if name == "grad_a_acc" else 1].cpu()[used].double()) <= tol, name
+    if grad_x:
+        assert gx.shape == case.x.shape and gx.dtype == case.x.dtype
+        assert rel_error(gx, want_x) <= tol
+    else:
+        assert gx is None
+
+
+@pytest.mark.parametrize("planned", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_backward_accumulate_matches_reference(dtype, planned):
+    case = make_case(300, 96, 72, mixed_ranks(), dtype, slot_weights=SLOT_WEIGHTS)
+    check_accumulate(case, planned=planned, grad_x=True, tol=3 * TOLERANCE[dtype] if dtype != torch.float64 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_accumulate_every_cpu_path(dtype, threads):
+    case = make_case(200, 48, 40, [8, 1, 32, 0, 4, 16, 2], dtype, slot_weights=[10, 1, 5, 1, 1, 8, 0.3])
+    check_accumulate(case, planned=True, grad_x=False, tol=3 * TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("weights", [[1, 1, 1], [20, 20, 1]], ids=["short-segments", "long-segments"])
+def test_backward_accumulate_shared_pages(weights):
+    """A page used by two slots, or twice by one, gets every contribution added."""
+    case = make_case(60, 40, 32, [4, 4, 3], torch.float32, slot_weights=weights)
+    case.a_pages[1, :4] = case.a_pages[0, :4]
+    case.b_pages[1, :4] = case.b_pages[0, :4]
+    case.a_pages[2, 1] = case.a_pages[2, 0]
+    case.b_pages[2, 2] = case.b_pages[0, 1]
+    case.a_pool[torch.isnan(case.a_pool)] = 0.5
+    case.b_pool[torch.isnan(case.b_pool)] = 0.5
+    check_accumulate(case, planned=False, grad_x=True, tol=3e-5)
+
+
+def test_backward_accumulate_adds_across_calls():
+    """Two calls add twice: the accumulators are the caller's, never reset."""
+    case = make_case(50, 32, 24, [4, 8, 2], torch.float32, slot_weights=[5, 1, 2], nan_unused=False)
+    grad_y = torch.randn(50, 24)
+    acc_a, acc_b = torch.zeros(case.a_pool.shape), torch.zeros(case.b_pool.shape)
+    for _ in range(2):
+        minlora.ops.lora_backward_accumulate_(acc_a, acc_b, grad_y, *case.args(), grad_x=False)
+    _, ga, gb = lora_backward_ref(grad_y, *case.args())
+    assert rel_error(acc_a, 2 * ga) <= 3e-5 and rel_error(acc_b, 2 * gb) <= 3e-5
+
+
+def test_backward_accumulate_empty_batch_and_no_slots():
+    for case in (make_case(0, 32, 16, [4, 2]), make_case(9, 32, 16, [])):
+        acc_a, acc_b = torch.randn(case.a_pool.shape), torch.randn(case.b_pool.shape)
+        before = (acc_a.clone(), acc_b.clone())
+        gx = minlora.ops.lora_backward_accumulate_(acc_a, acc_b, torch.randn(case.x.shape[0], 16), *case.args())
+        assert torch.equal(gx, torch.zeros_like(case.x))
+        assert torch.equal(acc_a, before[0]) and torch.equal(acc_b, before[1])
+
+
+def test_backward_accumulate_bad_accumulators():
+    case = make_case(12, 16, 8, [3, 2, 0], torch.float32, slot_weights=[3, 2, 1])
+    g = torch.randn(12, 8)
+    ok_a, ok_b = torch.zeros(case.a_pool.shape), torch.zeros(case.b_pool.shape)
+    bad = {
+        "grad_a_acc must be float32": (ok_a.double(), ok_b),
+        "grad_b_acc must be float32": (ok_a, ok_b.half()),
+        "grad_a_acc must have the shape of its pool": (ok_a[:-1], ok_b),
+        "grad_b_acc must be contiguous": (ok_a, ok_b.t().contiguous().t()),
+        "grad_a_acc must be on cpu": (ok_a.to("meta"), ok_b),
+    }
+    for message, (acc_a, acc_b) in bad.items():
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            minlora.ops.lora_backward_accumulate_(acc_a, acc_b, g, *case.args())
+
+
+def test_plan_positions_is_the_inverse_of_order():
+    token_slot = torch.randint(-1, 7, (500,), dtype=torch.int32)
+    plan = minlora.build_plan(token_slot, 7)
+    assert torch.equal(plan.positions[plan.order.long()], torch.arange(500, dtype=torch.int32))
+    assert plan.max_segment == int(plan.segment_lengths().max())
+    with pytest.raises(ValueError, match="order"):
+        minlora.plan.plan_positions(torch.tensor([0, 0, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="order"):
+        minlora.plan.plan_positions(torch.tensor([0, 5, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="max_segment"):
+        minlora.build_plan(token_slot, 7, max_segment=-1)
+
+
+def test_plan_with_wrong_positions_is_refused():
+    case = make_case(40, 16, 8, [3, 2, 4], torch.float32, slot_weights=[3, 2, 1])
+    plan = minlora.build_plan(case.token_slot, 3)
+    wrong = plan.positions.roll(1)
+    for fn in (lambda p: minlora.lora(*case.args(), plan=p),
+               lambda p: minlora.ops.lora_backward(torch.randn(40, 8), *case.args(), plan=p)):
+        with pytest.raises(ValueError, match="positions"):
+            fn(minlora.BatchPlan(plan.order, plan.seg_offsets, wrong))
+    with pytest.raises(ValueError, match="positions belong to a plan"):
+        torch.ops.minlora.lora_forward(*case.args(), None, None, plan.positions)
+    with pytest.raises(ValueError, match="max_segment must be >= 0"):
+        torch.ops.minlora.lora_forward(*case.args(), plan.order, plan.seg_offsets, None, -2)
+
+
+def test_max_segment_is_a_hint_not_a_contract():
+    """A wrong (too small) longest-segment hint changes no result on the CPU."""
+    case = make_case(120, 32, 24, [4, 8, 2], torch.float32, slot_weights=[5, 1, 2])
+    order, seg = torch.ops.minlora.build_plan(case.token_slot, 3)
+    plan = minlora.BatchPlan(order, seg, minlora.plan.plan_positions(order), max_segment=1)
+    assert rel_error(minlora.lora(*case.args(), plan=plan), lora_forward_ref(*case.args())) <= TOLERANCE[torch.float32]
 
 
 class _LoraLayer(torch.nn.Module):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import minlora
 from lora_cases import TOLERANCE, check_autograd, run_forward, LoraCase, make_case, mixed_ranks, opcheck_cases, rel_error
-from minlora.reference import build_plan_ref, lora_backward_ref, lora_forward_ref
+from minlora.reference import build_plan_ref, lora_backward_accumulate_ref, lora_backward_ref, lora_forward_ref
 
 pytestmark = pytest.mark.cuda
 
@@ -44,6 +44,13 @@ def mode(request, monkeypatch):
     return request.param
 
 
+def poison_free_memory(shape, dtype) -> None:
+    """Leaves a freed block of NaN of this size in the caching allocator: the functional op's
+    output (allocated first, never zero-filled) most likely reuses it, so a row no kernel wrote
+    shows as NaN."""
+    torch.full(tuple(shape), float("nan"), dtype=dtype, device="cuda")
+
+
 def check_forward(case, variant: str, want=None, tol=None) -> None:
     want = lora_forward_ref(*case.args()) if want is None else want
     dtype = case.x.dtype
@@ -56,6 +63,7 @@ def check_forward(case, variant: str, want=None, tol=None) -> None:
         got = got.double() - y0.double()
         tol = tol or 2 * TOLERANCE[dtype] + (1e-2 if dtype == torch.bfloat16 else 0)
     else:
+        poison_free_memory(want.shape, dtype)
         got = run_forward(case, variant)
         tol = tol or TOLERANCE[dtype]
         assert torch.all(got[case.token_slot == -1] == 0)
@@ -219,7 +227,7 @@ def test_hypothesis_shapes(num_tokens, in_features, out_features, ranks, extra, 
         del os.environ["MINLORA_CUDA_KERNELS"]
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(len(opcheck_cases())))
 def test_opcheck(index):
     op, args = opcheck_cases("cuda", torch.float16, 40)[index]
     # Atomic accumulation order may differ between runs: compare with a tolerance, not bitwise.
@@ -239,12 +247,15 @@ def _kernel_names(fn) -> set[str]:
 @pytest.mark.parametrize(
     "mode_name, tokens_per_slot, dtype, want, unwanted",
     [
-        ("auto", 1, torch.bfloat16, "gather_kernel", "lora_grouped_kernel"),  # decode: no grouped launch
-        ("auto", 256, torch.bfloat16, "lora_grouped_kernel", "shrink_expand_fallback"),  # prefill
-        ("auto", 256, torch.float32, "gather_kernel", "lora_grouped_kernel"),  # float32: no tensor-op GEMM
-        ("gather", 256, torch.float16, "gather_kernel", "lora_grouped_kernel"),
-        ("grouped", 1, torch.float16, "lora_grouped_kernel", "gather_kernel"),
-        ("fallback", 256, torch.bfloat16, "shrink_expand_fallback", "gather_kernel"),
+        # decode (8 requests): the split gather kernels, no grouped launch
+        ("auto", 1, torch.bfloat16, "gather_shrink_kernel", ("lora_grouped_kernel", "gather_fused_kernel")),
+        # prefill: the grouped GEMM; the fused gather kernel only zeroes the rows without an adapter
+        ("auto", 256, torch.bfloat16, "lora_grouped_kernel", ("gather_shrink_kernel", "gather_expand_kernel")),
+        ("auto", 256, torch.float32, "gather_fused_kernel", ("lora_grouped_kernel",)),  # float32: no tensor-op GEMM
+        ("gather", 256, torch.float16, "gather_fused_kernel", ("lora_grouped_kernel",)),
+        ("grouped", 1, torch.float16, "lora_grouped_kernel", ("gather_shrink_kernel", "gather_fused_kernel")),
+        ("fallback", 256, torch.bfloat16, "gather_fused_kernel",
+         ("lora_grouped_kernel", "plan_positions_kernel", "gather_shrink_kernel")),
     ],
 )
 def test_dispatcher_launches_the_chosen_kernels(mode_name, tokens_per_slot, dtype, want, unwanted, monkeypatch):
@@ -253,7 +264,9 @@ def test_dispatcher_launches_the_chosen_kernels(mode_name, tokens_per_slot, dtyp
     plan = minlora.build_plan(case.token_slot, 8)
     names = _kernel_names(lambda: minlora.lora(*case.args(), plan=plan))
     assert any(want in n for n in names), sorted(names)
-    assert not any(unwanted in n for n in names), sorted(names)
+    for name in unwanted:
+        assert not any(name in n for n in names), (name, sorted(names))
+    check_forward(case, "planned", want=forward_ref_gpu(case).cpu())
 
 
 # ---------------------------------------------------------------- real shapes (Llama-3-8B)
@@ -497,6 +510,131 @@ def test_real_streams():
         want = lora_backward_ref(torch.ones(300, 48, dtype=torch.float64), *case.args())
         for g, w in zip(grads, want):
             assert rel_error(g, w) <= 3 * TOLERANCE[torch.bfloat16]
+
+
+# ---------------------------------------------------------------- write-once outputs, accumulation, dispatch
+
+
+@pytest.mark.parametrize("planned", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_accumulate_matches_reference(dtype, planned, mode):
+    """float32 accumulators get exactly the batch's dA / dB rows; pages it does not use keep
+    their NaN (never read, never written); grad_x written once (poisoned memory)."""
+    case = make_case(300, 96, 72, mixed_ranks(), dtype, slot_weights=SLOT_WEIGHTS).to("cuda")
+    grad_y = torch.randn(300, 72, dtype=torch.float64).to(dtype).cuda()
+    acc = [torch.randn(case.a_pool.shape, device="cuda"), torch.randn(case.b_pool.shape, device="cuda")]
+    acc[0][~case.used_a_pages.cuda()] = float("nan")
+    acc[1][~case.used_b_pages.cuda()] = float("nan")
+    before = [a.clone() for a in acc]
+    plan = minlora.build_plan(case.token_slot, case.ranks.shape[0]) if planned else None
+    poison_free_memory(case.x.shape, dtype)
+    gx = minlora.ops.lora_backward_accumulate_(*acc, grad_y, *case.args(), plan=plan)
+    torch.cuda.synchronize()
+    want_x, want_a, want_b = lora_backward_accumulate_ref(*before, grad_y, *case.args())
+    assert torch.isfinite(gx).all(), "a grad_x row was left unwritten"
+    assert rel_error(gx, want_x) <= 3 * TOLERANCE[dtype]
+    for name, got, prev, want, used in (("grad_a_acc", acc[0], before[0], want_a, case.used_a_pages),
+                                        ("grad_b_acc", acc[1], before[1], want_b, case.used_b_pages)):
+        got, prev = got.cpu(), prev.cpu()
+        assert torch.isnan(got[~used]).all(), f"{name}: a page the batch does not use was touched"
+        assert rel_error(got[used].double() - prev[used].double(), want[used] - prev[used].double()) <= 3 * TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("lens", [[1, 1, 1], [300, 200, 3]], ids=["short", "long"])
+def test_backward_accumulate_pages_shared_by_slots(lens, mode):
+    """Two slots (and two rank indices of one slot) on one page: every contribution is added,
+    on the gather path and on the grouped GEMM's atomic epilogue alike."""
+    case = make_case(sum(lens), 64, 48, [8, 8, 4], torch.bfloat16, slot_weights=lens, nan_unused=False)
+    case.a_pages[1, :8] = case.a_pages[0, :8]
+    case.b_pages[1, :8] = case.b_pages[0, :8]
+    case.a_pages[2, 1] = case.a_pages[2, 0]
+    case = case.to("cuda")
+    grad_y = torch.randn(case.x.shape[0], 48, device="cuda").to(torch.bfloat16)
+    acc = [torch.zeros(case.a_pool.shape, device="cuda"), torch.zeros(case.b_pool.shape, device="cuda")]
+    minlora.ops.lora_backward_accumulate_(*acc, grad_y, *case.args(), grad_x=False)
+    _, want_a, want_b = lora_backward_ref(grad_y, *case.args())
+    assert rel_error(acc[0], want_a) <= 3 * TOLERANCE[torch.bfloat16]
+    assert rel_error(acc[1], want_b) <= 3 * TOLERANCE[torch.bfloat16]
+
+
+def test_backward_accumulate_empty():
+    for case in (make_case(0, 32, 16, [4, 2]).to("cuda"), make_case(9, 32, 16, []).to("cuda")):
+        acc = [torch.randn(case.a_pool.shape, device="cuda"), torch.randn(case.b_pool.shape, device="cuda")]
+        before = [a.clone() for a in acc]
+        gx = minlora.ops.lora_backward_accumulate_(*acc, torch.randn(case.x.shape[0], 16, device="cuda"), *case.args())
+        assert torch.equal(gx, torch.zeros_like(case.x))
+        assert all(torch.equal(a, b) for a, b in zip(acc, before))
+
+
+@pytest.mark.parametrize("requests", [8, 32, 132])
+def test_decode_splits_k_and_n_across_blocks(requests):
+    """Few requests: the shrink's K and the expand's N are split, so every multiprocessor has
+    blocks (grid >= 2 per SM); the result is the reference's."""
+    case = make_gpu_case(4096, 4096, llama_ranks(requests, 5, high=32), [1] * requests, torch.bfloat16, seed=requests)
+    plan = minlora.build_plan(case.token_slot, requests, max_segment=1)
+    names = _kernel_names(lambda: minlora.lora(*case.args(), plan=plan))
+    assert any("gather_shrink_kernel" in n for n in names) and any("gather_expand_kernel" in n for n in names), names
+    assert not any("lora_grouped_kernel" in n or "plan_positions_kernel" in n for n in names), sorted(names)
+    want = forward_ref_gpu(case).cpu()
+    check_forward(case, "planned", want=want)
+    check_forward(case, "planned_add", want=want)
+
+
+def test_max_segment_hint_selects_kernels_never_results():
+    """The step's longest segment decides whether the grouped GEMM is launched; a wrong (too
+    small) hint launches only the gather kernels and the result is still right."""
+    case = make_gpu_case(512, 512, [16, 64, 8, 32], [300, 2, 1, 120], torch.bfloat16, no_adapter=7, seed=4)
+    order, seg = torch.ops.minlora.build_plan(case.token_slot, 4)
+    positions = minlora.plan.plan_positions(order)
+    want = forward_ref_gpu(case).cpu()
+    for hint, grouped in ((300, True), (31, False), (1, False)):
+        plan = minlora.BatchPlan(order, seg, positions, max_segment=hint)
+        names = _kernel_names(lambda: minlora.lora(*case.args(), plan=plan))
+        assert any("lora_grouped_kernel" in n for n in names) == grouped, (hint, sorted(names))
+        got = minlora.lora(*case.args(), plan=plan)
+        assert rel_error(got, want) <= TOLERANCE[torch.bfloat16], hint
+
+
+def test_backward_chooses_per_segment():
+    """Long and short segments in one backward: the grouped gradient GEMM for the long ones, the
+    segment-gradient kernel for the short ones; both sum into the same pools correctly."""
+    lens = [512, 3, 1, 700, 2, 40]
+    case = make_gpu_case(256, 384, [16, 8, 1, 64, 4, 36], lens, torch.bfloat16, no_adapter=5, seed=6)
+    grad_y = torch.randn(case.x.shape[0], 384, device="cuda").to(torch.bfloat16)
+    plan = minlora.build_plan(case.token_slot, len(lens))
+    names = _kernel_names(lambda: minlora.ops.lora_backward(grad_y, *case.args(), plan=plan))
+    assert any("lora_grouped_kernel" in n for n in names) and any("segment_grad_kernel" in n for n in names), names
+    want = backward_ref_gpu(grad_y, case)
+    got = minlora.ops.lora_backward(grad_y, *case.args(), plan=plan)
+    for name, g, w in zip(("grad_x", "grad_a_pool", "grad_b_pool"), got, want):
+        assert torch.isfinite(g).all(), name
+        assert rel_error(g, w) <= 3 * TOLERANCE[torch.bfloat16], name
+
+
+@pytest.mark.parametrize("mode_name", ["auto", "gather", "grouped"])
+def test_inconsistent_plan_never_adds_a_delta_twice(mode_name, monkeypatch):
+    """A hand-made plan whose order repeats a token inside a short and inside a long segment
+    (and so misses others), with positions computed from it: the adding forward gives each row
+    y0 + its delta or y0, never y0 + 2 * delta; the functional one writes every row (no NaN)."""
+    monkeypatch.setenv("MINLORA_CUDA_KERNELS", mode_name)
+    monkeypatch.delenv("MINLORA_CHECK_INDICES", raising=False)
+    case = make_gpu_case(256, 128, [16, 8, 4], [200, 5, 40], torch.float16, no_adapter=3, seed=8)
+    order, seg = torch.ops.minlora.build_plan(case.token_slot, 3)
+    bad = order.clone()
+    for s in range(3):
+        b = int(seg[s])
+        bad[b + 1] = bad[b]  # the segment's first token twice
+    plan = minlora.BatchPlan(bad, seg, minlora.plan.plan_positions(bad))
+    want = forward_ref_gpu(case)
+    y0 = torch.randn(want.shape, device="cuda").to(torch.float16)
+    y = y0.clone()
+    minlora.ops.lora_add_(y, *case.args(), plan=plan)
+    delta = y.double() - y0.double()
+    once = (delta - want).norm(dim=1) <= 0.05 * want.norm(dim=1) + 1e-3
+    never = delta.norm(dim=1) <= 1e-6
+    assert bool((once | never).all()), "a row got its delta twice or a wrong one"
+    poison_free_memory(want.shape, torch.float16)
+    assert torch.isfinite(minlora.lora(*case.args(), plan=plan)).all()
 
 
 def test_zz_graph_replay_with_bad_indices_does_not_fault(monkeypatch):

@@ -308,11 +308,14 @@ def _all_ops(case, plan):
     """One call of every op (functional, add_, each with and without a plan; backward; build_plan)."""
     y = torch.zeros(case.x.shape[0], case.b_pool.shape[1], dtype=case.x.dtype, device=case.x.device)
     g = torch.randn_like(y)
-    out = [minlora.build_plan(case.token_slot, case.ranks.shape[0]).order]
-    for p in (None, plan):
+    out = [minlora.build_plan(case.token_slot, case.ranks.shape[0]).order, minlora.plan.plan_positions(plan.order)]
+    bare = minlora.BatchPlan(plan.order, plan.seg_offsets)  # positions computed by the op
+    acc = (torch.zeros(case.a_pool.shape, device=case.x.device), torch.zeros(case.b_pool.shape, device=case.x.device))
+    for p in (None, plan, bare):
         out.append(minlora.lora(*case.args(), plan=p))
         out.append(minlora.ops.lora_add_(y, *case.args(), plan=p))
         out.extend(minlora.ops.lora_backward(g, *case.args(), plan=p))
+        out.append(minlora.ops.lora_backward_accumulate_(*acc, g, *case.args(), plan=p))
     x, a_pool, b_pool = (t.clone().requires_grad_() for t in case.args()[:3])
     minlora.lora(x, a_pool, b_pool, *case.args()[3:], plan=plan).backward(g)
     return out

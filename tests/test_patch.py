@@ -223,10 +223,11 @@ def test_plan_built_once_per_forward(setups):
     counts = {e.key: e.count for e in prof.key_averages()}
     assert counts.get("minlora::build_plan") == 2
     # Inference accumulates in place into the base layer's output, one planned op per layer
-    # (the plan's order and seg_offsets are the op's last two inputs).
+    # (the plan's order, seg_offsets and positions are the op's inputs 9, 10 and 11).
     adds = [e for e in prof.events() if e.name == "minlora::lora_forward_add_"]
     assert len(adds) == 2 * layers
-    assert all(e.input_shapes[-2] and e.input_shapes[-1] for e in adds), "a layer ran without the step's plan"
+    assert all(e.input_shapes[9] and e.input_shapes[10] and e.input_shapes[11] for e in adds), \
+        "a layer ran without the step's plan"
     assert "minlora::lora_forward" not in counts
 
 

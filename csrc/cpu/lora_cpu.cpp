@@ -19,12 +19,16 @@
 // training) run as matrix products (at::mm) on float copies of their token rows and pages,
 // where at::mm cannot start threads of its own: inside a region (nested regions run on one
 // thread) or with one thread in all.  The intermediate A_s x_t is accumulated and scaled in
-// float32 (float64 for float64 inputs) and never rounded.
+// float32 (float64 for float64 inputs) and never rounded.  The pool gradients of each (slot,
+// rank index) are summed in that precision and added once into their page rows: a dense
+// gradient of the pools' dtype (the functional backward) or float32 accumulators that only the
+// batch's pages are added into (the accumulating backward, lora_backward_accumulate_).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <vector>
 
 #include "../lora_op.h"
@@ -49,7 +53,6 @@ constexpr int64_t kInlineWork = int64_t{1} << 25;
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The float32 inner loops are built for AVX2+FMA as well as the baseline ISA and chosen at
 // load time (GCC function multi-versioning): the extension must run on any x86-64, and
@@ -323,23 +326,27 @@ std::vector<int64_t> coef_layout(const HostIndices& ix) {
 }
 
 // grad[pages[s, j], c0:c1] += sum over slot s's tokens t of coef[t, j] * v[t, c0:c1], for every
-// slot: one item's column tile of one pool gradient.  `grad` is [P, len] in acc precision and
-// is zeroed here in the tile's columns first.
-template <typename scalar_t, typename acc_t>
-void pool_grad_tile(acc_t* grad, int64_t num_pages, int64_t len, int64_t c0, int64_t c1, const scalar_t* v,
+// slot: one item's column tile of one pool gradient.  The sum of each (slot, j) is formed in
+// acc precision (d [r, w]) and added once into `grad` ([P, len] of out_t: the pools' dtype for
+// the functional backward, float32 accumulators for the accumulating one), so a 16-bit
+// gradient is rounded once per contribution.  zero_first: the tile's columns of every page are
+// zeroed first (a dense result); else only the batch's pages are touched.
+template <typename scalar_t, typename acc_t, typename out_t>
+void pool_grad_tile(out_t* grad, int64_t num_pages, int64_t len, int64_t c0, int64_t c1, const scalar_t* v,
                     const acc_t* coef, const int64_t* coef_begin, const std::vector<int32_t>& pages,
-                    const HostIndices& ix, Scratch<acc_t>& scratch, bool gemm_ok) {
+                    const HostIndices& ix, bool zero_first, Scratch<acc_t>& scratch, bool gemm_ok) {
   const int64_t w = c1 - c0;
-  for (int64_t p = 0; p < num_pages; ++p) std::fill(grad + p * len + c0, grad + p * len + c1, acc_t(0));
+  if (zero_first)
+    for (int64_t p = 0; p < num_pages; ++p) std::fill(grad + p * len + c0, grad + p * len + c1, out_t(0));
   for (int64_t s = 0; s < ix.num_slots(); ++s) {
     const int64_t n = ix.segment_length(s), r = ix.ranks[s];
     if (n == 0 || r == 0) continue;
     const int32_t* tokens = ix.order.data() + ix.segment_begin(s);
     const int32_t* pg = pages.data() + ix.page_begin[s];
     const acc_t* cs = coef + coef_begin[s];  // [n, r]
+    // d [r, w] = coef_s^T v_s[:, c0:c1]
+    acc_t* d = Scratch<acc_t>::sized(scratch.out, r * w);
     if (gemm_ok && n >= kGemmMinTokens) {
-      // d [r, w] = coef_s^T v_s[:, c0:c1], over blocks of tokens.
-      acc_t* d = Scratch<acc_t>::sized(scratch.out, r * w);
       auto dt = view(d, r, w);
       for (int64_t b = 0; b < n; b += kGemmTokens) {
         const int64_t m = std::min(kGemmTokens, n - b);
@@ -352,16 +359,21 @@ void pool_grad_tile(acc_t* grad, int64_t num_pages, int64_t len, int64_t c0, int
           dt.addmm_(ct, view(rows, m, w));
         }
       }
-      for (int64_t j = 0; j < r; ++j) {
-        acc_t* row = grad + static_cast<int64_t>(pg[j]) * len + c0;
-        const acc_t* dj = d + j * w;
-#pragma omp simd
-        for (int64_t c = 0; c < w; ++c) row[c] += dj[c];
-      }
     } else {
+      std::fill(d, d + r * w, acc_t(0));
       for (int64_t i = 0; i < n; ++i) {
         const scalar_t* vt = v + static_cast<int64_t>(tokens[i]) * len + c0;
-        for (int64_t j = 0; j < r; ++j) axpy(grad + static_cast<int64_t>(pg[j]) * len + c0, cs[i * r + j], vt, w);
+        for (int64_t j = 0; j < r; ++j) axpy(d + j * w, cs[i * r + j], vt, w);
+      }
+    }
+    for (int64_t j = 0; j < r; ++j) {
+      out_t* row = grad + static_cast<int64_t>(pg[j]) * len + c0;
+      const acc_t* dj = d + j * w;
+      if constexpr (std::is_same_v<out_t, acc_t>) {
+#pragma omp simd
+        for (int64_t c = 0; c < w; ++c) row[c] += dj[c];
+      } else {
+        for (int64_t c = 0; c < w; ++c) row[c] = static_cast<out_t>(static_cast<acc_t>(row[c]) + dj[c]);
       }
     }
   }
@@ -395,13 +407,20 @@ at::Tensor forward(const LoraArgs& args, const Plan* plan) {
 
 void forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) { forward_into(y, args, plan, true); }
 
-Grads backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan, std::array<bool, 3> mask) {
-  const HostIndices ix = read_indices(args, plan);
+// Where one pool gradient goes: the functional backward's dense gradient of the pools' dtype
+// (zeroed, then the batch's pages added), or a float32 accumulator (only the batch's pages
+// added into).  data undefined: not wanted.
+struct GradOut {
+  at::Tensor data;
+  bool f32_accumulator;
+};
+
+// grad_x (written once: rows without an adapter are 0; undefined: not wanted) and the pool
+// gradients of one backward call.
+void backward_into(const at::Tensor& grad_y, const LoraArgs& args, const HostIndices& ix, at::Tensor& grad_x,
+                   const GradOut& out_a, const GradOut& out_b) {
   const auto g = grad_y.contiguous();
-  const auto empty = at::empty({0}, args.x.options());
-  at::Tensor grad_x = mask[0] ? at::empty_like(args.x) : empty;
-  at::Tensor grad_a = mask[1] ? at::empty_like(args.a_pool) : empty;
-  at::Tensor grad_b = mask[2] ? at::empty_like(args.b_pool) : empty;
+  const bool want_x = grad_x.defined(), want_a = out_a.data.defined(), want_b = out_b.data.defined();
   const int64_t in = args.in_features(), out = args.out_features();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(), "minlora_backward", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -411,62 +430,87 @@ Grads backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan,
     const scalar_t* b_pool = args.b_pool.data_ptr<scalar_t>();
     const float* scales = args.scales.data_ptr<float>();
     const auto coef_begin = coef_layout(ix);
-    // u = scale B_s^T g_t (feeds grad_x and grad_a), h = scale A_s x_t (feeds grad_b).
-    std::vector<acc_t> u(mask[0] || mask[1] ? coef_begin.back() : 0), h(mask[2] ? coef_begin.back() : 0);
+    // u = scale B_s^T g_t (feeds grad_x and grad_a), h = scale A_s x_t (feeds grad_b), in acc
+    // precision: never rounded.
+    std::vector<acc_t> u(want_x || want_a ? coef_begin.back() : 0), h(want_b ? coef_begin.back() : 0);
     // Region 1: per block of tokens, u (and grad_x = u A_s, write-once) and h.
     const ShrinkExpand<scalar_t> gx_op{gp, out, b_pool, ix.b_pages.data(), a_pool, ix.a_pages.data(), in};
-    scalar_t* gx = mask[0] ? grad_x.data_ptr<scalar_t>() : nullptr;
-    auto items = segment_items(ix, in + out, mask[0]);
+    scalar_t* gx = want_x ? grad_x.data_ptr<scalar_t>() : nullptr;
+    auto items = segment_items(ix, in + out, want_x);
     run_items<acc_t>(items, [&](const Item& it, Scratch<acc_t>& scratch, bool gemm_ok) {
-      if (mask[0] || mask[1])
+      if (want_x || want_a)
         shrink_expand_item<scalar_t, acc_t>(it, gx_op, ix, scales, gx, false, u.data(), coef_begin.data(), scratch,
                                             gemm_ok);
-      if (mask[2] && it.slot >= 0) {
+      if (want_b && it.slot >= 0) {
         const int64_t s = it.slot, r = ix.ranks[s];
         shrink(x, in, a_pool, ix.a_pages.data() + ix.page_begin[s], r, ix.order.data() + it.begin, it.count,
                static_cast<acc_t>(scales[s]), h.data() + coef_begin[s] + (it.begin - ix.segment_begin(s)) * r,
                gemm_ok && ix.segment_length(s) >= kGemmMinTokens, scratch);
       }
     });
-    if (!mask[1] && !mask[2]) return;
-    // Region 2: column tiles of grad_a (u^T x) and grad_b (h^T g), in acc precision (a page
-    // may be shared by several slots or rank indices), then rounded to the pools' dtype.
-    const bool direct = std::is_same_v<scalar_t, acc_t>;
-    at::Tensor acc_a = mask[1] ? (direct ? grad_a : at::empty(args.a_pool.sizes(), g.options().dtype(acc_dtype(g))))
-                               : at::Tensor();
-    at::Tensor acc_b = mask[2] ? (direct ? grad_b : at::empty(args.b_pool.sizes(), g.options().dtype(acc_dtype(g))))
-                               : at::Tensor();
+    if (!want_a && !want_b) return;
+    // Region 2: column tiles of grad_a (u^T x) and grad_b (h^T g).  Items own their columns:
+    // no two workers add into one element.
     const int64_t Pa = args.a_pool.size(0), Pb = args.b_pool.size(0);
     std::vector<GradTile> tiles;
-    auto add_tiles = [&](bool is_a, int64_t len, int64_t pages) {
+    auto add_tiles = [&](bool is_a, int64_t len, int64_t pages, bool zero_first) {
       for (int64_t c = 0; c < len; c += kGradColumns) {
         const int64_t c1 = std::min(len, c + kGradColumns);
-        tiles.push_back({is_a, c, c1, (c1 - c) * (coef_begin.back() + pages)});
+        tiles.push_back({is_a, c, c1, (c1 - c) * (coef_begin.back() + (zero_first ? pages : 0))});
       }
     };
-    if (mask[1]) add_tiles(true, in, Pa);
-    if (mask[2]) add_tiles(false, out, Pb);
+    if (want_a) add_tiles(true, in, Pa, !out_a.f32_accumulator);
+    if (want_b) add_tiles(false, out, Pb, !out_b.f32_accumulator);
     run_items<acc_t>(tiles, [&](const GradTile& tile, Scratch<acc_t>& scratch, bool gemm_ok) {
-      at::Tensor& acc = tile.is_a ? acc_a : acc_b;
+      const GradOut& dst = tile.is_a ? out_a : out_b;
       const int64_t len = tile.is_a ? in : out, P = tile.is_a ? Pa : Pb;
-      pool_grad_tile<scalar_t, acc_t>(acc.data_ptr<acc_t>(), P, len, tile.c0, tile.c1, tile.is_a ? x : gp,
-                                      tile.is_a ? u.data() : h.data(), coef_begin.data(),
-                                      tile.is_a ? ix.a_pages : ix.b_pages, ix, scratch, gemm_ok);
-      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-        scalar_t* dst = (tile.is_a ? grad_a : grad_b).data_ptr<scalar_t>();
-        const acc_t* src = acc.data_ptr<acc_t>();
-        for (int64_t p = 0; p < P; ++p)
-          for (int64_t c = tile.c0; c < tile.c1; ++c) dst[p * len + c] = static_cast<scalar_t>(src[p * len + c]);
+      const scalar_t* v = tile.is_a ? x : gp;
+      const acc_t* coef = tile.is_a ? u.data() : h.data();
+      const auto& pages = tile.is_a ? ix.a_pages : ix.b_pages;
+      if (dst.f32_accumulator) {
+        pool_grad_tile<scalar_t, acc_t, float>(dst.data.data_ptr<float>(), P, len, tile.c0, tile.c1, v, coef,
+                                               coef_begin.data(), pages, ix, false, scratch, gemm_ok);
+      } else {
+        pool_grad_tile<scalar_t, acc_t, scalar_t>(dst.data.data_ptr<scalar_t>(), P, len, tile.c0, tile.c1, v, coef,
+                                                  coef_begin.data(), pages, ix, true, scratch, gemm_ok);
       }
     });
   });
-  return {grad_x, grad_a, grad_b};
+}
+
+Grads backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan, std::array<bool, 3> mask) {
+  const HostIndices ix = read_indices(args, plan);
+  const auto empty = at::empty({0}, args.x.options());
+  at::Tensor grad_x = mask[0] ? at::empty_like(args.x) : at::Tensor();
+  const GradOut grad_a{mask[1] ? at::empty_like(args.a_pool) : at::Tensor(), false};
+  const GradOut grad_b{mask[2] ? at::empty_like(args.b_pool) : at::Tensor(), false};
+  backward_into(grad_y, args, ix, grad_x, grad_a, grad_b);
+  return {mask[0] ? grad_x : empty, mask[1] ? grad_a.data : empty, mask[2] ? grad_b.data : empty};
+}
+
+at::Tensor backward_accumulate(at::Tensor& grad_a_acc, at::Tensor& grad_b_acc, const at::Tensor& grad_y,
+                               const LoraArgs& args, const Plan* plan, bool want_grad_x) {
+  const HostIndices ix = read_indices(args, plan);
+  at::Tensor grad_x = want_grad_x ? at::empty_like(args.x) : at::Tensor();
+  backward_into(grad_y, args, ix, grad_x, GradOut{grad_a_acc, true}, GradOut{grad_b_acc, true});
+  return want_grad_x ? grad_x : at::empty({0}, args.x.options());
+}
+
+at::Tensor plan_positions(const at::Tensor& order) {
+  const int64_t T = order.size(0);
+  // One read of the caller's memory, then checks and the inverse on the copy.
+  std::vector<int32_t> values(static_cast<size_t>(T));
+  if (T > 0) std::memcpy(values.data(), order.data_ptr<int32_t>(), sizeof(int32_t) * static_cast<size_t>(T));
+  auto positions = at::empty({T}, order.options());
+  host_plan_positions(values.data(), T, positions.data_ptr<int32_t>());
+  return positions;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(minlora, CPU, m) {
-  register_lora_ops<&cpu::forward, &cpu::forward_add, &cpu::backward, &cpu::build_plan>(m);
+  register_lora_ops<&cpu::forward, &cpu::forward_add, &cpu::backward, &cpu::backward_accumulate, &cpu::build_plan,
+                    &cpu::plan_positions>(m);
 }
 
 }  // namespace minlora::cpu

@@ -1,11 +1,16 @@
 // The CUDA backend of the LoRA ops: turns validated tensors into kernel parameters, chooses
 // the kernels (kernels/dispatch.h), launches them on the current stream, and registers
-// TORCH_LIBRARY_IMPL(minlora, CUDA).  Nothing here
-// synchronises the host (no reads of device memory, no blocking calls), so the ops can be
-// captured into CUDA graphs; workspaces come from the caching allocator.  Index values are
-// therefore not checked here: the kernels treat an out-of-range slot, rank or page as "no
-// adapter" (or skip the page) and never read out of bounds.  MINLORA_CHECK_INDICES=1 adds the
-// host check of the CPU backend (a debug switch: it copies the index tensors to the host).
+// TORCH_LIBRARY_IMPL(minlora, CUDA).  Nothing here synchronises the host (no reads of device
+// memory, no blocking calls), so the ops can be captured into CUDA graphs; workspaces come
+// from the caching allocator.  Index values are therefore not checked here: the kernels treat
+// an out-of-range slot, rank or page as "no adapter" and trust only plan positions that agree
+// with the plan's positions (kernels/lora_index.h), so they never read out of bounds and never
+// write a row twice.  MINLORA_CHECK_INDICES=1 adds the host check of the CPU backend (a debug
+// switch: it copies the index tensors to the host).
+//
+// Every output row is written once: the functional forward and grad_x are written only by the
+// kernels (rows no path owns get zeros), never zero-filled first; the accumulating forms add
+// only into the rows and pages the batch owns.
 // c10's CUDA headers only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE and
 // doubles this file's compile time).
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -15,21 +20,23 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "../lora_op.h"
 #include "kernels/dispatch.h"
-#include "kernels/lora_fallback.cuh"
 #include "kernels/lora_gather.cuh"
 #include "kernels/lora_grouped.cuh"
 
 namespace minlora::cuda {
 namespace {
 
-kernels::DType kernel_dtype(at::ScalarType t) {
+namespace k = kernels;
+
+k::DType kernel_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kHalf: return kernels::DType::kFloat16;
-    case at::kBFloat16: return kernels::DType::kBFloat16;
-    case at::kFloat: return kernels::DType::kFloat32;
+    case at::kHalf: return k::DType::kFloat16;
+    case at::kBFloat16: return k::DType::kBFloat16;
+    case at::kFloat: return k::DType::kFloat32;
     default: TORCH_CHECK(false, "minlora CUDA kernels take float16, bfloat16 or float32, got ", t);
   }
 }
@@ -39,14 +46,14 @@ void check_launch(cudaError_t err, const char* what) {
 }
 
 void check_rank_width(const LoraArgs& args) {
-  TORCH_CHECK_VALUE(args.max_rank() <= kernels::kFallbackMaxRank, "a_pages has R = ", args.max_rank(),
-                    " columns; the CUDA kernels take at most ", kernels::kFallbackMaxRank);
+  TORCH_CHECK_VALUE(args.max_rank() <= k::kMaxRank, "a_pages has R = ", args.max_rank(),
+                    " columns; the CUDA kernels take at most ", k::kMaxRank);
 }
 
-kernels::KernelMode kernel_mode() {
-  const kernels::KernelMode mode = kernels::kernel_mode_from_env();
-  TORCH_CHECK_VALUE(mode != kernels::KernelMode::kUnknown, "MINLORA_CUDA_KERNELS = '",
-                    std::getenv("MINLORA_CUDA_KERNELS"), "' is none of auto, fallback, gather, grouped");
+k::KernelMode kernel_mode() {
+  const k::KernelMode mode = k::kernel_mode_from_env();
+  TORCH_CHECK_VALUE(mode != k::KernelMode::kUnknown, "MINLORA_CUDA_KERNELS = '", std::getenv("MINLORA_CUDA_KERNELS"),
+                    "' is none of auto, fallback, gather, grouped");
   return mode;
 }
 
@@ -60,163 +67,7 @@ int sm_count(const at::Tensor& t) {
   return n;
 }
 
-// The fields every shrink-then-expand kernel's parameters share (the fallback, gather and
-// grouped kernels name them alike): x [T, in] -> shrink pages (length in) -> expand pages
-// (length out).  The forward is (x, a_pool, a_pages, b_pool, b_pages); grad_x is
-// (grad_y, b_pool, b_pages, a_pool, a_pages).
-template <typename Params>
-void fill_shrink_expand(Params& p, const at::Tensor& x, const at::Tensor& shrink_pool, const at::Tensor& shrink_pages,
-                        const at::Tensor& expand_pool, const at::Tensor& expand_pages, const LoraArgs& args) {
-  p.shrink_pool = shrink_pool.data_ptr();
-  p.expand_pool = expand_pool.data_ptr();
-  p.shrink_pages = shrink_pages.data_ptr<int32_t>();
-  p.expand_pages = expand_pages.data_ptr<int32_t>();
-  p.ranks = args.ranks.data_ptr<int32_t>();
-  p.scales = args.scales.data_ptr<float>();
-  p.token_slot = args.token_slot.data_ptr<int32_t>();
-  p.num_tokens = x.size(0);
-  p.num_slots = args.num_slots();
-  p.max_rank = args.max_rank();
-  p.in_features = x.size(1);
-  p.out_features = expand_pool.size(1);
-  p.num_shrink_pages = shrink_pool.size(0);
-  p.num_expand_pages = expand_pool.size(0);
-}
-
-// ---- the fallback kernels (MINLORA_CUDA_KERNELS=fallback, and R > kGatherMaxRank) ----
-
-// y += scale_s * E_s (S_s x) on the current stream (see kernels::ShrinkExpandParams).
-void fallback_shrink_expand_add(at::Tensor& y, const at::Tensor& x, const at::Tensor& shrink_pool,
-                              const at::Tensor& shrink_pages, const at::Tensor& expand_pool,
-                              const at::Tensor& expand_pages, const LoraArgs& args) {
-  kernels::ShrinkExpandParams p{};
-  p.x = x.data_ptr();
-  p.y = y.data_ptr();
-  fill_shrink_expand(p, x, shrink_pool, shrink_pages, expand_pool, expand_pages, args);
-  check_launch(kernels::launch_shrink_expand_fallback(p, kernel_dtype(x.scalar_type()),
-                                                    c10::cuda::getCurrentCUDAStream()),
-               "the LoRA shrink/expand kernel");
-}
-
-Grads fallback_backward(const at::Tensor& g, const LoraArgs& args, std::array<bool, 3> output_mask) {
-  const auto empty = at::empty({0}, args.x.options());
-  at::Tensor grad_x = empty, grad_a = empty, grad_b = empty;
-  if (output_mask[0]) {
-    grad_x = at::zeros_like(args.x);
-    fallback_shrink_expand_add(grad_x, g, args.b_pool, args.b_pages, args.a_pool, args.a_pages, args);
-  }
-  if (output_mask[1] || output_mask[2]) {
-    const auto f32 = args.x.options().dtype(at::kFloat);
-    at::Tensor grad_a32 = output_mask[1] ? at::zeros(args.a_pool.sizes(), f32) : at::Tensor();
-    at::Tensor grad_b32 = output_mask[2] ? at::zeros(args.b_pool.sizes(), f32) : at::Tensor();
-    kernels::PoolGradParams p{};
-    p.x = args.x.data_ptr();
-    p.grad_y = g.data_ptr();
-    p.a_pool = args.a_pool.data_ptr();
-    p.b_pool = args.b_pool.data_ptr();
-    p.a_pages = args.a_pages.data_ptr<int32_t>();
-    p.b_pages = args.b_pages.data_ptr<int32_t>();
-    p.ranks = args.ranks.data_ptr<int32_t>();
-    p.scales = args.scales.data_ptr<float>();
-    p.token_slot = args.token_slot.data_ptr<int32_t>();
-    p.grad_a = output_mask[1] ? grad_a32.data_ptr<float>() : nullptr;
-    p.grad_b = output_mask[2] ? grad_b32.data_ptr<float>() : nullptr;
-    p.num_tokens = args.num_tokens();
-    p.num_slots = args.num_slots();
-    p.max_rank = args.max_rank();
-    p.in_features = args.in_features();
-    p.out_features = args.out_features();
-    p.num_a_pages = args.a_pool.size(0);
-    p.num_b_pages = args.b_pool.size(0);
-    check_launch(kernels::launch_pool_grads_fallback(p, kernel_dtype(args.x.scalar_type()),
-                                                   c10::cuda::getCurrentCUDAStream()),
-                 "the LoRA pool-gradient kernel");
-    if (output_mask[1]) grad_a = grad_a32.to(args.x.scalar_type());
-    if (output_mask[2]) grad_b = grad_b32.to(args.x.scalar_type());
-  }
-  return {grad_x, grad_a, grad_b};
-}
-
-// ---- the fast paths ----
-
-bool aligned16(std::initializer_list<const at::Tensor*> tensors) {
-  for (const at::Tensor* t : tensors) {
-    const int64_t row_bytes = t->size(1) * static_cast<int64_t>(t->element_size());
-    const void* ptr = t->data_ptr();
-    if (!kernels::rows_are_16b_aligned(&ptr, 1, &row_bytes, 1)) return false;
-  }
-  return true;
-}
-
-// One gather launch (see kernels::GatherParams).  `plan` may be null (one token per block).
-void gather(const at::Tensor* y, const at::Tensor& x, const float* h_in, float* h_out, const at::Tensor& shrink_pool,
-            const at::Tensor& shrink_pages, const at::Tensor& expand_pool, const at::Tensor& expand_pages,
-            const LoraArgs& args, const Plan* plan, int64_t skip_segments_from) {
-  kernels::GatherParams p{};
-  p.x = x.data_ptr();
-  p.y = y != nullptr ? y->data_ptr() : nullptr;
-  p.h_in = h_in;
-  p.h_out = h_out;
-  fill_shrink_expand(p, x, shrink_pool, shrink_pages, expand_pool, expand_pages, args);
-  p.order = plan != nullptr ? plan->order.data_ptr<int32_t>() : nullptr;
-  p.seg_offsets = plan != nullptr ? plan->seg_offsets.data_ptr<int32_t>() : nullptr;
-  p.skip_segments_from = skip_segments_from;
-  std::vector<const at::Tensor*> rows = {&x, &shrink_pool, &expand_pool};
-  if (y != nullptr) rows.push_back(y);
-  bool vec = true;
-  for (const at::Tensor* t : rows) vec = vec && aligned16({t});
-  check_launch(kernels::launch_gather(p, kernel_dtype(x.scalar_type()), vec, c10::cuda::getCurrentCUDAStream()),
-               "the LoRA gather kernel");
-}
-
-// Grouped GEMM parameters for one operand ordering (as for gather(): the forward is
-// (x, a_pool, a_pages) -> (b_pool, b_pages) into y; grad_x is (grad_y, b, b_pages) -> (a, a_pages)).
-kernels::GroupedParams grouped_params(const at::Tensor* y, const at::Tensor& x, const at::Tensor& shrink_pool,
-                                      const at::Tensor& shrink_pages, const at::Tensor& expand_pool,
-                                      const at::Tensor& expand_pages, const LoraArgs& args, const Plan& plan,
-                                      int64_t min_segment) {
-  kernels::GroupedParams p{};
-  p.x = x.data_ptr();
-  p.y = y != nullptr ? y->data_ptr() : nullptr;
-  fill_shrink_expand(p, x, shrink_pool, shrink_pages, expand_pool, expand_pages, args);
-  p.order = plan.order.data_ptr<int32_t>();
-  p.seg_offsets = plan.seg_offsets.data_ptr<int32_t>();
-  p.min_segment = min_segment;
-  p.hs = nullptr;
-  p.skip_expand = y == nullptr;
-  return p;
-}
-
-void grouped(const kernels::GroupedParams& p, const at::Tensor& like) {
-  const int sms = sm_count(like);
-  const auto ws = at::empty({static_cast<int64_t>(kernels::grouped_workspace_bytes(p, sms))},
-                            like.options().dtype(at::kByte));
-  check_launch(kernels::launch_grouped(p, kernel_dtype(like.scalar_type()), ws.data_ptr(), sms,
-                                       c10::cuda::getCurrentCUDAStream()),
-               "the LoRA grouped GEMM");
-}
-
-kernels::OpShape op_shape(const LoraArgs& args, const Plan* plan) {
-  kernels::OpShape s{};
-  s.num_tokens = args.num_tokens();
-  s.num_slots = args.num_slots();
-  s.max_rank = args.max_rank();
-  s.in_features = args.in_features();
-  s.out_features = args.out_features();
-  s.half_precision = args.x.scalar_type() == at::kHalf || args.x.scalar_type() == at::kBFloat16;
-  s.has_plan = plan != nullptr;
-  s.grouped_compiled = kernels::grouped_compiled();
-  return s;
-}
-
-// Alignment of the grouped path's operands does not depend on the plan's contents; a
-// stand-in plan lets grouped_params be built before the real one exists.
-bool grouped_aligned(const at::Tensor* y, const at::Tensor& x, const at::Tensor& shrink_pool,
-                     const at::Tensor& expand_pool, const LoraArgs& args) {
-  const Plan none{args.token_slot, args.token_slot};
-  return kernels::grouped_aligned(
-      grouped_params(y, x, shrink_pool, args.a_pages, expand_pool, args.b_pages, args, none, 1));
-}
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 bool stream_is_capturing(const at::Device& device) {
   // The current stream of the tensors' device, not of the current device: they may differ.
@@ -232,129 +83,44 @@ bool check_indices(const at::Device& device) {
   return v != nullptr && std::strcmp(v, "1") == 0 && !stream_is_capturing(device);
 }
 
-Plan device_plan(const at::Tensor& token_slot, int64_t num_slots);
-
-void forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) {
-  check_rank_width(args);
-  if (check_indices(args.x.device())) (void)read_indices(args, plan);
-  const c10::cuda::CUDAGuard guard(args.x.device());
-  kernels::OpShape shape = op_shape(args, plan);
-  shape.grouped_aligned = shape.grouped_compiled && shape.half_precision &&
-                          grouped_aligned(&y, args.x, args.a_pool, args.b_pool, args);
-  const kernels::Choice c = kernels::choose_kernels(shape, kernel_mode());
-  if (c.fallback) {
-    fallback_shrink_expand_add(y, args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages, args);
-    return;
+// Rows of every tensor start 16-byte aligned (base pointers and row lengths in bytes).
+bool rows_aligned(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    if (!t->defined()) continue;
+    const int64_t row_bytes = t->size(-1) * static_cast<int64_t>(t->element_size());
+    const void* ptr = t->data_ptr();
+    if (!k::rows_are_16b_aligned(&ptr, 1, &row_bytes, 1)) return false;
   }
-  Plan built;
-  if (c.build_plan) {
-    built = device_plan(args.token_slot, args.num_slots());
-    plan = &built;
-  }
-  if (c.grouped) {
-    grouped(grouped_params(&y, args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages, args, *plan,
-                           c.grouped_min_segment),
-            args.x);
-  }
-  if (c.gather) {
-    gather(&y, args.x, nullptr, nullptr, args.a_pool, args.a_pages, args.b_pool, args.b_pages, args,
-           c.gather_planned ? plan : nullptr, c.grouped ? c.grouped_min_segment : 0);
-  }
+  return true;
 }
 
-Grads backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan, std::array<bool, 3> output_mask) {
-  check_rank_width(args);
-  if (check_indices(args.x.device())) (void)read_indices(args, plan);
-  const c10::cuda::CUDAGuard guard(args.x.device());
-  const auto g = grad_y.contiguous();
-  kernels::OpShape shape = op_shape(args, plan);
-  // grad_x is allocated here (aligned); the two shrinks read g with b_pool and x with a_pool.
-  shape.grouped_aligned = shape.grouped_compiled && shape.half_precision &&
-                          grouped_aligned(nullptr, g, args.b_pool, args.a_pool, args) &&
-                          grouped_aligned(nullptr, args.x, args.a_pool, args.b_pool, args);
-  const kernels::BackwardChoice c = kernels::choose_backward(shape, kernel_mode());
-  if (c.fallback) return fallback_backward(g, args, output_mask);
-  // The pool gradients sum over each slot's tokens: they need the plan's segments.
-  Plan built;
-  if (plan == nullptr) {
-    built = device_plan(args.token_slot, args.num_slots());
-    plan = &built;
+// The grouped path's alignment: 16-byte base pointers, rows of multiples of 8 elements.
+bool grouped_rows_aligned(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    if (!t->defined()) continue;
+    const void* ptr = t->data_ptr();
+    const int64_t len = t->size(-1);
+    if (!k::grouped_aligned(&ptr, 1, &len, 1)) return false;
   }
-  const int64_t T = args.num_tokens(), R = args.max_rank();
-  const auto empty = at::empty({0}, args.x.options());
-  at::Tensor grad_x = empty, grad_a = empty, grad_b = empty;
-  if (output_mask[0]) grad_x = at::zeros_like(args.x);
-  // u[t] = scale_s B_s^T g_t feeds grad_x and grad_a; h[t] = scale_s A_s x_t feeds grad_b.
-  // Gather path: float32 [T, R], row = token.  Grouped path: operand dtype [T, W], row =
-  // plan position (the GEMMs' intermediate, rounded only as the input of the next product).
-  at::Tensor u, h;
-  int64_t coef_ld = R;
-  if (c.grouped) {
-    coef_ld = kernels::grouped_hs_width(R);
-    if (output_mask[0] || output_mask[1]) {
-      u = at::empty({T, coef_ld}, args.x.options());
-      auto p = grouped_params(output_mask[0] ? &grad_x : nullptr, g, args.b_pool, args.b_pages, args.a_pool,
-                              args.a_pages, args, *plan, /*min_segment=*/1);
-      p.hs = u.data_ptr();
-      grouped(p, args.x);
-    }
-    if (output_mask[2]) {
-      h = at::empty({T, coef_ld}, args.x.options());
-      auto p = grouped_params(nullptr, args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages, args, *plan,
-                              /*min_segment=*/1);
-      p.hs = h.data_ptr();
-      grouped(p, args.x);
-    }
-  } else {
-    const auto f32 = args.x.options().dtype(at::kFloat);
-    if (output_mask[0] || output_mask[1]) {
-      u = at::empty({T, R}, f32);
-      gather(nullptr, g, nullptr, u.data_ptr<float>(), args.b_pool, args.b_pages, args.a_pool, args.a_pages, args,
-             plan, 0);
-    }
-    if (output_mask[2]) {
-      h = at::empty({T, R}, f32);
-      gather(nullptr, args.x, nullptr, h.data_ptr<float>(), args.a_pool, args.a_pages, args.b_pool, args.b_pages,
-             args, plan, 0);
-    }
-    if (output_mask[0]) {
-      gather(&grad_x, g, u.data_ptr<float>(), nullptr, args.b_pool, args.b_pages, args.a_pool, args.a_pages, args,
-             plan, 0);
-    }
-  }
-  // Split each segment's tokens among a few blocks when slots average many tokens, so long
-  // segments keep the GPU busy; each split adds once into the (dtype) gradient, so keep it small.
-  const int64_t avg = T / std::max<int64_t>(1, args.num_slots());
-  const int32_t splits = static_cast<int32_t>(std::clamp<int64_t>(avg / 256, 1, 4));
-  auto segment_grad = [&](const at::Tensor& v, const at::Tensor& coef, const at::Tensor& pages,
-                          const at::Tensor& pool) {
-    at::Tensor grad = at::zeros_like(pool);
-    kernels::SegmentGradParams p{};
-    p.v = v.data_ptr();
-    p.coef = c.grouped ? nullptr : coef.data_ptr<float>();
-    p.coef_plan = c.grouped ? coef.data_ptr() : nullptr;
-    p.coef_ld = coef_ld;
-    p.grad_pool = grad.data_ptr();
-    p.pages = pages.data_ptr<int32_t>();
-    p.ranks = args.ranks.data_ptr<int32_t>();
-    p.token_slot = args.token_slot.data_ptr<int32_t>();
-    p.order = plan->order.data_ptr<int32_t>();
-    p.seg_offsets = plan->seg_offsets.data_ptr<int32_t>();
-    p.num_tokens = T;
-    p.num_slots = args.num_slots();
-    p.max_rank = R;
-    p.len = pool.size(1);
-    p.num_pages = pool.size(0);
-    p.token_splits = splits;
-    const bool vec = aligned16({&v, &grad});
-    check_launch(kernels::launch_segment_grad(p, kernel_dtype(args.x.scalar_type()), vec,
-                                              c10::cuda::getCurrentCUDAStream()),
-                 "the LoRA segment-gradient kernel");
-    return grad;
-  };
-  if (output_mask[1]) grad_a = segment_grad(args.x, u, args.a_pages, args.a_pool);
-  if (output_mask[2]) grad_b = segment_grad(g, h, args.b_pages, args.b_pool);
-  return {grad_x, grad_a, grad_b};
+  return true;
+}
+
+k::OpShape op_shape(const LoraArgs& args, const Plan* plan, std::initializer_list<const at::Tensor*> rows) {
+  k::OpShape s{};
+  s.num_tokens = args.num_tokens();
+  s.num_slots = args.num_slots();
+  s.max_rank = args.max_rank();
+  s.in_features = args.in_features();
+  s.out_features = args.out_features();
+  s.max_segment = args.max_segment;
+  s.sm_count = sm_count(args.x);
+  s.vec = rows_aligned(rows) ? 16 / static_cast<int>(args.x.element_size()) : 1;
+  s.half_precision = args.x.scalar_type() == at::kHalf || args.x.scalar_type() == at::kBFloat16;
+  s.has_plan = plan != nullptr;
+  s.has_positions = plan != nullptr && plan->positions.defined();
+  s.grouped_compiled = k::grouped_compiled();
+  s.grouped_aligned = grouped_rows_aligned(rows);
+  return s;
 }
 
 Plan device_plan(const at::Tensor& token_slot, int64_t num_slots) {
@@ -369,14 +135,304 @@ Plan device_plan(const at::Tensor& token_slot, int64_t num_slots) {
   counts.scatter_add_(0, key, at::ones_like(key));
   auto seg = at::zeros({num_slots + 1}, token_slot.options());
   seg.narrow(0, 1, num_slots).copy_(at::cumsum(counts.narrow(0, 0, num_slots), 0));
-  return Plan{order, seg};
+  return Plan{order, seg, at::Tensor()};
 }
 
-// The functional form: y starts at zero, then the kernels add the delta.
+at::Tensor device_positions(const at::Tensor& order) {
+  const c10::cuda::CUDAGuard guard(order.device());
+  auto positions = at::empty_like(order);
+  check_launch(k::launch_plan_positions(order.data_ptr<int32_t>(), order.size(0), positions.data_ptr<int32_t>(),
+                                        stream()),
+               "the plan-positions kernel");
+  return positions;
+}
+
+// The plan the kernels read: the caller's, or one built here, with its positions.
+Plan resolve_plan(const LoraArgs& args, const Plan* given, const k::Choice& c) {
+  Plan plan = given != nullptr ? *given : Plan{};
+  if (c.build_plan) plan = device_plan(args.token_slot, args.num_slots());
+  if (plan.order.defined() && !plan.positions.defined() && c.need_positions) plan.positions = device_positions(plan.order);
+  return plan;
+}
+
+k::PlanView plan_view(const LoraArgs& args, const Plan& plan) {
+  k::PlanView v{};
+  v.token_slot = args.token_slot.data_ptr<int32_t>();
+  v.ranks = args.ranks.data_ptr<int32_t>();
+  const bool full = plan.order.defined() && plan.positions.defined();
+  v.order = full ? plan.order.data_ptr<int32_t>() : nullptr;
+  v.seg_offsets = full ? plan.seg_offsets.data_ptr<int32_t>() : nullptr;
+  v.positions = full ? plan.positions.data_ptr<int32_t>() : nullptr;
+  v.num_tokens = args.num_tokens();
+  v.num_slots = args.num_slots();
+  v.max_rank = args.max_rank();
+  return v;
+}
+
+at::Tensor workspace(size_t bytes, const at::Tensor& like) {
+  return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, like.options().dtype(at::kByte));
+}
+
+// ---- one shrink-then-expand: the forward, and grad_x ----
+
+// The operands of one shrink-then-expand: rows of `act` [T, len_in] -> pages of shrink
+// (length len_in) -> pages of expand (length len_out) into `out`.  The forward is
+// (x, a_pool, a_pages, b_pool, b_pages); grad_x is (grad_y, b_pool, b_pages, a_pool, a_pages).
+struct Operands {
+  const at::Tensor& act;
+  const at::Tensor& shrink_pool;
+  const at::Tensor& shrink_pages;
+  const at::Tensor& expand_pool;
+  const at::Tensor& expand_pages;
+};
+
+k::ShrinkExpandOperands kernel_operands(const Operands& o, const LoraArgs& args) {
+  k::ShrinkExpandOperands k{};
+  k.act = o.act.data_ptr();
+  k.act_len = o.act.size(1);
+  k.shrink_pool = o.shrink_pool.data_ptr();
+  k.shrink_pages = o.shrink_pages.data_ptr<int32_t>();
+  k.num_shrink_pages = o.shrink_pool.size(0);
+  k.expand_pool = o.expand_pool.data_ptr();
+  k.expand_pages = o.expand_pages.data_ptr<int32_t>();
+  k.num_expand_pages = o.expand_pool.size(0);
+  k.out_len = o.expand_pool.size(1);
+  k.scales = args.scales.data_ptr<float>();
+  return k;
+}
+
+k::GatherParams gather_params(const Operands& o, const LoraArgs& args, const k::PlanView& view,
+                              const k::Choice& c, at::Tensor* out, bool accumulate, float* partial) {
+  k::GatherParams p{};
+  p.plan = view;
+  p.mode = c.mode;
+  p.ops = kernel_operands(o, args);
+  p.y = out != nullptr ? out->data_ptr() : nullptr;
+  p.accumulate = accumulate;
+  p.partial = partial;
+  p.launch = c.launch;
+  return p;
+}
+
+k::GroupedOp grouped_op(const Operands& o, const LoraArgs& args, const k::PlanView& view, int64_t grouped_min,
+                        at::Tensor* out, bool accumulate, bool forward, at::Tensor* hs) {
+  k::GroupedOp g{};
+  g.plan = view;
+  g.grouped_min = grouped_min;
+  g.ops = kernel_operands(o, args);
+  // The forward scales its intermediate (DESIGN.md, The math); the backward keeps u and h
+  // unscaled in the operand dtype and the consumers apply the scale in float32, so a large
+  // scale cannot push a float16 intermediate out of range.
+  g.shrink_scaled = forward;
+  g.expand_scaled = !forward;
+  g.out = out != nullptr ? out->data_ptr() : nullptr;
+  g.accumulate = accumulate;
+  g.hs = hs != nullptr ? hs->data_ptr() : nullptr;
+  return g;
+}
+
+void launch_grouped_op(const k::GroupedOp& g, const at::Tensor& like) {
+  const int sms = sm_count(like);
+  const k::DType dtype = kernel_dtype(like.scalar_type());
+  const auto ws = workspace(k::grouped_workspace_bytes(g, dtype, sms), like);
+  check_launch(k::launch_grouped(g, dtype, ws.data_ptr(), sms, stream()), "the LoRA grouped GEMM");
+}
+
+// out (+)= the delta of `o` for every row the batch owns; write-only (out = delta, zeros in
+// the other rows) unless accumulate.  c: the dispatcher's choice; plan resolved.
+void shrink_expand(at::Tensor& out, const Operands& o, const LoraArgs& args, const Plan& plan, const k::Choice& c,
+                   bool accumulate, int vec) {
+  const k::PlanView view = plan_view(args, plan);
+  const k::DType dtype = kernel_dtype(args.x.scalar_type());
+  const bool vectorized = vec > 1;
+  if (c.mode.grouped_min > 0)
+    launch_grouped_op(grouped_op(o, args, view, c.mode.grouped_min, &out, accumulate, /*forward=*/true, nullptr),
+                      args.x);
+  if (!c.launch_gather) return;
+  if (c.launch.fused) {
+    check_launch(k::launch_gather_fused(gather_params(o, args, view, c, &out, accumulate, nullptr), dtype, vectorized,
+                                        stream()),
+                 "the LoRA gather kernel");
+    return;
+  }
+  const auto partial = at::empty({c.launch.k_splits, args.num_tokens(), args.max_rank()},
+                                 args.x.options().dtype(at::kFloat));
+  const k::GatherParams p = gather_params(o, args, view, c, &out, accumulate, partial.data_ptr<float>());
+  if (c.gather_shrink) check_launch(k::launch_gather_shrink(p, dtype, vectorized, stream()), "the LoRA gather shrink");
+  check_launch(k::launch_gather_expand(p, dtype, vectorized, stream()), "the LoRA gather expand");
+}
+
+void forward_into(at::Tensor& y, const LoraArgs& args, const Plan* given, bool accumulate) {
+  check_rank_width(args);
+  if (check_indices(args.x.device())) (void)read_indices(args, given);
+  if (args.out_features() == 0) return;
+  const c10::cuda::CUDAGuard guard(args.x.device());
+  const k::OpShape shape = op_shape(args, given, {&args.x, &args.a_pool, &args.b_pool, &y});
+  const k::Choice c = k::choose_forward(shape, kernel_mode(), !accumulate);
+  const Plan plan = resolve_plan(args, given, c);
+  shrink_expand(y, Operands{args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages}, args, plan, c, accumulate,
+                shape.vec);
+}
+
+// The functional form: y is written once by the kernels (no zero fill).
 at::Tensor forward(const LoraArgs& args, const Plan* plan) {
-  auto y = at::zeros({args.num_tokens(), args.out_features()}, args.x.options());
-  forward_add(y, args, plan);
+  auto y = at::empty({args.num_tokens(), args.out_features()}, args.x.options());
+  forward_into(y, args, plan, /*accumulate=*/false);
   return y;
+}
+
+void forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) { forward_into(y, args, plan, true); }
+
+// ---- the backward ----
+
+// One pool gradient of the backward: the functional form's dense gradient of the pools' dtype
+// (zeroed here) or a caller's float32 accumulator.  Undefined: not wanted.
+struct PoolGrad {
+  at::Tensor data;
+};
+
+bool is_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat; }
+
+k::SegmentGradParams segment_grad_params(const LoraArgs& args, const k::PlanView& view, const k::GatherMode& mode,
+                                         const at::Tensor& v, const at::Tensor& partial, const at::Tensor& pages,
+                                         const at::Tensor& pool, const at::Tensor& other_pages,
+                                         const at::Tensor& other_pool, at::Tensor& grad, int32_t token_splits) {
+  k::SegmentGradParams p{};
+  p.plan = view;
+  p.mode = mode;
+  p.v = v.data_ptr();
+  p.partial = partial.data_ptr<float>();
+  p.k_splits = static_cast<int32_t>(partial.size(0));
+  p.scales = args.scales.data_ptr<float>();
+  p.pages = pages.data_ptr<int32_t>();
+  p.num_pages = pool.size(0);
+  p.other_pages = other_pages.data_ptr<int32_t>();
+  p.num_other_pages = other_pool.size(0);
+  p.grad = grad.data_ptr();
+  p.grad_f32 = is_f32(grad);
+  p.len = pool.size(1);
+  p.token_splits = token_splits;
+  return p;
+}
+
+k::GroupedGradOp grouped_grad_op(const LoraArgs& args, const k::PlanView& view, int64_t grouped_min,
+                                 const at::Tensor& pages, const at::Tensor& pool, const at::Tensor& other_pages,
+                                 const at::Tensor& other_pool, const at::Tensor& hs, const at::Tensor& v,
+                                 at::Tensor& grad, int32_t splits) {
+  k::GroupedGradOp g{};
+  g.plan = view;
+  g.grouped_min = grouped_min;
+  g.scales = args.scales.data_ptr<float>();
+  g.pages = pages.data_ptr<int32_t>();
+  g.num_pages = pool.size(0);
+  g.other_pages = other_pages.data_ptr<int32_t>();
+  g.num_other_pages = other_pool.size(0);
+  g.hs = hs.data_ptr();
+  g.v = v.data_ptr();
+  g.len = pool.size(1);
+  g.grad = grad.data_ptr();
+  g.grad_f32 = is_f32(grad);
+  g.splits = splits;
+  return g;
+}
+
+// grad_x (undefined: not wanted; else written once) and the pool gradients (added into) of one
+// backward call.  Per segment: the grouped GEMMs for the segments the grouped path owns, the
+// gather and segment-gradient kernels for the others.
+void backward_into(const at::Tensor& grad_y, const LoraArgs& args, const Plan* given, at::Tensor& grad_x,
+                   PoolGrad grad_a, PoolGrad grad_b) {
+  check_rank_width(args);
+  if (check_indices(args.x.device())) (void)read_indices(args, given);
+  const c10::cuda::CUDAGuard guard(args.x.device());
+  const auto g = grad_y.contiguous();
+  const bool want_x = grad_x.defined(), want_a = grad_a.data.defined(), want_b = grad_b.data.defined();
+  const bool need_u = want_x || want_a, need_h = want_b;
+  if (!want_x && !want_a && !want_b) return;
+  const bool grads_f32 = (!want_a || is_f32(grad_a.data)) && (!want_b || is_f32(grad_b.data));
+  const k::OpShape shape = op_shape(args, given, {&args.x, &g, &args.a_pool, &args.b_pool, &grad_x, &grad_a.data,
+                                                  &grad_b.data});
+  const k::BackwardChoice bc = k::choose_backward(shape, kernel_mode(), grads_f32);
+  const k::Choice& c = bc.fwd;
+  const Plan plan = resolve_plan(args, given, c);
+  const k::PlanView view = plan_view(args, plan);
+  const k::DType dtype = kernel_dtype(args.x.scalar_type());
+  const bool vectorized = shape.vec > 1;
+  const Operands u_ops{g, args.b_pool, args.b_pages, args.a_pool, args.a_pages};  // u = B^T g, grad_x = A^T u
+  const Operands h_ops{args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages};  // h = A x
+  if (c.mode.grouped_min > 0) {
+    const int64_t ldh = k::grouped_hs_width(args.max_rank());
+    at::Tensor us, hs;
+    if (need_u) {
+      us = at::empty({args.num_tokens(), ldh}, args.x.options());
+      launch_grouped_op(grouped_op(u_ops, args, view, c.mode.grouped_min, want_x ? &grad_x : nullptr, false,
+                                   /*forward=*/false, &us),
+                        args.x);
+    }
+    if (need_h) {
+      hs = at::empty({args.num_tokens(), ldh}, args.x.options());
+      launch_grouped_op(grouped_op(h_ops, args, view, c.mode.grouped_min, nullptr, false, /*forward=*/false, &hs),
+                        args.x);
+    }
+    const int sms = sm_count(args.x);
+    auto grad_gemm = [&](const k::GroupedGradOp& op) {
+      const auto ws = workspace(k::grouped_grad_workspace_bytes(op, dtype), args.x);
+      check_launch(k::launch_grouped_grad(op, dtype, ws.data_ptr(), sms, stream()), "the LoRA grouped gradient GEMM");
+    };
+    if (want_a)
+      grad_gemm(grouped_grad_op(args, view, c.mode.grouped_min, args.a_pages, args.a_pool, args.b_pages, args.b_pool,
+                                us, args.x, grad_a.data, bc.grouped_grad_splits));
+    if (want_b)
+      grad_gemm(grouped_grad_op(args, view, c.mode.grouped_min, args.b_pages, args.b_pool, args.a_pages, args.a_pool,
+                                hs, g, grad_b.data, bc.grouped_grad_splits));
+  }
+  // The gather side: coefficients u and h as float32 partial sums (never rounded), grad_x
+  // from u (this launch also zeroes the rows no path owns), the segment gradients.
+  const auto f32 = args.x.options().dtype(at::kFloat);
+  at::Tensor u_part, h_part;
+  if (need_u) {
+    u_part = at::empty({c.launch.k_splits, args.num_tokens(), args.max_rank()}, f32);
+    const k::GatherParams p = gather_params(u_ops, args, view, c, want_x ? &grad_x : nullptr, false,
+                                            u_part.data_ptr<float>());
+    if (c.gather_shrink) check_launch(k::launch_gather_shrink(p, dtype, vectorized, stream()), "the LoRA gather shrink");
+    if (want_x) check_launch(k::launch_gather_expand(p, dtype, vectorized, stream()), "the LoRA gather expand");
+  }
+  if (!c.gather_shrink) return;  // the grouped path took every segment
+  if (need_h) {
+    k::Choice ch = c;
+    ch.launch = bc.h_launch;
+    h_part = at::empty({ch.launch.k_splits, args.num_tokens(), args.max_rank()}, f32);
+    const k::GatherParams p = gather_params(h_ops, args, view, ch, nullptr, false, h_part.data_ptr<float>());
+    check_launch(k::launch_gather_shrink(p, dtype, vectorized, stream()), "the LoRA gather shrink");
+  }
+  auto segment_grad = [&](const k::SegmentGradParams& p) {
+    check_launch(k::launch_segment_grad(p, dtype, vectorized, stream()), "the LoRA segment-gradient kernel");
+  };
+  if (want_a)
+    segment_grad(segment_grad_params(args, view, c.mode, args.x, u_part, args.a_pages, args.a_pool, args.b_pages,
+                                     args.b_pool, grad_a.data, bc.grad_token_splits));
+  if (want_b)
+    segment_grad(segment_grad_params(args, view, c.mode, g, h_part, args.b_pages, args.b_pool, args.a_pages,
+                                     args.a_pool, grad_b.data, bc.grad_token_splits));
+}
+
+// The functional backward: grad_x written once; dense pool gradients of the pools' dtype (a
+// dense result is zeroed once; each (slot, rank index) sum is then added once).
+Grads backward(const at::Tensor& grad_y, const LoraArgs& args, const Plan* plan, std::array<bool, 3> mask) {
+  const auto empty = at::empty({0}, args.x.options());
+  at::Tensor grad_x = mask[0] ? at::empty_like(args.x) : at::Tensor();
+  PoolGrad grad_a{mask[1] ? at::zeros_like(args.a_pool) : at::Tensor()};
+  PoolGrad grad_b{mask[2] ? at::zeros_like(args.b_pool) : at::Tensor()};
+  backward_into(grad_y, args, plan, grad_x, grad_a, grad_b);
+  return {mask[0] ? grad_x : empty, mask[1] ? grad_a.data : empty, mask[2] ? grad_b.data : empty};
+}
+
+// The accumulating backward: float32 gradient pages the caller owns; only the batch's pages
+// are added into.
+at::Tensor backward_accumulate(at::Tensor& grad_a_acc, at::Tensor& grad_b_acc, const at::Tensor& grad_y,
+                               const LoraArgs& args, const Plan* plan, bool want_grad_x) {
+  at::Tensor grad_x = want_grad_x ? at::empty_like(args.x) : at::Tensor();
+  backward_into(grad_y, args, plan, grad_x, PoolGrad{grad_a_acc}, PoolGrad{grad_b_acc});
+  return want_grad_x ? grad_x : at::empty({0}, args.x.options());
 }
 
 Plan build_plan(const at::Tensor& token_slot, int64_t num_slots) {
@@ -384,10 +440,20 @@ Plan build_plan(const at::Tensor& token_slot, int64_t num_slots) {
   return device_plan(token_slot, num_slots);
 }
 
+at::Tensor plan_positions(const at::Tensor& order) {
+  if (check_indices(order.device())) {
+    const auto host = order.cpu();
+    std::vector<int32_t> positions(static_cast<size_t>(order.size(0)));
+    host_plan_positions(host.data_ptr<int32_t>(), order.size(0), positions.data());
+  }
+  return device_positions(order);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(minlora, CUDA, m) {
-  register_lora_ops<&cuda::forward, &cuda::forward_add, &cuda::backward, &cuda::build_plan>(m);
+  register_lora_ops<&cuda::forward, &cuda::forward_add, &cuda::backward, &cuda::backward_accumulate,
+                    &cuda::build_plan, &cuda::plan_positions>(m);
 }
 
 }  // namespace minlora::cuda

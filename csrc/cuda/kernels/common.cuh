@@ -1,5 +1,5 @@
-// Device helpers shared by the minlora kernels: element conversions, 16-byte vectors and
-// index guards.  No torch headers.
+// Device helpers shared by the minlora kernels: element conversions, 16-byte vectors,
+// atomics and block-wide helpers.  No torch headers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -37,7 +37,7 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
   for (int i = 0; i < VEC; ++i) out[i] = to_float(r.v[i]);
 }
 
-// Loads that bypass L1 allocation: adapter pages are streamed once per block.
+// Loads through the read-only path: adapter pages are streamed once per block.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_vec_stream(const T* p, float (&out)[VEC]) {
   Vec<T, VEC> r;
@@ -96,14 +96,8 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ int clamp_int(int64_t v, int64_t lo, int64_t hi) {
-  return static_cast<int>(v < lo ? lo : (v > hi ? hi : v));
-}
-
-// The rank every kernel uses for a slot: ranks[s] when it is in 1..R, else 0 (a rank outside
-// the page table is never trusted in part: the slot then contributes nothing).
-__device__ __forceinline__ int slot_rank(int32_t rank, int64_t max_rank) {
-  return rank >= 1 && rank <= max_rank ? static_cast<int>(rank) : 0;
-}
+// The thread's index in its block and the block's size, for blocks of any shape.
+__device__ __forceinline__ int flat_thread() { return threadIdx.x + threadIdx.y * blockDim.x; }
+__device__ __forceinline__ int block_threads() { return blockDim.x * blockDim.y; }
 
 }  // namespace minlora::kernels

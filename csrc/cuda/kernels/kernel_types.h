@@ -1,5 +1,6 @@
 // Types and limits shared by the minlora CUDA kernels, their dispatcher and their host side:
-// plain C++ (no CUDA runtime, no torch), so that host code and device code read one copy.
+// plain C++ (no CUDA runtime, no torch), so that host code, device code and the CPU tests of
+// the kernel logic (csrc/testing) read one copy.
 #pragma once
 
 #include <cstdint>
@@ -15,13 +16,33 @@ namespace minlora::kernels {
 // Element type of activations and pools.
 enum class DType { kFloat16, kBFloat16, kFloat32 };
 
-// Largest page-table width R of the fallback kernels (a token's rank vector lives in shared memory).
-constexpr int64_t kFallbackMaxRank = 4096;
-// Largest R of the gather kernels (h for a block's tokens lives in shared memory); wider page
-// tables go to the fallback kernels.
+constexpr int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+// Largest page-table width R the CUDA kernels take (one token per gather block: a token's
+// rank vector, R floats, lives in shared memory).
+constexpr int64_t kMaxRank = 4096;
+// Largest R of the planned gather blocks (kGatherTokens rank vectors in shared memory) and of
+// the grouped GEMM path; wider page tables take the one-token-per-block kernels.
 constexpr int64_t kGatherMaxRank = 1024;
-// Tokens of one slot a gather block takes when a plan is given.
+// Tokens of one slot a planned gather block takes.
 constexpr int kGatherTokens = 4;
+
+// The operands of one shrink-then-expand, shared by the gather and grouped paths:
+// rows of act [T, act_len] -> pages of shrink_pool (rows of act_len) -> pages of expand_pool
+// (rows of out_len).  The forward is (x, a_pool, a_pages, b_pool, b_pages); grad_x is
+// (grad_y, b_pool, b_pages, a_pool, a_pages).  Device pointers.
+struct ShrinkExpandOperands {
+  const void* act;              // [T, act_len]
+  int64_t act_len;
+  const void* shrink_pool;      // [num_shrink_pages, act_len]
+  const int32_t* shrink_pages;  // [S, R]
+  int64_t num_shrink_pages;
+  const void* expand_pool;      // [num_expand_pages, out_len]
+  const int32_t* expand_pages;  // [S, R]
+  int64_t num_expand_pages;
+  int64_t out_len;
+  const float* scales;          // [S]
+};
 
 // Row length of the grouped path's intermediate hs: R rounded up to 8 elements (16-byte rows
 // of 16-bit elements).

@@ -1,79 +1,81 @@
-// The gather kernels: LoRA on paged adapter memory for short segments (decode), and the
-// per-segment pool gradients.  Pages are read in place through the page tables with
-// 16-byte loads where every row is 16-byte aligned (the launcher falls back to scalar
-// loads otherwise), float32 accumulation.  Raw pointers + shapes + stream; no torch headers.
+// The gather kernels: LoRA on paged adapter memory for short segments (decode), the pool
+// gradients of those segments, and the plan's positions.  Pages are read in place through
+// the page tables with 16-byte loads where every row is 16-byte aligned (scalar loads
+// otherwise), float32 accumulation.  Which block handles which token is lora_index.h's
+// gather_group; the grids are dispatch.h's GatherLaunch.  Raw pointers + shapes + stream.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "dispatch.h"
 #include "kernel_types.h"
+#include "lora_index.h"
 
 namespace minlora::kernels {
 
-// One call of the shrink / expand pair for one operand ordering:
-//   forward: (x, a_pool, a_pages) shrink, (b_pool, b_pages) expand, into y;
-//   grad_x:  (grad_y, b_pool, b_pages) shrink, (a_pool, a_pages) expand, into grad_x.
-// For token t of slot s = token_slot[t] with r = ranks[s]:
-//   h[t, j] = scales[s] * <x[t], shrink_pool[shrink_pages[s, j]]>     j < r   (float32)
-//   y[t, c] += sum_j h[t, j] * expand_pool[expand_pages[s, j], c]
-// Modes: h_in != null skips the shrink (h read from h_in [T, R]); h_out != null skips the
-// expand (h written to h_out [T, R]; columns j >= r of a token's row are not written).
-// With a plan (order, seg_offsets: tokens of slot s are order[seg_offsets[s]:seg_offsets[s+1]])
-// a block takes up to kGatherTokens (kernel_types.h) tokens of one slot, so pages are read once per block;
-// without one, a block takes one token.  Segments of at least skip_segments_from tokens
-// are skipped (the grouped path takes them); 0 skips none.
-// Every index is guarded: slots outside 0..S-1, ranks outside 1..R are skipped, pages
-// outside the pool contribute nothing, plan positions whose token is not of the segment's
-// slot (or repeats a token of the same block) are skipped.  A plan repeating a token of a
-// slot at distant positions of its segment (never one from build_plan; refused by the host
-// check) can add that token's delta more than once, never out of bounds.
+// One shrink-then-expand for one operand ordering:
+//   forward: x, (a_pool, a_pages) shrink, (b_pool, b_pages) expand, into y;
+//   grad_x:  grad_y, (b_pool, b_pages) shrink, (a_pool, a_pages) expand, into grad_x.
+// For a token t that the gather kernels own (token_owner) with slot s and rank r:
+//   partial[split, t, j] = <x[t, k-range of split], shrink_pool[shrink_pages[s, j], same range]>   (float32, unscaled)
+//   y[t, c] (+)= scales[s] * sum_j (sum_split partial[split, t, j]) * expand_pool[expand_pages[s, j], c]
+// The scale is applied in float32 to the float32 sums; nothing is rounded before the output.
+// A slot with a page below its rank outside its pool (in either table) counts as no adapter:
+// its tokens get zeros (write-only) or nothing (accumulate).  In the write-only form, rows of
+// tokens no path owns (no slot, rank 0, untrusted position) are written with zeros, so every
+// row of y is written exactly once by exactly one block (with the grouped path, which writes
+// the rows of the segments it owns).
 struct GatherParams {
-  const void* x;        // [T, in]
-  void* y;              // [T, out], accumulated in place (unused when h_out is set)
-  const float* h_in;    // [T, R] or null
-  float* h_out;         // [T, R] or null
-  const void* shrink_pool;      // [Ps, in]
-  const void* expand_pool;      // [Pe, out]
-  const int32_t* shrink_pages;  // [S, R]
-  const int32_t* expand_pages;  // [S, R]
-  const int32_t* ranks;         // [S]
-  const float* scales;          // [S]
-  const int32_t* token_slot;    // [T]
-  const int32_t* order;         // [T] or null
-  const int32_t* seg_offsets;   // [S + 1] or null (with order)
-  int64_t num_tokens, num_slots, max_rank, in_features, out_features, num_shrink_pages, num_expand_pages;
-  int64_t skip_segments_from;
+  PlanView plan;
+  GatherMode mode;
+  ShrinkExpandOperands ops;  // x [T, in] (act), shrink pages (rows of in), expand pages (rows of out)
+  void* y;              // [T, out]
+  bool accumulate;      // y += delta; else y = delta, and zeros in rows no path owns
+  float* partial;       // [launch.k_splits, T, R]: the shrink's partial sums (split form and backward)
+  GatherLaunch launch;
 };
 
-// grad_pool[pages[s, j]] += sum_{t in segment s} coef[t, j] * v[t] for j < ranks[s]:
-//   grad_a_pool: v = x,      coef = u = scale_s * B_s^T g_t  (shrink of grad_y),
-//   grad_b_pool: v = grad_y, coef = h = scale_s * A_s x_t     (shrink of x).
-// One thread block per (slot, column tile, token split); accumulation in float32, one
-// atomic add per element and split into grad_pool (pages may be shared by slots).
-// coef comes either from coef ([T, R] float32, row = token) or, when coef_plan is set, from
-// coef_plan ([T, coef_ld] operand dtype, row = plan position: the grouped path's hs).
+// grad[pages[s, j]] += scales[s] * sum over the gather-owned tokens t of slot s (segment_grad_token)
+//   of coef[t, j] * v[t],   coef[t, j] = sum_split partial[split, t, j]   for j < ranks[s]:
+//   grad_a_pool: v = x,      partial from the shrink of grad_y with b_pool (u = B^T g),
+//   grad_b_pool: v = grad_y, partial from the shrink of x with a_pool (h = A x).
+// One block per (slot, column tile, position range); float32 sums, one atomic add per element
+// and block into grad, which is float32 (accumulators) or the operand dtype (the functional
+// backward's gradient): pages may be shared by several slots and rank indices.
 struct SegmentGradParams {
-  const void* v;         // [T, len]
-  const float* coef;     // [T, R] or null
-  const void* coef_plan;  // [T, coef_ld] or null
-  int64_t coef_ld;
-  void* grad_pool;       // [P, len], accumulated in place
-  const int32_t* pages;  // [S, R]
-  const int32_t* ranks;
-  const int32_t* token_slot;
-  const int32_t* order;        // [T]
-  const int32_t* seg_offsets;  // [S + 1]
-  int64_t num_tokens, num_slots, max_rank, len, num_pages;
-  int32_t token_splits;  // >= 1: each segment's tokens are split among this many blocks
+  PlanView plan;
+  GatherMode mode;  // of the shrink that wrote `partial`
+  const void* v;    // [T, len]
+  const float* partial;  // [k_splits, T, R]
+  int32_t k_splits;
+  const float* scales;
+  const int32_t* pages;        // [S, R]: the gradient pool's page table
+  int64_t num_pages;
+  const int32_t* other_pages;  // [S, R]: the other pool's (a slot with an invalid page in either is skipped)
+  int64_t num_other_pages;
+  void* grad;  // [P, len]
+  bool grad_f32;
+  int64_t len;
+  int32_t token_splits;  // blocks per segment along its positions
 };
 
 // True when every row the kernels touch starts on a 16-byte boundary, so the 16-byte paths
 // may be used: base pointers 16-byte aligned and row lengths (in bytes) multiples of 16.
 bool rows_are_16b_aligned(const void* const* ptrs, int num_ptrs, const int64_t* row_bytes, int num_rows);
 
-cudaError_t launch_gather(const GatherParams& p, DType dtype, bool vectorized, cudaStream_t stream);
+// The fused kernel (p.launch.fused): one block per group, shrink into shared memory, expand.
+cudaError_t launch_gather_fused(const GatherParams& p, DType dtype, bool vectorized, cudaStream_t stream);
+// The split form: the shrink writes p.partial (k_splits blocks per group) ...
+cudaError_t launch_gather_shrink(const GatherParams& p, DType dtype, bool vectorized, cudaStream_t stream);
+// ... and the expand reads it (n_tiles blocks per group) and writes y (also the zero rows).
+cudaError_t launch_gather_expand(const GatherParams& p, DType dtype, bool vectorized, cudaStream_t stream);
 cudaError_t launch_segment_grad(const SegmentGradParams& p, DType dtype, bool vectorized, cudaStream_t stream);
+
+// positions[t] = q for order[q] = t (each t in 0..T-1 at most once; -1 where order has no q for
+// t; out-of-range entries of order are skipped; when order repeats a token one of its
+// positions is kept).  positions: [T] int32 device memory.
+cudaError_t launch_plan_positions(const int32_t* order, int64_t num_tokens, int32_t* positions, cudaStream_t stream);
 
 }  // namespace minlora::kernels

@@ -1,7 +1,8 @@
-// The grouped GEMM path: one GEMM problem per long segment of the BatchPlan, operands read
-// in place through gather indices (token rows by the plan's order, A rows / B columns by
-// the page table) and output rows scattered back to token positions.  float16 / bfloat16.
-// Raw pointers + shapes + stream; no torch headers.
+// The grouped GEMM path: one GEMM problem per long segment of the BatchPlan (the segments of
+// at least grouped_min tokens, lora_index.h's grouped_owns), operands read in place through
+// gather indices (token rows by the plan's order, A rows / B columns by the page table) and
+// output rows scattered back to token positions.  float16 / bfloat16.  The problems and
+// operand descriptors are lora_grouped_desc.h's.  Raw pointers + shapes + stream.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -10,47 +11,68 @@
 #include <cstdint>
 
 #include "kernel_types.h"
+#include "lora_index.h"
 
 namespace minlora::kernels {
 
-// y[t] += scale_s * E_s (S_s x[t]) for the tokens of every segment with at least
-// min_segment tokens (the others are left to the gather kernel), in two grouped GEMMs:
-//   shrink: hs[pos, 0:r] = scale_s * x[order[pos]] @ S_s^T     (M = seg len, N = r, K = in)
-//   expand: y[order[pos]] += hs[pos, 0:r] @ E_s^T               (M = seg len, N = out, K = r
-//           rounded up to 8: hs's 16-byte loads stay aligned; hs is 0 in the padded columns)
-// hs [T, ldh] (operand dtype) is the intermediate in plan order; the shrink accumulates
-// in float32 and scales in float32 before rounding hs (DESIGN.md, The math).
-struct GroupedParams {
-  const void* x;  // [T, in]
-  void* y;        // [T, out], accumulated in place
-  const void* shrink_pool;  // [Ps, in]
-  const void* expand_pool;  // [Pe, out]
-  const int32_t* shrink_pages;
-  const int32_t* expand_pages;
-  const int32_t* ranks;
-  const float* scales;
-  const int32_t* token_slot;
-  const int32_t* order;
-  const int32_t* seg_offsets;
-  int64_t num_tokens, num_slots, max_rank, in_features, out_features, num_shrink_pages, num_expand_pages;
-  int64_t min_segment;  // >= 1
-  // Optional: hs in caller memory ([T, grouped_hs_width(R)] of the operand dtype, 16-byte
-  // aligned) so it can be read afterwards (the backward's pool gradients use it); null = in
-  // the workspace.  Rows are in plan order; rows of segments this path skips stay 0.
+// One shrink (then, when out is set, expand) over the long segments, in two grouped GEMMs:
+//   shrink: hs[pos, 0:r] = alpha * act[order[pos]] @ S_s^T   (M = seg len, N = r, K = act_len;
+//           alpha = scale_s when shrink_scaled, else 1; split along K into float32 partial
+//           sums when few tokens would leave multiprocessors idle)
+//   expand: out[order[pos]] (+)= alpha * hs[pos, 0:r] @ E_s^T  (M = seg len, N = out_len,
+//           K = r rounded up to 8; alpha = scale_s when expand_scaled)
+// The forward is (act = x, shrink = A pages, expand = B pages, shrink_scaled); grad_x is
+// (act = grad_y, shrink = B pages, expand = A pages, expand_scaled).  The shrink accumulates
+// in float32 and applies alpha in float32 before rounding hs (DESIGN.md, The math).
+// A segment is taken only when its slot's pages below the rank lie in their pools (both
+// tables) and each of its positions is trusted and of its slot; otherwise its rows are zeroed
+// (write-only) or left alone (accumulate).  So every row is written at most once.
+struct GroupedOp {
+  PlanView plan;        // with order, seg_offsets and positions
+  int64_t grouped_min;  // >= 1: the segments this path owns
+  ShrinkExpandOperands ops;
+  bool shrink_scaled, expand_scaled;
+  void* out;        // [T, out_len] or null (shrink only)
+  bool accumulate;  // out += ...; else out = ...
+  // hs in caller memory ([T, grouped_hs_width(R)] operand dtype, 16-byte aligned) when it is
+  // read afterwards (the pool gradients); null: in the workspace.  Rows in plan order; rows of
+  // segments this path does not take, and columns r.., are 0.
   void* hs;
-  bool skip_expand;  // shrink only (y may be null)
+};
+
+// grad[pages[s, j]] += scale_s * sum over the positions pos of s's segment of hs[pos, j] * v[order[pos]]
+// for the segments a GroupedOp with the same plan, tables and grouped_min took (hs: its output):
+//   grad_a: pages = A pages, other = B pages, hs = u = B^T g (unscaled), v = x;
+//   grad_b: pages = B pages, other = A pages, hs = h = A x (unscaled), v = grad_y.
+// M = r, N = len, K = a range of the segment's positions (splits ranges per segment); atomic
+// adds of float32 sums into grad (float32, or the operand dtype).
+struct GroupedGradOp {
+  PlanView plan;
+  int64_t grouped_min;
+  const float* scales;
+  const int32_t* pages;        // [S, R]: the gradient pool's table
+  int64_t num_pages;
+  const int32_t* other_pages;  // [S, R]
+  int64_t num_other_pages;
+  const void* hs;  // [T, grouped_hs_width(R)]
+  const void* v;   // [T, len]
+  int64_t len;
+  void* grad;      // [num_pages, len]
+  bool grad_f32;
+  int32_t splits;
 };
 
 // True when this build holds the grouped GEMM kernels (CUTLASS headers were found).
 bool grouped_compiled();
-// The 16-byte alignment the grouped kernels need: x, y and pool base pointers 16-byte
-// aligned, in and out multiples of 8 elements.
-bool grouped_aligned(const GroupedParams& p);
-// Device workspace launch_grouped needs for these parameters on a device with sm_count
-// multiprocessors, in bytes.
-size_t grouped_workspace_bytes(const GroupedParams& p, int sm_count);
-// workspace: grouped_workspace_bytes(...) bytes of device memory, 256-byte aligned.
-// sm_count: multiprocessors of the device (sizes the persistent grid).
-cudaError_t launch_grouped(const GroupedParams& p, DType dtype, void* workspace, int sm_count, cudaStream_t stream);
+// The 16-byte alignment the grouped kernels need: operand base pointers 16-byte aligned, row
+// lengths multiples of 8 elements.
+bool grouped_aligned(const void* const* ptrs, int num_ptrs, const int64_t* row_lengths, int num_lengths);
+// Device workspace a launch needs on a device with sm_count multiprocessors, in bytes.
+size_t grouped_workspace_bytes(const GroupedOp& op, DType dtype, int sm_count);
+size_t grouped_grad_workspace_bytes(const GroupedGradOp& op, DType dtype);
+// workspace: that many bytes of device memory, 256-byte aligned.
+cudaError_t launch_grouped(const GroupedOp& op, DType dtype, void* workspace, int sm_count, cudaStream_t stream);
+cudaError_t launch_grouped_grad(const GroupedGradOp& op, DType dtype, void* workspace, int sm_count,
+                                cudaStream_t stream);
 
 }  // namespace minlora::kernels

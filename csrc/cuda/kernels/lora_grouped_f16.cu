@@ -1,19 +1,19 @@
-// The grouped GEMM kernels for one dtype (see lora_grouped_impl.cuh); a separate translation
-// unit per dtype so the heavy CUTLASS instantiations build in parallel.
+// The grouped shrink / expand GEMMs for float16 (see lora_grouped_impl.cuh); one translation
+// unit per kernel family and dtype so the heavy CUTLASS instantiations build in parallel.
 #include <cuda_runtime.h>
+
+#include "lora_grouped_launch.h"
 
 #if __has_include("cutlass/cutlass.h")
 #include "lora_grouped_impl.cuh"
 
 namespace minlora::kernels::grouped {
-cudaError_t launch_grouped_f16(const GroupedKernelParams& p, int sm_count, cudaStream_t stream) {
+cudaError_t launch_gemms_f16(const KernelParams& p, int sm_count, cudaStream_t stream) {
   return launch_shrink_expand<cutlass::half_t>(p, sm_count, stream);
 }
 }  // namespace minlora::kernels::grouped
 #else
-#include "lora_grouped_problems.h"
-
 namespace minlora::kernels::grouped {
-cudaError_t launch_grouped_f16(const GroupedKernelParams&, int, cudaStream_t) { return cudaErrorNotSupported; }
+cudaError_t launch_gemms_f16(const KernelParams&, int, cudaStream_t) { return cudaErrorNotSupported; }
 }  // namespace minlora::kernels::grouped
 #endif

@@ -1,20 +1,17 @@
 // The grouped GEMM kernels of the segment path, composed from CUTLASS 2.x pieces: the
 // gather-capable threadblock MMA and epilogue of DefaultGemm (as in CUTLASS example 36)
 // driven by the grouped problem visitor of GemmGrouped (example 24), so that each problem
-// (one BatchPlan segment) reads its operands through its own index arrays:
-//   shrink  hs[pos, n]    = scale_s * sum_k x[order[b + m], k] * S_pool[S_pages[s, n], k]
-//           A = x rows gathered by order (row-major), B = pages as the gathered columns of a
-//           column-major [K = in, N = r] operand, D = hs (row-major, plan order).
-//   expand  y[order[b + m], c] += sum_k hs[b + m, k] * E_pool[E_pages[s, k], c]   (K = r rounded
-//           up to 8 so hs loads stay 16-byte aligned; the padded k read hs = 0, see the prep kernel)
-//           A = hs (row-major), B = pages as the gathered rows of a row-major [K = r, N = out]
-//           operand, C = D = y with rows scattered by order.
+// (one BatchPlan segment, or a K split of one) reads its operands through its own index
+// arrays.  The problems, operand offsets and index arrays are lora_grouped_desc.h's
+// (shrink_desc, expand_desc, grad_desc), filled by the prep kernel (lora_grouped.cu).
 // CUTLASS gathers the strided coordinate of each operand and reads an index only for
 // coordinates inside the problem's extent, so the index arrays need no padding.
-// Included only by lora_grouped_f16.cu / lora_grouped_bf16.cu (one dtype each, so the two
-// heavy instantiations compile in parallel).  No torch headers.
+// Included only by lora_grouped_{f16,bf16}.cu and lora_grouped_grad_{f16,bf16}.cu (one
+// kernel family and dtype each, so the heavy instantiations compile in parallel).
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -26,69 +23,105 @@
 #include "cutlass/gemm/kernel/default_gemm.h"
 #include "cutlass/gemm/kernel/gemm_grouped_problem_visitor.h"
 #include "cutlass/gemm/threadblock/threadblock_swizzle.h"
-#include "lora_grouped_problems.h"
+#include "lora_grouped_desc.h"
+#include "lora_grouped_launch.h"
 
 namespace minlora::kernels::grouped {
 
-// One tile configuration for both GEMMs and both archs (the sm_80 path runs on sm_90a):
-// 128 x 64 x 32 tiles, 4 warps of 64 x 32, 3 stages = 36 KB of shared memory (under the
-// 48 KB a launch gets without opting in).  Shrink: N = r <= 64 in one tile for ranks up to
-// 64; expand: K = r is a few k-tiles, the epilogue (y read and written) dominates.
-// ElementOut: the shrink writes hs in the operand dtype, or float32 partial sums when its K
-// (= in) is split among several problems (few long segments: see GroupedKernelParams::k_splits).
-template <typename Element, bool kShrink, typename ElementOut = Element>
+static_assert(sizeof(cutlass::gemm::GemmCoord) == sizeof(ProblemSize), "ProblemSize has GemmCoord's layout");
+
+// kShrink: hs (operand dtype); kShrinkPartial: float32 partial sums of a K split; kExpand:
+// the scattered output rows; kGrad: the pool gradients (atomic adds, its own epilogue).
+enum class Kind { kShrink, kShrinkPartial, kExpand, kGrad };
+
+template <typename Element, Kind K>
 struct Traits {
-  using ThreadblockShape = cutlass::gemm::GemmShape<128, 64, 32>;
-  using WarpShape = cutlass::gemm::GemmShape<64, 32, 32>;
+  static constexpr bool kShrinkLike = K == Kind::kShrink || K == Kind::kShrinkPartial;
+  static constexpr bool kGradKind = K == Kind::kGrad;
+  // Shrink / expand: 128 x 64 x 32 tiles, 4 warps of 64 x 32.  Shrink: N = r <= 64 in one
+  // tile for ranks up to 64; expand: K = r is a few k-tiles, the epilogue dominates.
+  // Gradients: M = r, so 64-row tiles (r <= 64 in one), 4 warps of 32 x 64, N = the row
+  // length in 128-column tiles.  3 stages: 36 KB of shared memory (under the 48 KB a launch
+  // gets without opting in).  One configuration for both archs (the sm_80 path runs on sm_90a).
+  using ThreadblockShape = std::conditional_t<kGradKind, cutlass::gemm::GemmShape<kGradTileM, kGradTileN, kGradTileK>,
+                                              cutlass::gemm::GemmShape<kTileM, kTileN, kTileK>>;
+  using WarpShape = std::conditional_t<kGradKind, cutlass::gemm::GemmShape<32, 64, 32>, cutlass::gemm::GemmShape<64, 32, 32>>;
   using InstructionShape = cutlass::gemm::GemmShape<16, 8, 16>;
   static constexpr int kStages = 3;
   static constexpr int kAlignment = 8;  // 16 bytes of 16-bit elements
+  using ElementOut = std::conditional_t<K == Kind::kShrinkPartial || kGradKind, float, Element>;
   static constexpr int kAlignmentOut = 16 / static_cast<int>(sizeof(ElementOut));
-  using LayoutA = cutlass::layout::RowMajor;
-  using LayoutB = std::conditional_t<kShrink, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  // Gradients: A = hs read as a column-major [M = r, K = positions] operand.
+  using LayoutA = std::conditional_t<kGradKind, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  using LayoutB = std::conditional_t<kShrinkLike, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
   using LayoutC = cutlass::layout::RowMajor;
   // kZfill: every predicated-off access zero-fills its shared memory, in the prologue and in
   // the main loop alike, so the columns n >= r of the shrink accumulate exact zeros (a stale
   // stage could hold NaN bits) and the padding columns of hs stay 0 for the expand.
-  // D = alpha * acc + beta * C computed in float32: alpha = scale_s (shrink) or 1 (expand).
+  // D = alpha * acc + beta * C computed in float32.
   using OutputOp = cutlass::epilogue::thread::LinearCombination<ElementOut, kAlignmentOut, float, float>;
   using Default = typename cutlass::gemm::kernel::DefaultGemm<
       Element, LayoutA, kAlignment, Element, LayoutB, kAlignment, ElementOut, LayoutC, float,
       cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, ThreadblockShape, WarpShape, InstructionShape, OutputOp,
       cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, kStages, /*SplitKSerial=*/false,
       cutlass::arch::OpMultiplyAdd, cutlass::gemm::SharedMemoryClearOption::kZfill,
-      /*GatherA=*/kShrink, /*GatherB=*/true, /*ScatterD=*/!kShrink>;
+      /*GatherA=*/kShrinkLike, /*GatherB=*/true, /*ScatterD=*/K == Kind::kExpand>;
   using Mma = typename Default::Mma;
   using Epilogue = typename Default::Epilogue;
   static constexpr int kThreads = 32 * Mma::WarpCount::kCount;
   using ProblemVisitor = cutlass::gemm::kernel::GemmGroupedProblemVisitor<
       ThreadblockShape, cutlass::gemm::kernel::GroupScheduleMode::kDeviceOnly, kThreads, kThreads>;
+  // The gradients' epilogue stages the accumulator tile in shared memory (rows padded by 4
+  // floats against bank conflicts), then adds it row by row into the pages.
+  static constexpr int kTileLd = ThreadblockShape::kN + 4;
   struct SharedStorage {
     union {
       typename Mma::SharedStorage main_loop;
       typename Epilogue::SharedStorage epilogue;
+      float tile[kGradKind ? ThreadblockShape::kM * kTileLd : 1];
     } kernel;
     typename ProblemVisitor::SharedStorage problem_visitor;
   };
 };
 
-template <typename Element, bool kShrink, typename ElementOut>
-__global__ void __launch_bounds__(Traits<Element, kShrink, ElementOut>::kThreads)
-    lora_grouped_kernel(GroupedKernelParams p) {
-  using Tr = Traits<Element, kShrink, ElementOut>;
-  constexpr bool kPartial = !std::is_same_v<ElementOut, Element>;  // split-K shrink
+static_assert(Traits<cutlass::half_t, Kind::kGrad>::Mma::WarpCount::kK == 1, "no K partitions across warps");
+
+template <typename Element>
+__device__ __forceinline__ void atomic_add_pair(Element* p, float a, float b) {
+  if constexpr (std::is_same_v<Element, cutlass::half_t>) {
+    atomicAdd(reinterpret_cast<__half2*>(p), __floats2half2_rn(a, b));
+  } else {
+    atomicAdd(reinterpret_cast<__nv_bfloat162*>(p), __floats2bfloat162_rn(a, b));
+  }
+}
+
+template <typename Element>
+__device__ __forceinline__ void atomic_add_one(Element* p, float a) {
+  if constexpr (std::is_same_v<Element, cutlass::half_t>) {
+    atomicAdd(reinterpret_cast<__half*>(p), __float2half_rn(a));
+  } else {
+    atomicAdd(reinterpret_cast<__nv_bfloat16*>(p), __float2bfloat16_rn(a));
+  }
+}
+
+template <typename Element, Kind K>
+__global__ void __launch_bounds__(Traits<Element, K>::kThreads) lora_grouped_kernel(KernelParams p) {
+  using Tr = Traits<Element, K>;
   using Mma = typename Tr::Mma;
   using Epilogue = typename Tr::Epilogue;
   using OutputOp = typename Tr::OutputOp;
   using ProblemVisitor = typename Tr::ProblemVisitor;
+  using ElementOut = typename Tr::ElementOut;
   extern __shared__ int4 shared_raw[];
   auto& shared = *reinterpret_cast<typename Tr::SharedStorage*>(shared_raw);
 
-  const cutlass::gemm::GemmCoord* sizes = kShrink ? p.shrink_sizes : p.expand_sizes;
-  // Shrink problems are (slot, k split) pairs, q = s * k_splits + split; expand problems are slots.
-  const int32_t splits = kShrink ? p.k_splits : 1;
-  ProblemVisitor visitor(typename ProblemVisitor::Params(sizes, static_cast<int32_t>(p.op.num_slots * splits)),
-                         shared.problem_visitor, blockIdx.x);
+  const ProblemSize* sizes = Tr::kShrinkLike ? p.shrink_sizes : (K == Kind::kExpand ? p.expand_sizes : p.grad_sizes);
+  // Problems are (slot, split) pairs, q = s * splits + split.
+  const int32_t splits = Tr::kShrinkLike ? p.k_splits : (K == Kind::kGrad ? p.grad_splits : 1);
+  ProblemVisitor visitor(
+      typename ProblemVisitor::Params(reinterpret_cast<const cutlass::gemm::GemmCoord*>(sizes),
+                                      static_cast<int32_t>(p.plan.num_slots * splits)),
+      shared.problem_visitor, blockIdx.x);
   const int thread_idx = threadIdx.x;
   const int warp_idx = cutlass::canonical_warp_idx_sync();
   const int lane_idx = threadIdx.x % 32;
@@ -96,65 +129,39 @@ __global__ void __launch_bounds__(Traits<Element, kShrink, ElementOut>::kThreads
   while (visitor.next_tile()) {
     const cutlass::gemm::GemmCoord size = visitor.problem_size();
     const int32_t q = visitor.problem_index();
-    const int32_t s = q / splits;
-    const int64_t k0 = static_cast<int64_t>(q % splits) * p.k_split_len;  // first column of this K split
-    const int32_t tile = static_cast<int32_t>(visitor.threadblock_idx());
+    const int32_t s = q / splits, split = q % splits;
     const cutlass::gemm::GemmCoord grid = visitor.grid_shape(size);
-    const cutlass::MatrixCoord tile_offset(int(tile / grid.n()) * Mma::Shape::kM, int(tile % grid.n()) * Mma::Shape::kN);
-    // Segment start, validated (clamped, checked against the pages and order) by the prep kernel.
-    const int64_t begin = p.seg_begin[s];
-    const int* tokens = p.op.order + begin;  // the segment's token rows, in plan order
+    int32_t row0, col0;
+    tile_origin(static_cast<int32_t>(visitor.threadblock_idx()), grid.n(), Mma::Shape::kM, Mma::Shape::kN, &row0, &col0);
+    const cutlass::MatrixCoord tile_offset(row0, col0);
 
+    GemmDesc d;
     const Element* ptr_A;
-    int64_t ld_A;
-    const int* idx_A;
     const Element* ptr_B;
-    int64_t ld_B;
-    const int* idx_B;
     ElementOut* ptr_D;
-    int64_t ld_D;
-    const int* idx_D;
-    float alpha, beta;
-    if constexpr (kShrink) {
-      // The K split starts k0 columns into every x row and every page row (extent K = its length).
-      ptr_A = static_cast<const Element*>(p.op.x) + k0;
-      ld_A = p.op.in_features;
-      idx_A = tokens;
-      ptr_B = static_cast<const Element*>(p.op.shrink_pool) + k0;
-      ld_B = p.op.in_features;  // column n of B is page S_pages[s, n], a row of length in
-      idx_B = p.op.shrink_pages + static_cast<int64_t>(s) * p.op.max_rank;
-      ld_D = p.ldh;
-      idx_D = nullptr;
-      beta = 0.f;
-      // The slot's scale, split or not; grouped_reduce_kernel adds the splits' scaled float32
-      // partial sums and rounds them into hs.
-      alpha = p.op.scales[s];
-      if constexpr (kPartial) {
-        ptr_D = static_cast<ElementOut*>(p.partial) + ((q % splits) * p.op.num_tokens + begin) * p.ldh;
-      } else {
-        ptr_D = static_cast<ElementOut*>(p.hs) + begin * p.ldh;
-      }
+    if constexpr (Tr::kShrinkLike) {
+      d = shrink_desc(p, s, split);
+      ptr_A = static_cast<const Element*>(p.act);
+      ptr_B = static_cast<const Element*>(p.shrink_pool);
+      ptr_D = K == Kind::kShrinkPartial ? reinterpret_cast<ElementOut*>(p.partial) : static_cast<ElementOut*>(p.hs);
+    } else if constexpr (K == Kind::kExpand) {
+      d = expand_desc(p, s);
+      ptr_A = static_cast<const Element*>(p.hs);
+      ptr_B = static_cast<const Element*>(p.expand_pool);
+      ptr_D = static_cast<ElementOut*>(p.out);
     } else {
-      ptr_A = static_cast<const Element*>(p.hs) + begin * p.ldh;
-      ld_A = p.ldh;
-      idx_A = nullptr;
-      ptr_B = static_cast<const Element*>(p.op.expand_pool);
-      ld_B = p.op.out_features;  // row k of B is page E_pages[s, k], of length out
-      // K = r rounded up to 8 (prep kernel): padded gather indices, not the page table.
-      idx_B = p.expand_idx + static_cast<int64_t>(s) * p.ldh;
-      ptr_D = static_cast<ElementOut*>(p.op.y);
-      ld_D = p.op.out_features;
-      idx_D = tokens;
-      alpha = 1.f;
-      beta = 1.f;
+      d = grad_desc(p, s, split);
+      ptr_A = static_cast<const Element*>(p.hs);
+      ptr_B = static_cast<const Element*>(p.grad_v);
+      ptr_D = nullptr;  // atomic adds below
     }
 
-    typename Mma::IteratorA iterator_A(typename Mma::IteratorA::Params(typename Tr::LayoutA(ld_A)),
-                                       const_cast<Element*>(ptr_A), {size.m(), size.k()}, thread_idx,
-                                       cutlass::MatrixCoord(tile_offset.row(), 0), idx_A);
-    typename Mma::IteratorB iterator_B(typename Mma::IteratorB::Params(typename Tr::LayoutB(ld_B)),
-                                       const_cast<Element*>(ptr_B), {size.k(), size.n()}, thread_idx,
-                                       cutlass::MatrixCoord(0, tile_offset.column()), idx_B);
+    typename Mma::IteratorA iterator_A(typename Mma::IteratorA::Params(typename Tr::LayoutA(d.lda)),
+                                       const_cast<Element*>(ptr_A + d.a_offset), {size.m(), size.k()}, thread_idx,
+                                       cutlass::MatrixCoord(tile_offset.row(), 0), d.a_idx);
+    typename Mma::IteratorB iterator_B(typename Mma::IteratorB::Params(typename Tr::LayoutB(d.ldb)),
+                                       const_cast<Element*>(ptr_B + d.b_offset), {size.k(), size.n()}, thread_idx,
+                                       cutlass::MatrixCoord(0, tile_offset.column()), d.b_idx);
     typename Mma::FragmentC accumulators;
     accumulators.clear();
     Mma mma(shared.kernel.main_loop, thread_idx, warp_idx, lane_idx);
@@ -163,63 +170,105 @@ __global__ void __launch_bounds__(Traits<Element, kShrink, ElementOut>::kThreads
     __syncthreads();
     mma(k_iterations, accumulators, iterator_A, iterator_B, accumulators);
 
-    OutputOp output_op(typename OutputOp::Params(alpha, beta));
-    const typename Epilogue::OutputTileIterator::Params params_D{typename Tr::LayoutC(ld_D)};
-    typename Epilogue::OutputTileIterator iterator_C(params_D, ptr_D, size.mn(), thread_idx, tile_offset, idx_D);
-    typename Epilogue::OutputTileIterator iterator_D(params_D, ptr_D, size.mn(), thread_idx, tile_offset, idx_D);
-    Epilogue epilogue(shared.kernel.epilogue, thread_idx, warp_idx, lane_idx);
-    epilogue(output_op, iterator_D, accumulators, iterator_C);
+    if constexpr (K != Kind::kGrad) {
+      OutputOp output_op(typename OutputOp::Params(d.alpha, d.beta));
+      const typename Epilogue::OutputTileIterator::Params params_D{typename Tr::LayoutC(d.ldd)};
+      ElementOut* out = ptr_D + d.d_offset;
+      typename Epilogue::OutputTileIterator iterator_C(params_D, out, size.mn(), thread_idx, tile_offset, d.d_idx);
+      typename Epilogue::OutputTileIterator iterator_D(params_D, out, size.mn(), thread_idx, tile_offset, d.d_idx);
+      Epilogue epilogue(shared.kernel.epilogue, thread_idx, warp_idx, lane_idx);
+      epilogue(output_op, iterator_D, accumulators, iterator_C);
+    } else {
+      // The main loop drained its copies and synchronised; stage each warp's accumulators in
+      // the tile (row-major, kTileLd floats per row), then add the tile's rows j < r into the
+      // pages' rows: consecutive threads take consecutive columns (coalesced atomics).
+      constexpr int kM = Mma::Shape::kM, kN = Mma::Shape::kN, kLd = Tr::kTileLd;
+      using WarpCount = typename Mma::WarpCount;
+      const int warp_mn = warp_idx % (WarpCount::kM * WarpCount::kN);
+      typename Mma::Operator::IteratorC staged({shared.kernel.tile, cutlass::layout::RowMajor(kLd)}, lane_idx);
+      staged.add_tile_offset({warp_mn % WarpCount::kM, warp_mn / WarpCount::kM});
+      staged.store(accumulators);
+      __syncthreads();
+      const int rows = size.m() - row0 < kM ? size.m() - row0 : kM;
+      const int cols = size.n() - col0 < kN ? size.n() - col0 : kN;
+      for (int e = thread_idx; e < rows * (kN / 2); e += Tr::kThreads) {
+        const int i = e / (kN / 2), c = 2 * (e % (kN / 2));
+        if (c >= cols) continue;
+        const int32_t page = d.d_idx[row0 + i];
+        const float a = d.alpha * shared.kernel.tile[i * kLd + c];
+        const float b = c + 1 < cols ? d.alpha * shared.kernel.tile[i * kLd + c + 1] : 0.f;
+        const int64_t at = static_cast<int64_t>(page) * d.ldd + col0 + c;
+        if (p.grad_f32) {
+          float* g = static_cast<float*>(p.grad) + at;
+          atomicAdd(g, a);
+          if (c + 1 < cols) atomicAdd(g + 1, b);
+        } else {
+          Element* g = static_cast<Element*>(p.grad) + at;
+          // ldd and col0 + c are even: the pair is 4-byte aligned.
+          if (c + 1 < cols) {
+            atomic_add_pair(g, a, b);
+          } else {
+            atomic_add_one(g, a);
+          }
+        }
+      }
+    }
 
     visitor.advance(gridDim.x);
   }
 }
 
 // Persistent grid: as many blocks as fit on the device at once (each loops over tiles).
-template <typename Element, bool kShrink, typename ElementOut = Element>
-cudaError_t launch_one(const GroupedKernelParams& p, int sm_count, cudaStream_t stream) {
-  using Tr = Traits<Element, kShrink, ElementOut>;
+template <typename Element, Kind K>
+cudaError_t launch_one(const KernelParams& p, int sm_count, cudaStream_t stream) {
+  using Tr = Traits<Element, K>;
   constexpr int smem = static_cast<int>(sizeof(typename Tr::SharedStorage));
   static_assert(smem <= 48 * 1024, "the tile configuration must fit the default shared memory of a launch");
   static const int per_sm = [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lora_grouped_kernel<Element, kShrink, ElementOut>, Tr::kThreads,
-                                                      smem) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lora_grouped_kernel<Element, K>, Tr::kThreads, smem) !=
+        cudaSuccess) {
       (void)cudaGetLastError();  // clear it: the launch below must not report the query's error
       n = 1;
     }
     return n > 0 ? n : 1;
   }();
   const int blocks = (sm_count > 0 ? sm_count : 1) * per_sm;
-  lora_grouped_kernel<Element, kShrink, ElementOut><<<blocks, Tr::kThreads, smem, stream>>>(p);
+  lora_grouped_kernel<Element, K><<<blocks, Tr::kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
-// hs[pos, j] = round(sum_q partial[q, pos, j]) for every plan position (the partial sums are
-// already scaled; rows of skipped segments sum zeros).  One thread per (pos, j).
+// hs[pos, j] = round(sum over the splits with columns of partial[split, pos, j]) for the
+// positions and ranks of each accepted segment (the partial sums are already scaled).  One
+// block per slot; positions of other segments and columns j >= r keep hs's zeros.
 template <typename Element>
-__global__ void __launch_bounds__(256) grouped_reduce_kernel(GroupedKernelParams p) {
-  const int64_t n = p.op.num_tokens * p.ldh;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  float acc = 0.f;
-  for (int q = 0; q < p.k_splits; ++q) acc += p.partial[q * n + i];
-  static_cast<Element*>(p.hs)[i] = Element(acc);
+__global__ void __launch_bounds__(256) grouped_reduce_kernel(KernelParams p) {
+  const int32_t s = blockIdx.x;
+  const ProblemSize first = p.shrink_sizes[static_cast<int64_t>(s) * p.k_splits];
+  if (first.m == 0) return;
+  const int64_t begin = p.seg_begin[s], n = first.n, T = p.plan.num_tokens;
+  for (int64_t e = threadIdx.x; e < static_cast<int64_t>(first.m) * n; e += blockDim.x) {
+    const int64_t pos = begin + e / n, j = e % n;
+    float acc = 0.f;
+    for (int32_t q = 0; q < p.k_splits; ++q)
+      if (p.shrink_sizes[static_cast<int64_t>(s) * p.k_splits + q].k > 0) acc += p.partial[(q * T + pos) * p.ldh + j];
+    static_cast<Element*>(p.hs)[pos * p.ldh + j] = Element(acc);
+  }
 }
 
 template <typename Element>
-cudaError_t launch_shrink_expand(const GroupedKernelParams& p, int sm_count, cudaStream_t stream) {
+cudaError_t launch_shrink_expand(const KernelParams& p, int sm_count, cudaStream_t stream) {
   cudaError_t err;
   if (p.k_splits > 1) {
-    err = launch_one<Element, true, float>(p, sm_count, stream);
+    err = launch_one<Element, Kind::kShrinkPartial>(p, sm_count, stream);
     if (err != cudaSuccess) return err;
-    const int64_t n = p.op.num_tokens * p.ldh;
-    grouped_reduce_kernel<Element><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p);
+    grouped_reduce_kernel<Element><<<static_cast<unsigned>(p.plan.num_slots), 256, 0, stream>>>(p);
     err = cudaGetLastError();
   } else {
-    err = launch_one<Element, true>(p, sm_count, stream);
+    err = launch_one<Element, Kind::kShrink>(p, sm_count, stream);
   }
-  if (err != cudaSuccess || p.op.skip_expand) return err;
-  return launch_one<Element, false>(p, sm_count, stream);
+  if (err != cudaSuccess || p.out == nullptr) return err;
+  return launch_one<Element, Kind::kExpand>(p, sm_count, stream);
 }
 
 }  // namespace minlora::kernels::grouped
