@@ -115,3 +115,10 @@ def test_patch_stays_the_function_after_the_patching_modules_are_imported():
                    "print(callable(minlora.patch), type(minlora.patch).__name__, minlora.patch.__module__)")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "function", "minlora.patching.model"]
+
+
+def test_registry_package_imports_no_torch():
+    done = _python("import sys, minlora.registry\nfrom minlora.registry import RegistryError, Gate\n"
+                   "print(sorted(m for m in ('torch', 'minlora._C') if m in sys.modules))")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -162,7 +162,7 @@ def test_trainable_registration_errors(tmp_path):
 
 
 def test_trainable_and_plain_adapters_share_a_pool(tmp_path):
-    """Plain adapters keep their old tier behaviour (reload from their source) next to
+    """Plain adapters keep the plain tier behaviour (reload from their source) next to
     trainable ones that are written back."""
     ads = {f"p{i}": make_adapter(20 + i, subset=False) for i in range(3)}
     tr = {f"t{i}": make_adapter(30 + i, subset=False) for i in range(3)}

@@ -1,6 +1,6 @@
 """`minlora bench train`: many adapters trained together in one batch vs PEFT.
 
-Default shape (issue 13): a small random Llama; 16 rank-16 adapters on all seven projections;
+Default shape: a small random Llama; 16 rank-16 adapters on all seven projections;
 16 rows x 128 tokens per step, row i trained by adapter i (cross-entropy summed over tokens,
 AdamW).  Side by side in one run, each in its own fresh process (so its peak memory is its own):
 

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..proto import encode_forward_output, encode_sample_response
 from ..wire import ClientConfigRequest, CreateSessionRequest, RetrieveFutureRequest, SessionHeartbeatRequest, Wire
-from .common import body, caller, offload, service
+from .common import body, caller, caller_and_body, offload, service
 
 router = APIRouter(prefix="/api/v1")
 
@@ -67,8 +67,7 @@ async def capabilities(request: Request) -> dict:
 
 @router.post("/create_session")
 async def create_session(request: Request) -> dict:
-    who = caller(request)
-    req = await body(request, CreateSessionRequest, "create_session")
+    who, req = await caller_and_body(request, CreateSessionRequest, "create_session")
     sid = await offload(service(request).sessions.create, who.owner, req.tags, req.user_metadata or {},
                         req.sdk_version)
     return {"type": "create_session", "session_id": sid, "info_message": None, "warning_message": None,
@@ -77,16 +76,14 @@ async def create_session(request: Request) -> dict:
 
 @router.post("/session_heartbeat")
 async def session_heartbeat(request: Request) -> dict:
-    who = caller(request)
-    req = await body(request, SessionHeartbeatRequest, "session_heartbeat")
+    who, req = await caller_and_body(request, SessionHeartbeatRequest, "session_heartbeat")
     await offload(service(request).sessions.check, who.owner, req.session_id)
     return {"type": "session_heartbeat"}
 
 
 @router.post("/sessions/{session_id}/finish")
 async def finish_session(request: Request, session_id: str) -> Response:
-    who = caller(request)
-    req = await body(request, _Finish, "sessions/finish")
+    who, req = await caller_and_body(request, _Finish, "sessions/finish")
     svc = service(request)
     await offload(svc.sessions.check, who.owner, session_id)
     reason = req.reason.get("type") if isinstance(req.reason, dict) else req.reason
@@ -102,8 +99,7 @@ async def telemetry(request: Request) -> dict:
 
 @router.post("/retrieve_future")
 async def retrieve_future(request: Request) -> Any:
-    who = caller(request)
-    req = await body(request, RetrieveFutureRequest, "retrieve_future")
+    who, req = await caller_and_body(request, RetrieveFutureRequest, "retrieve_future")
     svc = service(request)
     result, kind = await svc.futures.wait(who.owner, req.request_id, svc.config.long_poll_s)
     if result is None:

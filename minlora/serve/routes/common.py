@@ -13,7 +13,7 @@ from ..keys import Principal
 from ..service import Service
 from ..wire import Wire, parse
 
-__all__ = ["body", "caller", "offload", "service", "submit"]
+__all__ = ["body", "caller", "caller_and_body", "offload", "service", "submit"]
 
 T = TypeVar("T")
 
@@ -40,6 +40,12 @@ async def body(request: Request, model: type[Wire], what: str) -> Any:
             hint = " (protobuf bodies are taken by forward_backward only)" if "protobuf" in ctype else ""
             raise bad_request(f"{what}: the body is not valid JSON{hint}: {exc}") from None
     return await offload(parse, data, model, what)
+
+
+async def caller_and_body(request: Request, model: type[Wire], what: str) -> tuple[Principal, Any]:
+    """The authenticated caller (401 first), then the JSON body as `model` (400)."""
+    who = caller(request)
+    return who, await body(request, model, what)
 
 
 async def offload(fn: Callable[..., T], *args: Any) -> T:

@@ -1,6 +1,8 @@
 """Training clients: create, info, forward / forward_backward / optim_step, weights."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from fastapi import APIRouter, Request
 
 from ..errors import ApiError, bad_request
@@ -8,30 +10,36 @@ from ..proto import decode_forward_backward_request
 from ..wire import (CreateModelRequest, ForwardBackwardRequest, ForwardRequest, LoadWeightsRequest, ModelIdRequest,
                     OptimStepRequest, SaveWeightsExternalRequest, SaveWeightsForSamplerRequest, SaveWeightsRequest,
                     WeightsInfoRequest, parse)
-from .common import body, caller, offload, service, submit
+from .common import body, caller, caller_and_body, offload, service, submit
 
 router = APIRouter(prefix="/api/v1")
 
 
-@router.post("/create_model")
-async def create_model(request: Request) -> dict:
-    who = caller(request)
-    req = await body(request, CreateModelRequest, "create_model")
-    return await submit(request, who, lambda: service(request).training.create_model(who.owner, req))
+# (training backend, owner, parsed body) -> the answer
+Call = Callable[[Any, str, Any], Any]
 
 
-@router.post("/get_info")
-async def get_info(request: Request) -> dict:
-    who = caller(request)
-    req = await body(request, ModelIdRequest, "get_info")
-    return await offload(service(request).training.info, who.owner, req.model_id)
+def _route(path: str, model: type, *, queued: bool, call: Call) -> None:
+    """POST /api/v1/<path>: the body as `model`, then `call` on the service's training backend,
+    queued as a future (queued) or answered at once (run off the event loop)."""
+
+    async def route(request: Request) -> dict:
+        who, req = await caller_and_body(request, model, path)
+        training = service(request).training
+        if queued:
+            return await submit(request, who, lambda: call(training, who.owner, req))
+        return await offload(call, training, who.owner, req)
+
+    route.__name__ = path
+    router.post(f"/{path}")(route)
 
 
-@router.post("/unload_model")
-async def unload_model(request: Request) -> dict:
-    who = caller(request)
-    req = await body(request, ModelIdRequest, "unload_model")
-    return await submit(request, who, lambda: service(request).training.unload(who.owner, req.model_id))
+_route("create_model", CreateModelRequest, queued=True,
+       call=lambda t, owner, req: t.create_model(owner, req))
+_route("get_info", ModelIdRequest, queued=False,
+       call=lambda t, owner, req: t.info(owner, req.model_id))
+_route("unload_model", ModelIdRequest, queued=True,
+       call=lambda t, owner, req: t.unload(owner, req.model_id))
 
 
 @router.post("/forward_backward")
@@ -51,57 +59,20 @@ async def forward_backward(request: Request) -> dict:
                                                                req.forward_backward_input, backward=backward))
 
 
-@router.post("/forward")
-async def forward(request: Request) -> dict:
-    who = caller(request)
-    req = await body(request, ForwardRequest, "forward")
-    training = service(request).training
-    return await submit(request, who, lambda: training.forward(who.owner, req.model_id, req.seq_id,
-                                                               req.forward_input, backward=False))
-
-
-@router.post("/optim_step")
-async def optim_step(request: Request) -> dict:
-    who = caller(request)
-    req = await body(request, OptimStepRequest, "optim_step")
-    training = service(request).training
-    return await submit(request, who, lambda: training.optim_step(who.owner, req.model_id, req.seq_id,
-                                                                  req.adam_params))
-
-
-@router.post("/save_weights")
-async def save_weights(request: Request) -> dict:
-    who = caller(request)
-    req = await body(request, SaveWeightsRequest, "save_weights")
-    return await submit(request, who, lambda: service(request).training.save(who.owner, req, "weights"))
-
-
-@router.post("/save_weights_for_sampler")
-async def save_weights_for_sampler(request: Request) -> dict:
-    who = caller(request)
-    req = await body(request, SaveWeightsForSamplerRequest, "save_weights_for_sampler")
-    return await submit(request, who, lambda: service(request).training.save(who.owner, req, "sampler_weights"))
-
-
-@router.post("/save_weights_external")
-async def save_weights_external(request: Request) -> dict:
-    who = caller(request)
-    req = await body(request, SaveWeightsExternalRequest, "save_weights_external")
-    return await submit(request, who, lambda: service(request).training.save(who.owner, req, "external_weights"))
-
-
-@router.post("/load_weights")
-async def load_weights(request: Request) -> dict:
-    who = caller(request)
-    req = await body(request, LoadWeightsRequest, "load_weights")
-    return await submit(request, who, lambda: service(request).training.load(who.owner, req))
-
-
-@router.post("/weights_info")
-async def weights_info(request: Request) -> dict:
-    who = caller(request)
-    req = await body(request, WeightsInfoRequest, "weights_info")
-    return await offload(service(request).training.weights_info, who.owner, req.tinker_path)
+_route("forward", ForwardRequest, queued=True, call=lambda t, owner, req: t.forward(
+    owner, req.model_id, req.seq_id, req.forward_input, backward=False))
+_route("optim_step", OptimStepRequest, queued=True, call=lambda t, owner, req: t.optim_step(
+    owner, req.model_id, req.seq_id, req.adam_params))
+_route("save_weights", SaveWeightsRequest, queued=True,
+       call=lambda t, owner, req: t.save(owner, req, "weights"))
+_route("save_weights_for_sampler", SaveWeightsForSamplerRequest, queued=True,
+       call=lambda t, owner, req: t.save(owner, req, "sampler_weights"))
+_route("save_weights_external", SaveWeightsExternalRequest, queued=True,
+       call=lambda t, owner, req: t.save(owner, req, "external_weights"))
+_route("load_weights", LoadWeightsRequest, queued=True,
+       call=lambda t, owner, req: t.load(owner, req))
+_route("weights_info", WeightsInfoRequest, queued=False,
+       call=lambda t, owner, req: t.weights_info(owner, req.tinker_path))
 
 
 @router.post("/mint/checkpoints/interpolate")
