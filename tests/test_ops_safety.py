@@ -38,14 +38,18 @@ def assert_clean_exit(done: subprocess.CompletedProcess) -> None:
 
 
 RACE = """
-import threading, time, torch, minlora
+import resource, threading, time, torch, minlora
 from lora_cases import make_case
+# A runaway allocation from a wild index fails the run instead of taking the machine down.
+with open("/proc/self/status") as f:
+    vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + (2 << 30), vm + (2 << 30)))
 torch.manual_seed(0)
 c = make_case({T}, 64, 48, [8, 1, 16, 4, 2, 32], torch.float32, slot_weights=[{weights}])
 S, R, T = c.ranks.shape[0], c.a_pages.shape[1], c.x.shape[0]
 plan = minlora.build_plan(c.token_slot, S)
-pristine = [t.clone() for t in (c.a_pages, c.b_pages, c.ranks, c.token_slot, plan.order, plan.seg_offsets)]
-targets = [c.a_pages, c.b_pages, c.ranks, c.token_slot, plan.order, plan.seg_offsets]
+targets = [c.a_pages, c.b_pages, c.ranks, c.token_slot, plan.order, plan.seg_offsets, plan.positions]
+pristine = [t.clone() for t in targets]
 stop = threading.Event()
 
 def rewrite():
@@ -60,6 +64,7 @@ def rewrite():
 
 y = torch.zeros(T, 48)
 grad_y = torch.randn(T, 48)
+grad_a, grad_b = torch.zeros(c.a_pool.shape), torch.zeros(c.b_pool.shape)
 writer = threading.Thread(target=rewrite, daemon=True)
 writer.start()
 calls = errors = 0
@@ -70,7 +75,10 @@ while time.monotonic() < end:
                lambda: minlora.ops.lora_add_(y, *c.args(), plan=plan),
                lambda: minlora.ops.lora_backward(grad_y, *c.args()),
                lambda: minlora.ops.lora_backward(grad_y, *c.args(), plan=plan),
-               lambda: minlora.build_plan(c.token_slot, S)):
+               lambda: minlora.ops.lora_backward_accumulate_(grad_a, grad_b, grad_y, *c.args(), plan=plan),
+               lambda: minlora.ops.lora_backward_accumulate_(grad_a, grad_b, grad_y, *c.args()),
+               lambda: minlora.build_plan(c.token_slot, S),
+               lambda: minlora.plan.plan_positions(plan.order)):
         try:
             fn()
         except (ValueError, RuntimeError):
@@ -86,8 +94,9 @@ print("calls", calls, "errors", errors)
     "shape", [(40, "1, 1, 1, 1, 1, 1"), (400, "20, 1, 10, 1, 1, 5")], ids=["token-path", "matrix-path"]
 )
 def test_index_tensors_rewritten_by_another_thread_never_crash(shape):
-    """A thread rewrites page tables, ranks, token slots and the plan with random values while
-    every CPU op runs: wrong answers and ValueErrors are allowed, a crash is not."""
+    """A thread rewrites page tables, ranks, token slots and the plan (order, segments, positions)
+    with random values while every CPU op runs, under a memory cap: wrong answers and
+    ValueErrors are allowed, a crash or a runaway allocation is not."""
     T, weights = shape
     done = run_script(RACE.format(T=T, weights=weights, seconds=4), timeout=180)
     assert_clean_exit(done)
