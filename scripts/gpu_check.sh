@@ -86,6 +86,7 @@ if [ "$1" = --plan ]; then
 fi
 [ $# -eq 2 ] && [ -n "${BUDGET[$2]:-}" ] || usage
 STAGE=$2
+check_plan "$STAGE"
 mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
 cd "$ROOT"
@@ -305,7 +306,6 @@ stage_perf() {
   fi
 }
 
-check_plan "$STAGE"
 log "stage $STAGE: budget $(budget_of "$STAGE")s; plan: $(plan_of "$STAGE")${DRY:+ (dry run: $DRY)}"
 : >"$WORK/info.txt"
 write_stage running
