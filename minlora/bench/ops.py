@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import statistics
 import math
 import os
+import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -106,7 +106,6 @@ class Problem:
         self.b_pool[perm_b.to(dev)] = self.b.transpose(1, 2).reshape(n * r, o)
         self.ranks = torch.full((n,), r, dtype=torch.int32, device=dev)
         self.plan = host_plan(self.token_slot, n)
-
 
     def weights(self) -> list[torch.Tensor]:
         return [self.a, self.b, self.a_pool, self.b_pool]
