@@ -20,4 +20,4 @@ SRC=${CUTLASS_DIR:-$("$PY" -c 'import cutlass_library, os; print(os.path.join(os
 mkdir -p .gpu_carry
 tar -C "$SRC" -czf .gpu_carry/cutlass-headers.tar.gz include tools/util/include
 du -sh .gpu_carry/cutlass-headers.tar.gz
-echo "carry: .gpu_carry   (then: scripts/gpu_check.sh \$OUT)"
+echo "carry: .gpu_carry   (then: scripts/gpu_check.sh \$OUT correct, and scripts/gpu_check.sh \$OUT perf)"

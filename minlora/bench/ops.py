@@ -8,6 +8,15 @@ Baselines (each computes the same delta y [T, out] from the same adapters):
   simple      (CUDA) the op forced onto the one-block-per-token fallback kernels.
   minlora     the op, reading paged pools in place; the BatchPlan is built inside the timing.
   (op_us)     the op alone with a plan built beforehand, as each layer of a model runs it.
+  (--backward) also fwd_op_us and bwd_op_us: the forward op and lora_backward (x, A and B
+              gradients) alone with the plan prebuilt, and bwd_over_fwd, their ratio.
+
+On CUDA minlora, op_us, fwd_op_us and bwd_op_us are timed with no host synchronisation: the
+plan is built on the host beforehand (as a serving step does), a round of calls runs between
+two CUDA events, and the rounds run under torch.cuda.set_sync_debug_mode("error"), so a
+hidden synchronisation fails the benchmark instead of flattering or slowing it.  frac_copy*
+are the bytes the op must move over its time, as a fraction of a device-to-device copy's
+bandwidth measured once per run (1 GiB on CUDA, read and write counted).
 
 On CUDA the op's kernels can be chosen with MINLORA_CUDA_KERNELS (auto, gather, grouped,
 fallback; read on every call); `minlora` runs with the caller's setting, `simple` forces fallback.
@@ -15,11 +24,13 @@ fallback; read on every call); `minlora` runs with the caller's setting, `simple
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
 import os
+import statistics
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -94,6 +105,7 @@ class Problem:
         self.a_pool[perm_a.to(dev)] = self.a.reshape(n * r, i)
         self.b_pool[perm_b.to(dev)] = self.b.transpose(1, 2).reshape(n * r, o)
         self.ranks = torch.full((n,), r, dtype=torch.int32, device=dev)
+        self.plan = host_plan(self.token_slot, n)
 
     def weights(self) -> list[torch.Tensor]:
         return [self.a, self.b, self.a_pool, self.b_pool]
@@ -105,6 +117,16 @@ class Problem:
         return n * e * (2 if backward else 1)
 
 
+def host_plan(token_slot: torch.Tensor, num_slots: int) -> minlora.BatchPlan:
+    """The plan of token_slot ([T] int32) built on the host, as a serving step builds it from
+    what it knows, then moved to token_slot's device: it carries the longest segment, and its
+    construction reads nothing back from the device."""
+    plan = minlora.build_plan(token_slot.cpu(), num_slots)
+    dev = token_slot.device
+    return minlora.BatchPlan(plan.order.to(dev), plan.seg_offsets.to(dev),
+                             None if plan.positions is None else plan.positions.to(dev), plan.max_segment)
+
+
 def run_minlora(p: Problem) -> torch.Tensor:
     plan = minlora.build_plan(p.token_slot, p.ranks.shape[0])
     return minlora.lora(p.x, p.a_pool, p.b_pool, p.a_pages, p.b_pages, p.ranks, p.scales, p.token_slot, plan=plan)
@@ -113,8 +135,6 @@ def run_minlora(p: Problem) -> torch.Tensor:
 def run_minlora_op(p: Problem) -> torch.Tensor:
     """The op alone, with the step's plan built beforehand (a model builds it once per step
     and every layer reuses it); reported as op_us beside minlora_us, which includes the build."""
-    if getattr(p, "plan", None) is None:
-        p.plan = minlora.build_plan(p.token_slot, p.ranks.shape[0])
     return minlora.lora(p.x, p.a_pool, p.b_pool, p.a_pages, p.b_pages, p.ranks, p.scales, p.token_slot, plan=p.plan)
 
 
@@ -218,6 +238,69 @@ def _timed_fn(method: str, problems: Sequence[Problem], backward: bool,
     return fn
 
 
+@contextlib.contextmanager
+def no_host_sync(device: torch.device) -> Iterator[None]:
+    """Inside: any CUDA call that synchronises the host raises (torch.cuda.set_sync_debug_mode)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(saved)
+
+
+def time_without_sync(fn: Callable[[int], Any], device: torch.device, *, repeats: int, calls: int = 10,
+                      warmup: int = 3) -> float:
+    """Median seconds of one fn(i) call (i counts calls, so fn can rotate inputs).
+
+    On CUDA each of `repeats` rounds is `calls` back-to-back calls between two CUDA events, and
+    all the rounds are issued under no_host_sync before the host waits once for the last event;
+    a call that synchronises the host raises RuntimeError naming the benchmark's rule.  On the
+    CPU it is common.time_call.
+    """
+    if device.type != "cuda":
+        return time_call(fn, device, warmup=warmup, repeats=repeats)
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    i = warmup
+    try:
+        with no_host_sync(device):
+            for start, end in events:
+                start.record()
+                for _ in range(calls):
+                    fn(i)
+                    i += 1
+                end.record()
+    except RuntimeError as exc:
+        if "synchroniz" in str(exc).lower():
+            raise RuntimeError(f"the timed op synchronised the host (no sync is allowed in a CUDA op): {exc}") from exc
+        raise
+    torch.cuda.synchronize(device)
+    return statistics.median(start.elapsed_time(end) / 1e3 / calls for start, end in events)
+
+
+def _op_fn(problems: Sequence[Problem], backward_only: bool) -> Callable[[int], Any]:
+    """The forward op (no autograd), or lora_backward alone (x, A and B gradients), with the
+    problems' prebuilt plans and a fixed grad_y per problem."""
+    grads = [torch.randn(p.x.shape[0], p.b.shape[1], device=p.x.device, dtype=p.x.dtype) for p in problems]
+
+    def fn(i: int) -> Any:
+        k = i % len(problems)
+        p = problems[k]
+        with torch.no_grad():
+            if backward_only:
+                return minlora.ops.lora_backward(grads[k], p.x, p.a_pool, p.b_pool, p.a_pages, p.b_pages, p.ranks,
+                                                 p.scales, p.token_slot, plan=p.plan)
+            return run_minlora_op(p)
+
+    return fn
+
+
 def _copies(cfg: OpsConfig, problem_bytes: int) -> int:
     """How many independent copies to rotate through so caches do not flatter (at most 4)."""
     cache = 64 << 20 if cfg.device == "cpu" else 128 << 20
@@ -261,11 +344,18 @@ def bench_config(cfg: OpsConfig, *, repeats: int, seed: int = 0, bandwidth: Opti
         tol = 1e-4 if cfg.dtype == "float32" else 3e-2
         if not err <= tol:
             raise AssertionError(f"{method} disagrees with minlora on {cfg}: relative error {err:.2e}")
-        seconds = time_call(_timed_fn(method, problems, cfg.backward), device, repeats=repeats)
+        # The baselines synchronise the host by design (the loop's unique(), gather_bmm's longest
+        # group); minlora's op must not, and is timed so that it cannot.
+        timer = time_without_sync if method == "minlora" else time_call
+        seconds = timer(_timed_fn(method, problems, cfg.backward), device, repeats=repeats)
         row[f"{method}_us"] = seconds * 1e6
     # The op alone, its plan built once outside the timing (see run_minlora_op).
     op_fn = _timed_fn("minlora", problems, cfg.backward, run=run_minlora_op)
-    row["op_us"] = time_call(op_fn, device, repeats=repeats) * 1e6
+    row["op_us"] = time_without_sync(op_fn, device, repeats=repeats) * 1e6
+    if cfg.backward:
+        row["fwd_op_us"] = time_without_sync(_op_fn(problems, False), device, repeats=repeats) * 1e6
+        row["bwd_op_us"] = time_without_sync(_op_fn(problems, True), device, repeats=repeats) * 1e6
+        row["bwd_over_fwd"] = row["bwd_op_us"] / row["fwd_op_us"]
     mine = row["minlora_us"]
     for method in METHODS[1:]:
         other = row.get(f"{method}_us")
@@ -282,7 +372,8 @@ def bench_config(cfg: OpsConfig, *, repeats: int, seed: int = 0, bandwidth: Opti
 def run_configs(configs: Sequence[OpsConfig], *, repeats: int = 10, show_progress: bool = True) -> list[dict[str, Any]]:
     """Every config, in one process, with a copy bandwidth measured on the same device first."""
     devices = {c.device for c in configs}
-    bandwidth = {d: copy_bandwidth(torch.device(d)) for d in devices}
+    bandwidth = {d: copy_bandwidth(torch.device(d), **({"nbytes": 1 << 30} if d.startswith("cuda") else {}))
+                 for d in devices}
     rows = []
     for cfg in progress(configs, len(configs), "bench ops", show_progress):
         rows.append(bench_config(cfg, repeats=repeats, bandwidth=bandwidth[cfg.device]))
@@ -290,7 +381,7 @@ def run_configs(configs: Sequence[OpsConfig], *, repeats: int = 10, show_progres
 
 
 TABLE_COLUMNS = ["label", "in", "out", "r", "adapters", "tok/ad", "minlora_us", "op_us", "loop_us", "gather_bmm_us",
-                 "grouped_mm_us", "simple_us", "x_loop", "x_gather_bmm", "x_grouped_mm", "x_simple", "GB/s",
+                 "grouped_mm_us", "simple_us", "fwd_op_us", "bwd_op_us", "bwd_over_fwd", "x_loop", "x_gather_bmm", "x_grouped_mm", "x_simple", "GB/s",
                  "frac_copy", "frac_copy_op"]
 
 
