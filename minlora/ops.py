@@ -49,8 +49,8 @@ class ModuleTables:
 
 
 def lora(
-    x: Tensor, a_pool: Tensor, b_pool: Tensor, a_pages: Tensor, b_pages: Tensor, ranks: Tensor, scales: Tensor,
-    token_slot: Tensor, plan: Optional[BatchPlan] = None,
+    x: Tensor, a_pool: Tensor, b_pool: Tensor, a_pages: Tensor, b_pages: Tensor, ranks: Tensor,
+    scales: Tensor, token_slot: Tensor, plan: Optional[BatchPlan] = None,
 ) -> Tensor:
     """The LoRA delta [T, out]; differentiable with respect to x, a_pool and b_pool.
 
@@ -69,8 +69,8 @@ def lora_add_(
 
 
 def lora_backward(
-    grad_y: Tensor, x: Tensor, a_pool: Tensor, b_pool: Tensor, a_pages: Tensor, b_pages: Tensor, ranks: Tensor,
-    scales: Tensor, token_slot: Tensor, plan: Optional[BatchPlan] = None,
+    grad_y: Tensor, x: Tensor, a_pool: Tensor, b_pool: Tensor, a_pages: Tensor, b_pages: Tensor,
+    ranks: Tensor, scales: Tensor, token_slot: Tensor, plan: Optional[BatchPlan] = None,
     output_mask: tuple[bool, bool, bool] = (True, True, True),
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(grad_x [T, in], grad_a_pool [Pa, in], grad_b_pool [Pb, out]); None where output_mask is False.

@@ -51,8 +51,8 @@ def _slot_segments(a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot):
 
 
 def lora_forward_ref(
-    x: Tensor, a_pool: Tensor, b_pool: Tensor, a_pages: Tensor, b_pages: Tensor, ranks: Tensor, scales: Tensor,
-    token_slot: Tensor,
+    x: Tensor, a_pool: Tensor, b_pool: Tensor, a_pages: Tensor, b_pages: Tensor, ranks: Tensor,
+    scales: Tensor, token_slot: Tensor,
 ) -> Tensor:
     """The LoRA delta [T, out] in float64: y_t = scale_s * B_s (A_s x_t); rows with slot -1 are 0."""
     xd = x.detach().cpu().double()
@@ -63,8 +63,8 @@ def lora_forward_ref(
 
 
 def lora_backward_ref(
-    grad_y: Tensor, x: Tensor, a_pool: Tensor, b_pool: Tensor, a_pages: Tensor, b_pages: Tensor, ranks: Tensor,
-    scales: Tensor, token_slot: Tensor,
+    grad_y: Tensor, x: Tensor, a_pool: Tensor, b_pool: Tensor, a_pages: Tensor, b_pages: Tensor,
+    ranks: Tensor, scales: Tensor, token_slot: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """float64 (grad_x [T, in], grad_a_pool [Pa, in], grad_b_pool [Pb, out]).
 

@@ -230,8 +230,8 @@ def run_pool_bench(
 
 # The pool's stats() the report carries, and the two it names differently.
 _REPORTED_STATS = ("hit_rate", "hits", "misses", "fetches", "promotions", "evictions", "host_evictions",
-                   "bytes_disk_to_host", "bytes_host_to_fast", "bytes_fast_to_host", "resident", "host_resident",
-                   "fast_used_bytes", "chunk_bytes")
+                   "bytes_disk_to_host", "bytes_host_to_fast", "bytes_fast_to_host", "resident",
+                   "host_resident", "fast_used_bytes", "chunk_bytes")
 _REPORT_NAMES = {"resident": "resident_adapters", "host_resident": "host_resident_adapters"}
 
 

@@ -47,7 +47,8 @@ def _ref(name: str, target: str, **kw: bool) -> sa.Column:
 
 def _blob_ref() -> sa.Column:
     """The content hash of a stored blob (indexed: gc looks blobs up by it)."""
-    return sa.Column("content_hash", sa.String(64), sa.ForeignKey("blobs.content_hash"), nullable=False, index=True)
+    return sa.Column("content_hash", sa.String(64), sa.ForeignKey("blobs.content_hash"), nullable=False,
+                     index=True)
 
 
 def _time(name: str) -> sa.Column:
