@@ -49,15 +49,8 @@ class ModuleTables:
 
 
 def lora(
-    x: Tensor,
-    a_pool: Tensor,
-    b_pool: Tensor,
-    a_pages: Tensor,
-    b_pages: Tensor,
-    ranks: Tensor,
-    scales: Tensor,
-    token_slot: Tensor,
-    plan: Optional[BatchPlan] = None,
+    x: Tensor, a_pool: Tensor, b_pool: Tensor, a_pages: Tensor, b_pages: Tensor, ranks: Tensor,
+    scales: Tensor, token_slot: Tensor, plan: Optional[BatchPlan] = None,
 ) -> Tensor:
     """The LoRA delta [T, out]; differentiable with respect to x, a_pool and b_pool.
 
@@ -67,16 +60,8 @@ def lora(
 
 
 def lora_add_(
-    y: Tensor,
-    x: Tensor,
-    a_pool: Tensor,
-    b_pool: Tensor,
-    a_pages: Tensor,
-    b_pages: Tensor,
-    ranks: Tensor,
-    scales: Tensor,
-    token_slot: Tensor,
-    plan: Optional[BatchPlan] = None,
+    y: Tensor, x: Tensor, a_pool: Tensor, b_pool: Tensor, a_pages: Tensor, b_pages: Tensor, ranks: Tensor,
+    scales: Tensor, token_slot: Tensor, plan: Optional[BatchPlan] = None,
 ) -> Tensor:
     """y [T, out] += the LoRA delta, in place (no autograd); returns y."""
     _ops.lora_forward_add_(y, x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, *_plan_args(plan))
@@ -84,16 +69,8 @@ def lora_add_(
 
 
 def lora_backward(
-    grad_y: Tensor,
-    x: Tensor,
-    a_pool: Tensor,
-    b_pool: Tensor,
-    a_pages: Tensor,
-    b_pages: Tensor,
-    ranks: Tensor,
-    scales: Tensor,
-    token_slot: Tensor,
-    plan: Optional[BatchPlan] = None,
+    grad_y: Tensor, x: Tensor, a_pool: Tensor, b_pool: Tensor, a_pages: Tensor, b_pages: Tensor,
+    ranks: Tensor, scales: Tensor, token_slot: Tensor, plan: Optional[BatchPlan] = None,
     output_mask: tuple[bool, bool, bool] = (True, True, True),
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(grad_x [T, in], grad_a_pool [Pa, in], grad_b_pool [Pb, out]); None where output_mask is False.
@@ -110,19 +87,9 @@ def lora_backward(
 
 
 def lora_backward_accumulate_(
-    grad_a_acc: Tensor,
-    grad_b_acc: Tensor,
-    grad_y: Tensor,
-    x: Tensor,
-    a_pool: Tensor,
-    b_pool: Tensor,
-    a_pages: Tensor,
-    b_pages: Tensor,
-    ranks: Tensor,
-    scales: Tensor,
-    token_slot: Tensor,
-    plan: Optional[BatchPlan] = None,
-    grad_x: bool = True,
+    grad_a_acc: Tensor, grad_b_acc: Tensor, grad_y: Tensor, x: Tensor, a_pool: Tensor, b_pool: Tensor,
+    a_pages: Tensor, b_pages: Tensor, ranks: Tensor, scales: Tensor, token_slot: Tensor,
+    plan: Optional[BatchPlan] = None, grad_x: bool = True,
 ) -> Optional[Tensor]:
     """Adds the batch's adapter gradients into float32 pages; returns grad_x [T, in] (None if not asked).
 

@@ -26,15 +26,12 @@ __all__ = [
     "slot_matrices",
 ]
 
+Tensor = torch.Tensor
+
 
 def slot_matrices(
-    a_pool: torch.Tensor,
-    b_pool: torch.Tensor,
-    a_pages: torch.Tensor,
-    b_pages: torch.Tensor,
-    ranks: torch.Tensor,
-    s: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    a_pool: Tensor, b_pool: Tensor, a_pages: Tensor, b_pages: Tensor, ranks: Tensor, s: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Dense float64 A_s [r, in] and B_s [out, r] of slot s, plus their page indices [r]."""
     r = int(ranks[s])
     a_idx = a_pages[s, :r].long().cpu()
@@ -54,15 +51,9 @@ def _slot_segments(a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot):
 
 
 def lora_forward_ref(
-    x: torch.Tensor,
-    a_pool: torch.Tensor,
-    b_pool: torch.Tensor,
-    a_pages: torch.Tensor,
-    b_pages: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    token_slot: torch.Tensor,
-) -> torch.Tensor:
+    x: Tensor, a_pool: Tensor, b_pool: Tensor, a_pages: Tensor, b_pages: Tensor, ranks: Tensor,
+    scales: Tensor, token_slot: Tensor,
+) -> Tensor:
     """The LoRA delta [T, out] in float64: y_t = scale_s * B_s (A_s x_t); rows with slot -1 are 0."""
     xd = x.detach().cpu().double()
     y = torch.zeros(x.shape[0], b_pool.shape[1], dtype=torch.float64)
@@ -72,16 +63,9 @@ def lora_forward_ref(
 
 
 def lora_backward_ref(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    a_pool: torch.Tensor,
-    b_pool: torch.Tensor,
-    a_pages: torch.Tensor,
-    b_pages: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    token_slot: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_y: Tensor, x: Tensor, a_pool: Tensor, b_pool: Tensor, a_pages: Tensor, b_pages: Tensor,
+    ranks: Tensor, scales: Tensor, token_slot: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
     """float64 (grad_x [T, in], grad_a_pool [Pa, in], grad_b_pool [Pb, out]).
 
     dx_t = scale_s A_s^T (B_s^T g_t);  dB_s = scale_s sum_t g_t (A_s x_t)^T;
@@ -105,18 +89,9 @@ def lora_backward_ref(
 
 
 def lora_backward_accumulate_ref(
-    grad_a_acc: torch.Tensor,
-    grad_b_acc: torch.Tensor,
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    a_pool: torch.Tensor,
-    b_pool: torch.Tensor,
-    a_pages: torch.Tensor,
-    b_pages: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    token_slot: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_a_acc: Tensor, grad_b_acc: Tensor, grad_y: Tensor, x: Tensor, a_pool: Tensor, b_pool: Tensor,
+    a_pages: Tensor, b_pages: Tensor, ranks: Tensor, scales: Tensor, token_slot: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
     """float64 (grad_x [T, in], grad_a_acc + dA rows [Pa, in], grad_b_acc + dB rows [Pb, out]).
 
     The accumulating backward: the given accumulators (any dtype, read as float64) plus, for

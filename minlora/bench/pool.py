@@ -222,23 +222,17 @@ def run_pool_bench(
         trace_s=trace_s,
         steps_per_s=steps / trace_s if trace_s > 0 else float("nan"),
         requests_per_s=steps * batch / trace_s if trace_s > 0 else float("nan"),
-        hit_rate=s["hit_rate"],
-        hits=s["hits"],
-        misses=s["misses"],
         not_ready_requests=not_ready,
-        fetches=s["fetches"],
-        promotions=s["promotions"],
-        evictions=s["evictions"],
-        host_evictions=s["host_evictions"],
-        bytes_disk_to_host=s["bytes_disk_to_host"],
-        bytes_host_to_fast=s["bytes_host_to_fast"],
-        bytes_fast_to_host=s["bytes_fast_to_host"],
-        resident_adapters=s["resident"],
-        host_resident_adapters=s["host_resident"],
-        fast_used_bytes=s["fast_used_bytes"],
-        chunk_bytes=s["chunk_bytes"],
     )
+    out.update({_REPORT_NAMES.get(name, name): s[name] for name in _REPORTED_STATS})
     return out
+
+
+# The pool's stats() the report carries, and the two it names differently.
+_REPORTED_STATS = ("hit_rate", "hits", "misses", "fetches", "promotions", "evictions", "host_evictions",
+                   "bytes_disk_to_host", "bytes_host_to_fast", "bytes_fast_to_host", "resident",
+                   "host_resident", "fast_used_bytes", "chunk_bytes")
+_REPORT_NAMES = {"resident": "resident_adapters", "host_resident": "host_resident_adapters"}
 
 
 def format_report(r: dict[str, Any]) -> str:

@@ -34,12 +34,39 @@ __all__ = [
 
 metadata = sa.MetaData()
 
+
+def _pk() -> sa.Column:
+    """The surrogate key of a table that other tables refer to."""
+    return sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True)
+
+
+def _ref(name: str, target: str, **kw: bool) -> sa.Column:
+    """An integer column referring to `target` ("table.pk")."""
+    return sa.Column(name, sa.Integer, sa.ForeignKey(target), **kw)
+
+
+def _blob_ref() -> sa.Column:
+    """The content hash of a stored blob (indexed: gc looks blobs up by it)."""
+    return sa.Column("content_hash", sa.String(64), sa.ForeignKey("blobs.content_hash"), nullable=False,
+                     index=True)
+
+
+def _time(name: str) -> sa.Column:
+    """A timestamp (UTC, see above)."""
+    return sa.Column(name, sa.DateTime(timezone=True), nullable=False)
+
+
+def _who(name: str) -> sa.Column:
+    """The author or actor of a change."""
+    return sa.Column(name, sa.String(256), nullable=False)
+
+
 adapters = sa.Table(
     "adapters",
     metadata,
-    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+    _pk(),
     sa.Column("adapter_id", sa.String(128), nullable=False, unique=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    _time("created_at"),
 )
 
 blobs = sa.Table(
@@ -47,20 +74,20 @@ blobs = sa.Table(
     metadata,
     sa.Column("content_hash", sa.String(64), primary_key=True),
     sa.Column("size", sa.BigInteger, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    _time("created_at"),
 )
 
 revisions = sa.Table(
     "revisions",
     metadata,
-    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("adapter_pk", sa.Integer, sa.ForeignKey("adapters.pk"), nullable=False),
+    _pk(),
+    _ref("adapter_pk", "adapters.pk", nullable=False),
     sa.Column("number", sa.Integer, nullable=False),
-    sa.Column("content_hash", sa.String(64), sa.ForeignKey("blobs.content_hash"), nullable=False, index=True),
-    sa.Column("parent_pk", sa.Integer, sa.ForeignKey("revisions.pk"), nullable=True),
+    _blob_ref(),
+    _ref("parent_pk", "revisions.pk", nullable=True),
     sa.Column("message", sa.Text, nullable=False),
-    sa.Column("author", sa.String(256), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    _who("author"),
+    _time("created_at"),
     # provenance
     sa.Column("base_model", sa.String(64), nullable=True),
     sa.Column("training_data", sa.Text, nullable=True),
@@ -74,55 +101,55 @@ revisions = sa.Table(
 revision_states = sa.Table(
     "revision_states",
     metadata,
-    sa.Column("revision_pk", sa.Integer, sa.ForeignKey("revisions.pk"), primary_key=True),
-    sa.Column("content_hash", sa.String(64), sa.ForeignKey("blobs.content_hash"), nullable=False, index=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    _ref("revision_pk", "revisions.pk", primary_key=True),
+    _blob_ref(),
+    _time("created_at"),
 )
 
 tags = sa.Table(
     "tags",
     metadata,
-    sa.Column("adapter_pk", sa.Integer, sa.ForeignKey("adapters.pk"), primary_key=True),
+    _ref("adapter_pk", "adapters.pk", primary_key=True),
     sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("revision_pk", sa.Integer, sa.ForeignKey("revisions.pk"), nullable=False),
-    sa.Column("author", sa.String(256), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    _ref("revision_pk", "revisions.pk", nullable=False),
+    _who("author"),
+    _time("created_at"),
 )
 
 serving = sa.Table(
     "serving",
     metadata,
-    sa.Column("adapter_pk", sa.Integer, sa.ForeignKey("adapters.pk"), primary_key=True),
-    sa.Column("revision_pk", sa.Integer, sa.ForeignKey("revisions.pk"), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    _ref("adapter_pk", "adapters.pk", primary_key=True),
+    _ref("revision_pk", "revisions.pk", nullable=False),
+    _time("updated_at"),
 )
 
 serving_events = sa.Table(
     "serving_events",
     metadata,
-    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("adapter_pk", sa.Integer, sa.ForeignKey("adapters.pk"), nullable=False),
-    sa.Column("from_revision_pk", sa.Integer, sa.ForeignKey("revisions.pk"), nullable=True),
-    sa.Column("to_revision_pk", sa.Integer, sa.ForeignKey("revisions.pk"), nullable=False),
+    _pk(),
+    _ref("adapter_pk", "adapters.pk", nullable=False),
+    _ref("from_revision_pk", "revisions.pk", nullable=True),
+    _ref("to_revision_pk", "revisions.pk", nullable=False),
     sa.Column("action", sa.String(16), nullable=False),  # "promote" | "rollback"
     sa.Column("forced", sa.Boolean, nullable=False),
-    sa.Column("actor", sa.String(256), nullable=False),
+    _who("actor"),
     sa.Column("reason", sa.Text, nullable=True),
     sa.Column("gate_report", sa.JSON, nullable=True),
-    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    _time("at"),
     sa.Index("ix_serving_events_adapter", "adapter_pk", "pk"),
 )
 
 evaluations = sa.Table(
     "evaluations",
     metadata,
-    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("revision_pk", sa.Integer, sa.ForeignKey("revisions.pk"), nullable=False),
+    _pk(),
+    _ref("revision_pk", "revisions.pk", nullable=False),
     sa.Column("suite", sa.String(128), nullable=False),
     sa.Column("metric", sa.String(128), nullable=False),
     sa.Column("value", sa.Float, nullable=False),
-    sa.Column("author", sa.String(256), nullable=False),
-    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    _who("author"),
+    _time("recorded_at"),
     sa.Column("details", sa.JSON, nullable=True),
     sa.Index("ix_evaluations_revision", "revision_pk", "suite", "metric"),
 )
@@ -136,7 +163,7 @@ INITIAL_TABLES = frozenset(
 gates = sa.Table(
     "gates",
     metadata,
-    sa.Column("adapter_pk", sa.Integer, sa.ForeignKey("adapters.pk"), primary_key=True),
+    _ref("adapter_pk", "adapters.pk", primary_key=True),
     sa.Column("suite", sa.String(128), primary_key=True),
     sa.Column("metric", sa.String(128), primary_key=True),
     sa.Column("higher_is_better", sa.Boolean, nullable=False),

@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -34,6 +33,7 @@ from .errors import ServerError
 from .kv_cache import BatchCache, new_hf_cache
 from .model_host import HostedModel
 from .sampler import RowSampling, StopRule, choose_tokens, prompt_logprobs
+from .work_queue import WorkQueue
 
 __all__ = ["DecodeEngine", "SampleJob"]
 
@@ -87,53 +87,42 @@ class DecodeEngine:
         self.admit_linger_s = admit_linger_s
         params = inspect.signature(host.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._cond = threading.Condition()
-        self._queue: collections.deque[SampleJob] = collections.deque()
+        self._work: WorkQueue[SampleJob] = WorkQueue("minlora-serve-decode", self._loop)
         self._rows: list[_Row] = []
         self._cache: Optional[BatchCache] = None
-        self._stopping = False
         self.counters = collections.Counter()
-        self._thread = threading.Thread(target=self._loop, name="minlora-serve-decode", daemon=True)
-        self._thread.start()
+        self._work.start()
 
     # ------------------------------------------------------------------ public
 
     def submit(self, job: SampleJob) -> None:
         if job.num_samples > self.max_rows:
             raise ValueError(f"num_samples {job.num_samples} is more than this server's batch of {self.max_rows} rows")
-        with self._cond:
-            if self._stopping:
-                raise RuntimeError("the decode engine is stopped")
-            self._queue.append(job)
-            self._cond.notify()
+        if not self._work.put(job):
+            raise RuntimeError("the decode engine is stopped")
 
     def stats(self) -> dict[str, Any]:
-        with self._cond:
-            return dict(self.counters, queued=len(self._queue), running_rows=len(self._rows))
+        with self._work.cond:
+            return dict(self.counters, queued=len(self._work.items), running_rows=len(self._rows))
 
     def close(self, timeout: float = 5.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout)
-        with self._cond:
-            left, self._queue = list(self._queue), collections.deque()
-        for job in left:
+        for job in self._work.stop(timeout):
             self._finish(job, None, ServerError("the server is shutting down"))
 
     # ------------------------------------------------------------------ loop
 
     def _loop(self) -> None:
+        work = self._work
         while True:
-            with self._cond:
-                while not self._stopping and not self._queue and not self._rows:
-                    self._cond.wait()
-                if self._stopping:
+            with work.cond:
+                while not work.stopping and not work.items and not self._rows:
+                    work.cond.wait()
+                if work.stopping:
                     break
                 if not self._rows and self.admit_linger_s > 0:
                     deadline = time.monotonic() + self.admit_linger_s
-                    while not self._stopping and (left := deadline - time.monotonic()) > 0:
-                        self._cond.wait(left)
+                    while not work.stopping and (left := deadline - time.monotonic()) > 0:
+                        work.cond.wait(left)
                 newcomers = self._admit()
             t0 = time.perf_counter()
             try:
@@ -159,22 +148,22 @@ class DecodeEngine:
         """The waiting jobs that fit now, in arrival order (condition held)."""
         rows = len(self._rows)
         adapters = {r.job.adapter for r in self._rows}
-        taken, kept, tokens = [], collections.deque(), 0
-        while self._queue:
-            job = self._queue.popleft()
-            fits = rows + job.num_samples <= self.max_rows
-            fits = fits and (not taken or tokens + len(job.prompt) <= self.max_prefill_tokens)
+        taken, tokens = 0, 0
+
+        def fits(job: SampleJob) -> bool:
+            nonlocal rows, taken, tokens
+            ok = rows + job.num_samples <= self.max_rows
+            ok = ok and (not taken or tokens + len(job.prompt) <= self.max_prefill_tokens)
             if self.max_batch_adapters is not None and job.adapter not in adapters:
-                fits = fits and len(adapters) < self.max_batch_adapters
-            if fits:
-                taken.append(job)
+                ok = ok and len(adapters) < self.max_batch_adapters
+            if ok:
+                taken += 1
                 rows += job.num_samples
                 tokens += len(job.prompt)
                 adapters.add(job.adapter)
-            else:
-                kept.append(job)
-        self._queue = kept
-        return taken
+            return ok
+
+        return self._work.take(fits)
 
     def _forward(self, ids: list[Optional[str]], **inputs: Any) -> torch.Tensor:
         """One forward of the patched model with each row's adapter; returns float logits."""

@@ -26,6 +26,7 @@ from .errors import ApiError, ServerError, UserError, bad_request, not_found
 from .futures import FutureEntry, FutureTable
 from .model_host import HostedModel
 from .ordering import SeqOrder
+from .request_service import RequestService
 from .paths import FOLDERS, check_checkpoint_name, model_id as make_model_id, tinker_path
 from .scheduler import TrainingScheduler, Work
 from .state import CheckpointRecord, RunRecord, StateStore
@@ -52,16 +53,12 @@ class LiveRun:
         return self.record.adapter_id
 
 
-class TrainingService:
+class TrainingService(RequestService):
     def __init__(self, host: HostedModel, backend: TrainingBackend, store: StateStore, catalog: Catalog,
                  futures: FutureTable, check_session: Callable[[str, str], None], snapshot: Callable[..., str], *,
                  boot_id: str, max_request_tokens: int, gap_timeout_s: float, linger_s: float) -> None:
-        self.host = host
+        super().__init__(host, catalog, store, futures, check_session)
         self.backend = backend
-        self.store = store
-        self.catalog = catalog
-        self.futures = futures
-        self.check_session = check_session
         self._snapshot = snapshot  # SamplingService.create_snapshot
         self.boot_id = boot_id
         self.max_request_tokens = max_request_tokens

@@ -37,6 +37,7 @@ from .futures import FutureEntry, FutureTable
 from .model_host import HostedModel
 from .paths import sampler_id as make_sampler_id
 from .registrations import Registrations
+from .request_service import RequestService
 from .sampler import RowSampling, StopRule
 from .state import SamplerRecord, StateStore
 from .wire import CreateSamplingSessionRequest, SampleRequest, SamplingParams
@@ -44,16 +45,12 @@ from .wire import CreateSamplingSessionRequest, SampleRequest, SamplingParams
 __all__ = ["SamplingService"]
 
 
-class SamplingService:
+class SamplingService(RequestService):
     def __init__(self, host: HostedModel, engine: DecodeEngine, catalog: Catalog, store: StateStore,
                  futures: FutureTable, check_session: Callable[[str, str], None], *, max_new_tokens: int,
                  load_timeout_s: float = 60.0, workers: int = 8) -> None:
-        self.host = host
+        super().__init__(host, catalog, store, futures, check_session)
         self.engine = engine
-        self.catalog = catalog
-        self.store = store
-        self.futures = futures
-        self.check_session = check_session
         self.max_new_tokens = max_new_tokens
         self.load_timeout_s = load_timeout_s
         self.registrations = Registrations(host.pool)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .errors import ServerError
 from .fairlock import FairLock
+from .work_queue import WorkQueue
 
 __all__ = ["COALESCED", "TrainingScheduler", "Work"]
 
@@ -56,71 +56,54 @@ class TrainingScheduler:
         self._execute = execute
         self.linger_s = linger_s
         self.max_batch_tokens = max_batch_tokens
-        self._cond = threading.Condition()
-        self._ready: collections.deque[Work] = collections.deque()
-        self._stopping = False
+        self._ready: WorkQueue[Work] = WorkQueue("minlora-serve-train", self._loop)
         self.calls = collections.Counter()  # kind -> Trainer calls made
         self.works = collections.Counter()  # kind -> requests served
         self.seconds = collections.Counter()  # kind -> seconds spent in its calls (model lock held)
-        self._thread = threading.Thread(target=self._loop, name="minlora-serve-train", daemon=True)
-        self._thread.start()
+        self._ready.start()
 
     def ready(self, work: Work) -> None:
         """`work`'s turn has come (called by its client's SeqOrder)."""
-        with self._cond:
-            if self._stopping:
-                stopped = True
-            else:
-                stopped = False
-                self._ready.append(work)
-                self._cond.notify()
-        if stopped:
+        if not self._ready.put(work):
             self._complete(work, None, ServerError("the server is shutting down"))
 
     def close(self, timeout: float = 5.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout)
-        with self._cond:
-            left, self._ready = list(self._ready), collections.deque()
-        for work in left:
+        for work in self._ready.stop(timeout):
             self._complete(work, None, ServerError("the server is shutting down"))
 
     def stats(self) -> dict[str, Any]:
-        with self._cond:
-            return {"calls": dict(self.calls), "requests": dict(self.works), "ready": len(self._ready),
+        with self._ready.cond:
+            return {"calls": dict(self.calls), "requests": dict(self.works), "ready": len(self._ready.items),
                     "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
 
     def _loop(self) -> None:
+        ready = self._ready
         while True:
-            with self._cond:
-                while not self._stopping and not self._ready:
-                    self._cond.wait()
-                if self._stopping:
+            with ready.cond:
+                while not ready.stopping and not ready.items:
+                    ready.cond.wait()
+                if ready.stopping:
                     return
-                if self._ready[0].kind in COALESCED and self.linger_s > 0:
-                    self._cond.wait(self.linger_s)  # let concurrent clients' requests arrive
+                if ready.items[0].kind in COALESCED and self.linger_s > 0:
+                    ready.cond.wait(self.linger_s)  # let concurrent clients' requests arrive
                 group = self._take_group()
             self._run(group)
 
     def _take_group(self) -> list[Work]:
         """The first ready work and every later one that can share its call (condition held)."""
-        first = self._ready.popleft()
-        group = [first]
+        first = self._ready.items.popleft()
         if first.kind not in COALESCED:
-            return group
+            return [first]
         budget = self.max_batch_tokens - first.tokens
-        kept: collections.deque[Work] = collections.deque()
-        while self._ready:
-            w = self._ready.popleft()
+
+        def joins(w: Work) -> bool:
+            nonlocal budget
             if w.kind == first.kind and w.key == first.key and w.tokens <= budget:
-                group.append(w)
                 budget -= w.tokens
-            else:
-                kept.append(w)
-        self._ready = kept
-        return group
+                return True
+            return False
+
+        return [first] + self._ready.take(joins)
 
     def _run(self, group: list[Work]) -> None:
         kind = group[0].kind

@@ -221,6 +221,14 @@ class StateStore:
 
         return run_transaction(self.engine, read, write=False)
 
+    def _record(self, table: sa.Table, cls: type, *where: Any) -> Any:
+        """The row of `table` that `where` selects, as a `cls`; None if there is none."""
+        def read(conn: sa.Connection) -> Any:
+            row = conn.execute(sa.select(table).where(*where)).first()
+            return None if row is None else _row(table, cls, row)
+
+        return run_transaction(self.engine, read, write=False)
+
     # ------------------------------------------------------------------ sessions
 
     def add_session(self, rec: SessionRecord) -> None:
@@ -228,11 +236,7 @@ class StateStore:
         run_transaction(self.engine, lambda conn: conn.execute(sessions_t.insert().values(**values)))
 
     def session(self, session_id: str) -> Optional[SessionRecord]:
-        def read(conn: sa.Connection) -> Optional[SessionRecord]:
-            row = conn.execute(sa.select(sessions_t).where(sessions_t.c.session_id == session_id)).first()
-            return None if row is None else _row(sessions_t, SessionRecord, row)
-
-        return run_transaction(self.engine, read, write=False)
+        return self._record(sessions_t, SessionRecord, sessions_t.c.session_id == session_id)
 
     def sessions(self, owner: str, limit: int, offset: int) -> list[str]:
         def read(conn: sa.Connection) -> list[str]:
@@ -259,11 +263,7 @@ class StateStore:
         run_transaction(self.engine, lambda conn: conn.execute(runs_t.insert().values(**values)))
 
     def run(self, run_id: str) -> Optional[RunRecord]:
-        def read(conn: sa.Connection) -> Optional[RunRecord]:
-            row = conn.execute(sa.select(runs_t).where(runs_t.c.run_id == run_id)).first()
-            return None if row is None else _row(runs_t, RunRecord, row)
-
-        return run_transaction(self.engine, read, write=False)
+        return self._record(runs_t, RunRecord, runs_t.c.run_id == run_id)
 
     def runs(self, owner: str, limit: int, offset: int) -> tuple[list[RunRecord], int]:
         def read(conn: sa.Connection) -> tuple[list[RunRecord], int]:
@@ -323,13 +323,9 @@ class StateStore:
         return run_transaction(self.engine, write)
 
     def checkpoint(self, run_id: str, checkpoint_type: str, name: str) -> Optional[CheckpointRecord]:
-        def read(conn: sa.Connection) -> Optional[CheckpointRecord]:
-            row = conn.execute(sa.select(checkpoints_t).where(
-                checkpoints_t.c.run_id == run_id, checkpoints_t.c.checkpoint_type == checkpoint_type,
-                checkpoints_t.c.name == name)).first()
-            return None if row is None else _row(checkpoints_t, CheckpointRecord, row)
-
-        return run_transaction(self.engine, read, write=False)
+        c = checkpoints_t.c
+        return self._record(checkpoints_t, CheckpointRecord,
+                            c.run_id == run_id, c.checkpoint_type == checkpoint_type, c.name == name)
 
     def checkpoints(self, *, run_id: Optional[str] = None, owner: Optional[str] = None,
                     limit: Optional[int] = None, offset: int = 0) -> tuple[list[CheckpointRecord], int]:
@@ -369,11 +365,7 @@ class StateStore:
         run_transaction(self.engine, lambda conn: conn.execute(samplers_t.insert().values(**vars(rec))))
 
     def sampler(self, sampler_id: str) -> Optional[SamplerRecord]:
-        def read(conn: sa.Connection) -> Optional[SamplerRecord]:
-            row = conn.execute(sa.select(samplers_t).where(samplers_t.c.sampler_id == sampler_id)).first()
-            return None if row is None else _row(samplers_t, SamplerRecord, row)
-
-        return run_transaction(self.engine, read, write=False)
+        return self._record(samplers_t, SamplerRecord, samplers_t.c.sampler_id == sampler_id)
 
     def samplers_of_session(self, session_id: str) -> list[str]:
         def read(conn: sa.Connection) -> list[str]:

@@ -199,14 +199,9 @@ class Trainer:
     # ------------------------------------------------------------------ forward / backward
 
     def forward_backward(
-        self,
-        adapters: Sequence[Optional[str]],
-        input_ids: torch.Tensor,
-        target_tokens: torch.Tensor,
-        weights: Optional[torch.Tensor],
-        attention_mask: Optional[torch.Tensor] = None,
-        loss_fn: str = "cross_entropy",
-        loss_fn_inputs: Optional[Mapping[str, torch.Tensor]] = None,
+        self, adapters: Sequence[Optional[str]], input_ids: torch.Tensor, target_tokens: torch.Tensor,
+        weights: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor] = None,
+        loss_fn: str = "cross_entropy", loss_fn_inputs: Optional[Mapping[str, torch.Tensor]] = None,
         loss_fn_config: Optional[Mapping[str, float]] = None,
     ) -> ForwardResult:
         """One forward and one backward over every row; each adapter's gradient of the sum of
@@ -223,14 +218,9 @@ class Trainer:
             return result
 
     def forward(
-        self,
-        adapters: Sequence[Optional[str]],
-        input_ids: torch.Tensor,
-        target_tokens: torch.Tensor,
-        weights: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        loss_fn: str = "cross_entropy",
-        loss_fn_inputs: Optional[Mapping[str, torch.Tensor]] = None,
+        self, adapters: Sequence[Optional[str]], input_ids: torch.Tensor, target_tokens: torch.Tensor,
+        weights: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+        loss_fn: str = "cross_entropy", loss_fn_inputs: Optional[Mapping[str, torch.Tensor]] = None,
         loss_fn_config: Optional[Mapping[str, float]] = None,
     ) -> ForwardResult:
         """The same losses and logprobs as forward_backward, with no gradients."""

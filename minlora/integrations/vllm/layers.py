@@ -25,6 +25,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .mixin import mixed_in
+
 __all__ = ["LayerPages", "PagedLinearLoRA", "PagedStack", "paged_lora_classes", "slice_ranks"]
 
 
@@ -165,18 +167,9 @@ def _linear_lora_classes() -> tuple[type, ...]:
     )
 
 
-_PAGED: dict[type, type] = {}
-
-
 def paged_class(cls: type) -> type:
     """The paged version of vLLM's LoRA layer class `cls` (made once per class)."""
-    if cls not in _PAGED:
-        _PAGED[cls] = type(
-            f"Paged{cls.__name__}",
-            (PagedLinearLoRA, cls),
-            {"__module__": __name__, "__doc__": f"{cls.__name__} with minlora's page layout and true ranks."},
-        )
-    return _PAGED[cls]
+    return mixed_in(PagedLinearLoRA, cls, "Paged", "{} with minlora's page layout and true ranks.")
 
 
 def paged_lora_classes(classes: Sequence[type]) -> tuple[type, ...]:

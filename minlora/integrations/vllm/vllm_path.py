@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import torch
 
+from .mixin import mixed_in
+
 __all__ = ["SLOT_FLAGS", "SlotTrackingLoRA", "slots_with_weights", "tracked_class"]
 
 SLOT_FLAGS = "minlora_slots_with_weights"
@@ -40,15 +42,6 @@ class SlotTrackingLoRA:
         slots_with_weights(self.lora_b_stacked)[index] = True  # type: ignore[index]
 
 
-_TRACKED: dict[type, type] = {}
-
-
 def tracked_class(cls: type) -> type:
     """The slot-tracking version of vLLM's embedding or lm_head LoRA class (made once per class)."""
-    if cls not in _TRACKED:
-        _TRACKED[cls] = type(
-            f"Tracked{cls.__name__}",
-            (SlotTrackingLoRA, cls),
-            {"__module__": __name__, "__doc__": f"{cls.__name__} that records which slots hold weights."},
-        )
-    return _TRACKED[cls]
+    return mixed_in(SlotTrackingLoRA, cls, "Tracked", "{} that records which slots hold weights.")
