@@ -64,15 +64,9 @@ class AdapterPool:
             weight arena, on top of capacity_bytes.
         """
         o = PoolOptions.check(
-            dtype=dtype,
-            device=device,
-            capacity_bytes=capacity_bytes,
-            host_capacity_bytes=host_capacity_bytes,
-            max_slots=max_slots,
-            disk_dir=disk_dir,
-            chunk_bytes=chunk_bytes,
-            poison=poison,
-            load_workers=load_workers,
+            dtype=dtype, device=device, capacity_bytes=capacity_bytes,
+            host_capacity_bytes=host_capacity_bytes, max_slots=max_slots, disk_dir=disk_dir,
+            chunk_bytes=chunk_bytes, poison=poison, load_workers=load_workers,
             optimizer_state=optimizer_state,
         )
         self.device = o.device

@@ -141,12 +141,7 @@ def commit(
             )
         rpk = conn.execute(
             S.revisions.insert().values(
-                adapter_pk=pk,
-                number=number,
-                content_hash=h,
-                parent_pk=parent_pk,
-                created_at=now,
-                **common,
+                adapter_pk=pk, number=number, content_hash=h, parent_pk=parent_pk, created_at=now, **common
             )
         ).inserted_primary_key[0]
         if sh is not None:

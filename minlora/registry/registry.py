@@ -203,12 +203,7 @@ class Registry:
     # ------------------------------------------------------------------ tags
 
     def tag(
-        self,
-        adapter_id: str,
-        name: str,
-        rev: RevRef = "head",
-        *,
-        force: bool = False,
+        self, adapter_id: str, name: str, rev: RevRef = "head", *, force: bool = False,
         author: str | None = None,
     ) -> Revision:
         """Name a revision.  Tags do not move unless `force` (then the old target is replaced)."""

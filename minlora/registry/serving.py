@@ -65,15 +65,8 @@ def _move(
         )
     conn.execute(
         S.serving_events.insert().values(
-            adapter_pk=adapter_pk,
-            from_revision_pk=from_pk,
-            to_revision_pk=to_pk,
-            action=action,
-            forced=forced,
-            actor=actor,
-            reason=reason,
-            gate_report=report or None,
-            at=now,
+            adapter_pk=adapter_pk, from_revision_pk=from_pk, to_revision_pk=to_pk, action=action,
+            forced=forced, actor=actor, reason=reason, gate_report=report or None, at=now,
         )
     )
 

@@ -336,13 +336,8 @@ class Trainer:
         write_peft_dir(self.export(adapter_id), directory)
 
     def save(
-        self,
-        adapter_id: str,
-        registry: Any,
-        message: str = "",
-        with_optimizer: bool = True,
-        provenance: Optional[Mapping[str, Any]] = None,
-        data_ref: Optional[str] = None,
+        self, adapter_id: str, registry: Any, message: str = "", with_optimizer: bool = True,
+        provenance: Optional[Mapping[str, Any]] = None, data_ref: Optional[str] = None,
         tags: Sequence[str] = (),
     ) -> Any:
         """Commits the adapter as a registry revision (the weights; with_optimizer: also the Adam
