@@ -114,10 +114,11 @@ void host_plan_positions(const int32_t* order, int64_t num_tokens, int32_t* posi
 
 // ---- the op front-end, shared by the backends
 
-// A backend provides six functions (shapes, dtypes and devices already checked; each backend
+// A backend provides five functions (shapes, dtypes and devices already checked; each backend
 // decides how index values are checked):
-//   at::Tensor forward(const LoraArgs&, const Plan*)                    the delta [T, out]
-//   void forward_add(at::Tensor& y, const LoraArgs&, const Plan*)      y[T, out] += delta
+//   void forward_into(at::Tensor& y, const LoraArgs&, const Plan*, bool accumulate)
+//       y[T, out] += delta when accumulate (only the rows the batch owns); else y = delta with
+//       every row written once (y may be uninitialised; rows without an adapter get zeros)
 //   Grads backward(const at::Tensor& grad_y, const LoraArgs&, const Plan*, std::array<bool, 3>)
 //   at::Tensor backward_accumulate(at::Tensor& grad_a_acc, at::Tensor& grad_b_acc,
 //                                  const at::Tensor& grad_y, const LoraArgs&, const Plan*, bool grad_x)
@@ -128,44 +129,50 @@ void host_plan_positions(const int32_t* order, int64_t num_tokens, int32_t* posi
 //   at::Tensor plan_positions(const at::Tensor& order)                 positions [T]
 // A null Plan* means the caller passed none (the backend builds one if it needs it).  T = 0 and
 // S = 0 never reach a backend's LoRA functions.
-template <auto Forward, auto ForwardAdd, auto Backward, auto BackwardAccumulate, auto BuildPlan, auto PlanPositions>
+template <auto ForwardInto, auto Backward, auto BackwardAccumulate, auto BuildPlan, auto PlanPositions>
 struct LoraOps {
   using OptTensor = std::optional<at::Tensor>;
   using OptInt = std::optional<int64_t>;
 
-  static LoraArgs checked(const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
-                          const at::Tensor& a_pages, const at::Tensor& b_pages, const at::Tensor& ranks,
-                          const at::Tensor& scales, const at::Tensor& token_slot, const OptTensor& order,
-                          const OptTensor& seg_offsets, const OptTensor& positions, const OptInt& max_segment,
-                          std::optional<Plan>& plan) {
-    LoraArgs args = check_lora_args(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot);
-    plan = check_plan(args, order, seg_offsets, positions);
-    args.max_segment = check_max_segment(max_segment);
-    return args;
-  }
+  // The operands of one LoRA op call, checked.
+  struct Call {
+    LoraArgs args;
+    std::optional<Plan> given_plan;
+    const Plan* plan() const { return given_plan ? &*given_plan : nullptr; }
+    bool empty() const { return args.num_tokens() == 0 || args.num_slots() == 0; }
+  };
 
-  static bool empty(const LoraArgs& args) { return args.num_tokens() == 0 || args.num_slots() == 0; }
+  static Call checked(const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
+                      const at::Tensor& a_pages, const at::Tensor& b_pages, const at::Tensor& ranks,
+                      const at::Tensor& scales, const at::Tensor& token_slot, const OptTensor& order,
+                      const OptTensor& seg_offsets, const OptTensor& positions, const OptInt& max_segment) {
+    Call c{check_lora_args(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot), std::nullopt};
+    c.given_plan = check_plan(c.args, order, seg_offsets, positions);
+    c.args.max_segment = check_max_segment(max_segment);
+    return c;
+  }
 
   static at::Tensor forward(const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
                             const at::Tensor& a_pages, const at::Tensor& b_pages, const at::Tensor& ranks,
                             const at::Tensor& scales, const at::Tensor& token_slot, const OptTensor& order,
                             const OptTensor& seg_offsets, const OptTensor& positions, OptInt max_segment) {
-    std::optional<Plan> plan;
-    const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets,
-                              positions, max_segment, plan);
-    if (empty(args)) return at::zeros({args.num_tokens(), args.out_features()}, x.options());
-    return Forward(args, plan ? &*plan : nullptr);
+    const Call c = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets,
+                           positions, max_segment);
+    if (c.empty()) return at::zeros({c.args.num_tokens(), c.args.out_features()}, x.options());
+    // The backend writes every row once: no zero fill first.
+    auto y = at::empty({c.args.num_tokens(), c.args.out_features()}, x.options());
+    ForwardInto(y, c.args, c.plan(), /*accumulate=*/false);
+    return y;
   }
 
   static void forward_add_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
                            const at::Tensor& a_pages, const at::Tensor& b_pages, const at::Tensor& ranks,
                            const at::Tensor& scales, const at::Tensor& token_slot, const OptTensor& order,
                            const OptTensor& seg_offsets, const OptTensor& positions, OptInt max_segment) {
-    std::optional<Plan> plan;
-    const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets,
-                              positions, max_segment, plan);
-    check_output(args, y);
-    if (!empty(args)) ForwardAdd(y, args, plan ? &*plan : nullptr);
+    const Call c = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets,
+                           positions, max_segment);
+    check_output(c.args, y);
+    if (!c.empty()) ForwardInto(y, c.args, c.plan(), /*accumulate=*/true);
   }
 
   static Grads backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& a_pool,
@@ -173,17 +180,16 @@ struct LoraOps {
                         const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& token_slot,
                         const OptTensor& order, const OptTensor& seg_offsets, std::array<bool, 3> mask,
                         const OptTensor& positions, OptInt max_segment) {
-    std::optional<Plan> plan;
-    const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets,
-                              positions, max_segment, plan);
-    check_grad_output(args, grad_y);
-    if (empty(args)) {
+    const Call c = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets,
+                           positions, max_segment);
+    check_grad_output(c.args, grad_y);
+    if (c.empty()) {
       auto zeros = [&](bool want, const at::Tensor& like) {
         return want ? at::zeros_like(like, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
       };
-      return {zeros(mask[0], args.x), zeros(mask[1], a_pool), zeros(mask[2], b_pool)};
+      return {zeros(mask[0], c.args.x), zeros(mask[1], a_pool), zeros(mask[2], b_pool)};
     }
-    return Backward(grad_y, args, plan ? &*plan : nullptr, mask);
+    return Backward(grad_y, c.args, c.plan(), mask);
   }
 
   static at::Tensor backward_accumulate_(at::Tensor& grad_a_acc, at::Tensor& grad_b_acc, const at::Tensor& grad_y,
@@ -193,14 +199,13 @@ struct LoraOps {
                                          const at::Tensor& token_slot, const OptTensor& order,
                                          const OptTensor& seg_offsets, const OptTensor& positions,
                                          OptInt max_segment, bool grad_x) {
-    std::optional<Plan> plan;
-    const auto args = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets,
-                              positions, max_segment, plan);
-    check_grad_output(args, grad_y);
-    check_accumulator(args, grad_a_acc, "grad_a_acc", a_pool);
-    check_accumulator(args, grad_b_acc, "grad_b_acc", b_pool);
-    if (empty(args)) return grad_x ? at::zeros_like(args.x) : at::empty({0}, x.options());
-    return BackwardAccumulate(grad_a_acc, grad_b_acc, grad_y, args, plan ? &*plan : nullptr, grad_x);
+    const Call c = checked(x, a_pool, b_pool, a_pages, b_pages, ranks, scales, token_slot, order, seg_offsets,
+                           positions, max_segment);
+    check_grad_output(c.args, grad_y);
+    check_accumulator(c.args, grad_a_acc, "grad_a_acc", a_pool);
+    check_accumulator(c.args, grad_b_acc, "grad_b_acc", b_pool);
+    if (c.empty()) return grad_x ? at::zeros_like(c.args.x) : at::empty({0}, x.options());
+    return BackwardAccumulate(grad_a_acc, grad_b_acc, grad_y, c.args, c.plan(), grad_x);
   }
 
   static std::tuple<at::Tensor, at::Tensor> build_plan(const at::Tensor& token_slot, int64_t num_slots) {
@@ -212,10 +217,10 @@ struct LoraOps {
 };
 
 // m.impl of every minlora op for the dispatch key of `m` (TORCH_LIBRARY_IMPL(minlora, KEY, m)),
-// with a backend's six functions.
-template <auto Forward, auto ForwardAdd, auto Backward, auto BackwardAccumulate, auto BuildPlan, auto PlanPositions>
+// with a backend's five functions.
+template <auto ForwardInto, auto Backward, auto BackwardAccumulate, auto BuildPlan, auto PlanPositions>
 void register_lora_ops(torch::Library& m) {
-  using Ops = LoraOps<Forward, ForwardAdd, Backward, BackwardAccumulate, BuildPlan, PlanPositions>;
+  using Ops = LoraOps<ForwardInto, Backward, BackwardAccumulate, BuildPlan, PlanPositions>;
   m.impl("build_plan", &Ops::build_plan);
   m.impl("plan_positions", &Ops::plan_positions);
   m.impl("lora_forward", &Ops::forward);

@@ -399,14 +399,6 @@ void forward_into(at::Tensor& y, const LoraArgs& args, const Plan* plan, bool ac
   });
 }
 
-at::Tensor forward(const LoraArgs& args, const Plan* plan) {
-  auto y = at::empty({args.num_tokens(), args.out_features()}, args.x.options());
-  forward_into(y, args, plan, /*accumulate=*/false);
-  return y;
-}
-
-void forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) { forward_into(y, args, plan, true); }
-
 // Where one pool gradient goes: the functional backward's dense gradient of the pools' dtype
 // (zeroed, then the batch's pages added), or a float32 accumulator (only the batch's pages
 // added into).  data undefined: not wanted.
@@ -509,7 +501,7 @@ at::Tensor plan_positions(const at::Tensor& order) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(minlora, CPU, m) {
-  register_lora_ops<&cpu::forward, &cpu::forward_add, &cpu::backward, &cpu::backward_accumulate, &cpu::build_plan,
+  register_lora_ops<&cpu::forward_into, &cpu::backward, &cpu::backward_accumulate, &cpu::build_plan,
                     &cpu::plan_positions>(m);
 }
 

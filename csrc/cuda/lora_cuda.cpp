@@ -274,15 +274,6 @@ void forward_into(at::Tensor& y, const LoraArgs& args, const Plan* given, bool a
                 shape.vec);
 }
 
-// The functional form: y is written once by the kernels (no zero fill).
-at::Tensor forward(const LoraArgs& args, const Plan* plan) {
-  auto y = at::empty({args.num_tokens(), args.out_features()}, args.x.options());
-  forward_into(y, args, plan, /*accumulate=*/false);
-  return y;
-}
-
-void forward_add(at::Tensor& y, const LoraArgs& args, const Plan* plan) { forward_into(y, args, plan, true); }
-
 // ---- the backward ----
 
 // One pool gradient of the backward: the functional form's dense gradient of the pools' dtype
@@ -293,47 +284,24 @@ struct PoolGrad {
 
 bool is_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat; }
 
-k::SegmentGradParams segment_grad_params(const LoraArgs& args, const k::PlanView& view, const k::GatherMode& mode,
-                                         const at::Tensor& v, const at::Tensor& partial, const at::Tensor& pages,
-                                         const at::Tensor& pool, const at::Tensor& other_pages,
-                                         const at::Tensor& other_pool, at::Tensor& grad, int32_t token_splits) {
-  k::SegmentGradParams p{};
-  p.plan = view;
-  p.mode = mode;
-  p.v = v.data_ptr();
-  p.partial = partial.data_ptr<float>();
-  p.k_splits = static_cast<int32_t>(partial.size(0));
-  p.scales = args.scales.data_ptr<float>();
-  p.pages = pages.data_ptr<int32_t>();
-  p.num_pages = pool.size(0);
-  p.other_pages = other_pages.data_ptr<int32_t>();
-  p.num_other_pages = other_pool.size(0);
-  p.grad = grad.data_ptr();
-  p.grad_f32 = is_f32(grad);
-  p.len = pool.size(1);
-  p.token_splits = token_splits;
-  return p;
-}
-
-k::GroupedGradOp grouped_grad_op(const LoraArgs& args, const k::PlanView& view, int64_t grouped_min,
-                                 const at::Tensor& pages, const at::Tensor& pool, const at::Tensor& other_pages,
-                                 const at::Tensor& other_pool, const at::Tensor& hs, const at::Tensor& v,
-                                 at::Tensor& grad, int32_t splits) {
-  k::GroupedGradOp g{};
-  g.plan = view;
-  g.grouped_min = grouped_min;
-  g.scales = args.scales.data_ptr<float>();
-  g.pages = pages.data_ptr<int32_t>();
-  g.num_pages = pool.size(0);
-  g.other_pages = other_pages.data_ptr<int32_t>();
-  g.num_other_pages = other_pool.size(0);
-  g.hs = hs.data_ptr();
-  g.v = v.data_ptr();
-  g.len = pool.size(1);
-  g.grad = grad.data_ptr();
-  g.grad_f32 = is_f32(grad);
-  g.splits = splits;
-  return g;
+// The operands of one pool gradient: v = x for grad_a_pool, grad_y for grad_b_pool; pages /
+// pool: the gradient pool's, other_pages / other_pool: the other one's.  Empty when the
+// gradient is not wanted.
+k::PoolGradOperands pool_grad_operands(const LoraArgs& args, const at::Tensor& v, const at::Tensor& pages,
+                                       const at::Tensor& pool, const at::Tensor& other_pages,
+                                       const at::Tensor& other_pool, const PoolGrad& grad) {
+  k::PoolGradOperands o{};
+  if (!grad.data.defined()) return o;
+  o.v = v.data_ptr();
+  o.len = pool.size(1);
+  o.scales = args.scales.data_ptr<float>();
+  o.pages = pages.data_ptr<int32_t>();
+  o.num_pages = pool.size(0);
+  o.other_pages = other_pages.data_ptr<int32_t>();
+  o.num_other_pages = other_pool.size(0);
+  o.grad = grad.data.data_ptr();
+  o.grad_f32 = is_f32(grad.data);
+  return o;
 }
 
 // grad_x (undefined: not wanted; else written once) and the pool gradients (added into) of one
@@ -359,6 +327,8 @@ void backward_into(const at::Tensor& grad_y, const LoraArgs& args, const Plan* g
   const bool vectorized = shape.vec > 1;
   const Operands u_ops{g, args.b_pool, args.b_pages, args.a_pool, args.a_pages};  // u = B^T g, grad_x = A^T u
   const Operands h_ops{args.x, args.a_pool, args.a_pages, args.b_pool, args.b_pages};  // h = A x
+  const auto ops_a = pool_grad_operands(args, args.x, args.a_pages, args.a_pool, args.b_pages, args.b_pool, grad_a);
+  const auto ops_b = pool_grad_operands(args, g, args.b_pages, args.b_pool, args.a_pages, args.a_pool, grad_b);
   if (c.mode.grouped_min > 0) {
     const int64_t ldh = k::grouped_hs_width(args.max_rank());
     at::Tensor us, hs;
@@ -374,16 +344,14 @@ void backward_into(const at::Tensor& grad_y, const LoraArgs& args, const Plan* g
                         args.x);
     }
     const int sms = sm_count(args.x);
-    auto grad_gemm = [&](const k::GroupedGradOp& op) {
+    auto grad_gemm = [&](const k::PoolGradOperands& ops, const at::Tensor& coef) {
+      const k::GroupedGradOp op{.plan = view, .grouped_min = c.mode.grouped_min, .ops = ops, .hs = coef.data_ptr(),
+                                .splits = bc.grouped_grad_splits};
       const auto ws = workspace(k::grouped_grad_workspace_bytes(op, dtype), args.x);
       check_launch(k::launch_grouped_grad(op, dtype, ws.data_ptr(), sms, stream()), "the LoRA grouped gradient GEMM");
     };
-    if (want_a)
-      grad_gemm(grouped_grad_op(args, view, c.mode.grouped_min, args.a_pages, args.a_pool, args.b_pages, args.b_pool,
-                                us, args.x, grad_a.data, bc.grouped_grad_splits));
-    if (want_b)
-      grad_gemm(grouped_grad_op(args, view, c.mode.grouped_min, args.b_pages, args.b_pool, args.a_pages, args.a_pool,
-                                hs, g, grad_b.data, bc.grouped_grad_splits));
+    if (want_a) grad_gemm(ops_a, us);
+    if (want_b) grad_gemm(ops_b, hs);
   }
   // The gather side: coefficients u and h as float32 partial sums (never rounded), grad_x
   // from u (this launch also zeroes the rows no path owns), the segment gradients.
@@ -404,15 +372,15 @@ void backward_into(const at::Tensor& grad_y, const LoraArgs& args, const Plan* g
     const k::GatherParams p = gather_params(h_ops, args, view, ch, nullptr, false, h_part.data_ptr<float>());
     check_launch(k::launch_gather_shrink(p, dtype, vectorized, stream()), "the LoRA gather shrink");
   }
-  auto segment_grad = [&](const k::SegmentGradParams& p) {
+  // partial: the float32 partial sums of u (grad_a) or h (grad_b).
+  auto segment_grad = [&](const k::PoolGradOperands& ops, const at::Tensor& partial) {
+    const k::SegmentGradParams p{.plan = view, .mode = c.mode, .ops = ops, .partial = partial.data_ptr<float>(),
+                                 .k_splits = static_cast<int32_t>(partial.size(0)),
+                                 .token_splits = bc.grad_token_splits};
     check_launch(k::launch_segment_grad(p, dtype, vectorized, stream()), "the LoRA segment-gradient kernel");
   };
-  if (want_a)
-    segment_grad(segment_grad_params(args, view, c.mode, args.x, u_part, args.a_pages, args.a_pool, args.b_pages,
-                                     args.b_pool, grad_a.data, bc.grad_token_splits));
-  if (want_b)
-    segment_grad(segment_grad_params(args, view, c.mode, g, h_part, args.b_pages, args.b_pool, args.a_pages,
-                                     args.a_pool, grad_b.data, bc.grad_token_splits));
+  if (want_a) segment_grad(ops_a, u_part);
+  if (want_b) segment_grad(ops_b, h_part);
 }
 
 // The functional backward: grad_x written once; dense pool gradients of the pools' dtype (a
@@ -452,8 +420,8 @@ at::Tensor plan_positions(const at::Tensor& order) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(minlora, CUDA, m) {
-  register_lora_ops<&cuda::forward, &cuda::forward_add, &cuda::backward, &cuda::backward_accumulate,
-                    &cuda::build_plan, &cuda::plan_positions>(m);
+  register_lora_ops<&cuda::forward_into, &cuda::backward, &cuda::backward_accumulate, &cuda::build_plan,
+                    &cuda::plan_positions>(m);
 }
 
 }  // namespace minlora::cuda

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace minlora::kernels {
 
@@ -59,35 +60,28 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[VEC]) {
   *reinterpret_cast<Vec<T, VEC>*>(p) = r;
 }
 
+// p[0] += a, p[1] += b as one 32-bit packed atomic (p 4-byte aligned; sm_80+ for bfloat16).
+__device__ __forceinline__ void atomic_add_pair(__half* p, float a, float b) {
+  atomicAdd(reinterpret_cast<__half2*>(p), __floats2half2_rn(a, b));
+}
+__device__ __forceinline__ void atomic_add_pair(__nv_bfloat16* p, float a, float b) {
+  atomicAdd(reinterpret_cast<__nv_bfloat162*>(p), __floats2bfloat162_rn(a, b));
+}
+
 // p[i] += in[i] with atomics (pages may be shared by several slots).  Pairs of 16-bit
-// elements go through the 32-bit packed atomics (sm_80+ for bfloat16) when p is 4-byte
-// aligned.  Unrolled over N so `in` stays in registers.
-template <int N>
-__device__ __forceinline__ void atomic_add_vec(float* p, const float (&in)[N]) {
+// elements go through the packed atomics when p is 4-byte aligned.  Unrolled over N so `in`
+// stays in registers.
+template <int N, typename T>
+__device__ __forceinline__ void atomic_add_vec(T* p, const float (&in)[N]) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (N % 2 == 0 && (reinterpret_cast<uintptr_t>(p) & 3) == 0) {
 #pragma unroll
-  for (int i = 0; i < N; ++i) atomicAdd(p + i, in[i]);
-}
-template <int N>
-__device__ __forceinline__ void atomic_add_vec(__half* p, const float (&in)[N]) {
-  if (N % 2 == 0 && (reinterpret_cast<uintptr_t>(p) & 3) == 0) {
-#pragma unroll
-    for (int i = 0; i + 1 < N; i += 2)
-      atomicAdd(reinterpret_cast<__half2*>(p + i), __floats2half2_rn(in[i], in[i + 1]));
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) atomicAdd(p + i, __float2half_rn(in[i]));
+      for (int i = 0; i + 1 < N; i += 2) atomic_add_pair(p + i, in[i], in[i + 1]);
+      return;
+    }
   }
-}
-template <int N>
-__device__ __forceinline__ void atomic_add_vec(__nv_bfloat16* p, const float (&in)[N]) {
-  if (N % 2 == 0 && (reinterpret_cast<uintptr_t>(p) & 3) == 0) {
 #pragma unroll
-    for (int i = 0; i + 1 < N; i += 2)
-      atomicAdd(reinterpret_cast<__nv_bfloat162*>(p + i), __floats2bfloat162_rn(in[i], in[i + 1]));
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) atomicAdd(p + i, __float2bfloat16_rn(in[i]));
-  }
+  for (int i = 0; i < N; ++i) atomicAdd(p + i, from_float<T>(in[i]));
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -44,6 +44,24 @@ struct ShrinkExpandOperands {
   const float* scales;          // [S]
 };
 
+// The operands of one pool gradient, shared by the gather and grouped paths:
+// grad[pages[s, j]] += scale_s * sum over the tokens t of slot s of coef[t, j] * v[t], where
+//   grad_a_pool: v = x,      coef = u = B^T g,  pages = A pages, other = B pages;
+//   grad_b_pool: v = grad_y, coef = h = A x,    pages = B pages, other = A pages
+// (each path brings its own coef).  A slot with a page below its rank outside its pool, in
+// either table, is skipped.  Device pointers.
+struct PoolGradOperands {
+  const void* v;               // [T, len]
+  int64_t len;
+  const float* scales;         // [S]
+  const int32_t* pages;        // [S, R]: the gradient pool's page table
+  int64_t num_pages;
+  const int32_t* other_pages;  // [S, R]: the other pool's
+  int64_t num_other_pages;
+  void* grad;                  // [num_pages, len]: float32, or the operand dtype
+  bool grad_f32;
+};
+
 // Row length of the grouped path's intermediate hs: R rounded up to 8 elements (16-byte rows
 // of 16-bit elements).
 MINLORA_HOST_DEVICE constexpr int64_t grouped_hs_width(int64_t max_rank) { return (max_rank + 7) / 8 * 8; }

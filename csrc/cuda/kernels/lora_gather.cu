@@ -247,17 +247,17 @@ __global__ void __launch_bounds__(32 * kGradRankGroups) segment_grad_kernel(Segm
     const Segment seg = segment_of_slot(p.plan, s);
     shared_seg = seg;
     shared_rank = grouped_owns(p.mode, seg) ? 0 : rank_of_slot(p.plan, s);
-    shared_scale = p.scales[s];
+    shared_scale = p.ops.scales[s];
   }
   __syncthreads();
   const int r = shared_rank;
   if (r == 0) return;
-  const int64_t R = p.plan.max_rank, T_ = p.plan.num_tokens, len = p.len;
-  if (!slot_pages_ok(p.pages, p.num_pages, p.other_pages, p.num_other_pages, R, s, r)) return;
+  const int64_t R = p.plan.max_rank, T_ = p.plan.num_tokens, len = p.ops.len;
+  if (!slot_pages_ok(p.ops.pages, p.ops.num_pages, p.ops.other_pages, p.ops.num_other_pages, R, s, r)) return;
   const PositionRange range = split_range(shared_seg, blockIdx.z, p.token_splits, 1);
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * 32 + threadIdx.x) * VEC;
   const bool active = c < len;  // inactive threads still take part in the barriers
-  const T* v = static_cast<const T*>(p.v);
+  const T* v = static_cast<const T*>(p.ops.v);
   constexpr int J = kGradRanksPerThread;
   for (int j0 = 0; j0 < r; j0 += kGradRankGroups * J) {
     float acc[J][VEC];
@@ -294,15 +294,15 @@ __global__ void __launch_bounds__(32 * kGradRankGroups) segment_grad_kernel(Segm
     for (int q = 0; q < J; ++q) {
       const int j = j0 + threadIdx.y + kGradRankGroups * q;
       if (j >= r) continue;
-      const int32_t page = p.pages[s * R + j];
-      if (!page_in_pool(page, p.num_pages)) continue;
+      const int32_t page = p.ops.pages[s * R + j];
+      if (!page_in_pool(page, p.ops.num_pages)) continue;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) acc[q][e] *= shared_scale;
       const int64_t at = static_cast<int64_t>(page) * len + c;
-      if (p.grad_f32) {
-        atomic_add_vec<VEC>(static_cast<float*>(p.grad) + at, acc[q]);
+      if (p.ops.grad_f32) {
+        atomic_add_vec<VEC>(static_cast<float*>(p.ops.grad) + at, acc[q]);
       } else {
-        atomic_add_vec<VEC>(static_cast<T*>(p.grad) + at, acc[q]);
+        atomic_add_vec<VEC>(static_cast<T*>(p.ops.grad) + at, acc[q]);
       }
     }
   }
@@ -395,7 +395,7 @@ cudaError_t launch_gather_any(Which w, const GatherParams& p, DType dtype, bool 
 
 template <typename T, int VEC>
 cudaError_t segment_grad_typed(const SegmentGradParams& p, cudaStream_t stream) {
-  const int64_t col_tiles = (p.len + 32 * VEC - 1) / (32 * VEC);
+  const int64_t col_tiles = (p.ops.len + 32 * VEC - 1) / (32 * VEC);
   const dim3 grid(static_cast<unsigned>(p.plan.num_slots), static_cast<unsigned>(col_tiles),
                   static_cast<unsigned>(p.token_splits));
   segment_grad_kernel<T, VEC><<<grid, dim3(32, kGradRankGroups), 0, stream>>>(p);
@@ -425,13 +425,13 @@ cudaError_t launch_gather_expand(const GatherParams& p, DType dtype, bool vector
 }
 
 cudaError_t launch_segment_grad(const SegmentGradParams& p, DType dtype, bool vectorized, cudaStream_t stream) {
-  if (p.plan.num_tokens == 0 || p.plan.num_slots == 0 || p.len == 0) return cudaSuccess;
+  if (p.plan.num_tokens == 0 || p.plan.num_slots == 0 || p.ops.len == 0) return cudaSuccess;
   if (p.plan.num_slots > 0x7fffffff || p.plan.num_tokens > 0x7fffffff || p.token_splits < 1 ||
       p.token_splits > 65535 || p.k_splits < 1)
     return cudaErrorInvalidValue;
   if (p.plan.order == nullptr || p.plan.seg_offsets == nullptr || p.plan.positions == nullptr)
     return cudaErrorInvalidValue;
-  if ((p.len + 31) / 32 > 65535) return cudaErrorInvalidValue;
+  if ((p.ops.len + 31) / 32 > 65535) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat16:
       return vectorized ? segment_grad_typed<__half, 8>(p, stream) : segment_grad_typed<__half, 1>(p, stream);

@@ -47,17 +47,9 @@ struct GatherParams {
 struct SegmentGradParams {
   PlanView plan;
   GatherMode mode;  // of the shrink that wrote `partial`
-  const void* v;    // [T, len]
+  PoolGradOperands ops;
   const float* partial;  // [k_splits, T, R]
   int32_t k_splits;
-  const float* scales;
-  const int32_t* pages;        // [S, R]: the gradient pool's page table
-  int64_t num_pages;
-  const int32_t* other_pages;  // [S, R]: the other pool's (a slot with an invalid page in either is skipped)
-  int64_t num_other_pages;
-  void* grad;  // [P, len]
-  bool grad_f32;
-  int64_t len;
   int32_t token_splits;  // blocks per segment along its positions
 };
 

@@ -1,17 +1,11 @@
 // Host side and prep kernel of the grouped GEMM path (see lora_grouped.cuh).  The CUTLASS
-// kernels live in lora_grouped_{f16,bf16}.cu and lora_grouped_grad_{f16,bf16}.cu.
+// kernels are lora_grouped_launch.h's launch_gemms.
 #include <algorithm>
 
 #include "common.cuh"
 #include "lora_grouped.cuh"
 #include "lora_grouped_desc.h"
 #include "lora_grouped_launch.h"
-
-#if __has_include("cutlass/cutlass.h")
-#define MINLORA_HAVE_CUTLASS 1
-#else
-#define MINLORA_HAVE_CUTLASS 0
-#endif
 
 namespace minlora::kernels {
 namespace {
@@ -82,6 +76,15 @@ cudaError_t check_common(const PlanView& plan, int64_t grouped_min, void* worksp
   return cudaSuccess;
 }
 
+// The prep kernel over k's slots, then family F's GEMMs for dtype (float16 or bfloat16).
+template <grouped::Family F>
+cudaError_t prep_and_launch_gemms(const KernelParams& k, DType dtype, int sm_count, cudaStream_t stream) {
+  grouped_prep_kernel<<<static_cast<unsigned>(k.plan.num_slots), kPrepThreads, 0, stream>>>(k, dtype_size(dtype));
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  return dtype == DType::kFloat16 ? grouped::launch_gemms<F, DType::kFloat16>(k, sm_count, stream)
+                                  : grouped::launch_gemms<F, DType::kBFloat16>(k, sm_count, stream);
+}
+
 }  // namespace
 
 bool grouped_compiled() { return MINLORA_HAVE_CUTLASS != 0; }
@@ -108,7 +111,7 @@ size_t grouped_grad_workspace_bytes(const GroupedGradOp& op, DType dtype) {
 }
 
 cudaError_t launch_grouped(const GroupedOp& op, DType dtype, void* workspace, int sm_count, cudaStream_t stream) {
-#if MINLORA_HAVE_CUTLASS
+  if (!grouped_compiled()) return cudaErrorNotSupported;
   if (op.plan.num_tokens == 0 || op.plan.num_slots == 0 || op.plan.max_rank == 0) return cudaSuccess;
   if (dtype == DType::kFloat32) return cudaErrorInvalidValue;
   if (cudaError_t bad = check_common(op.plan, op.grouped_min, workspace); bad != cudaSuccess) return bad;
@@ -135,50 +138,38 @@ cudaError_t launch_grouped(const GroupedOp& op, DType dtype, void* workspace, in
   k.expand_scaled = op.expand_scaled;
   k.hs = op.hs != nullptr ? op.hs : base + w.hs;
   // hs starts at 0: its padding columns r..ldh-1 are read by the expand's padded K.
-  cudaError_t err = cudaMemsetAsync(k.hs, 0, static_cast<size_t>(dtype_size(dtype)) * op.plan.num_tokens * k.ldh, stream);
+  const cudaError_t err =
+      cudaMemsetAsync(k.hs, 0, static_cast<size_t>(dtype_size(dtype)) * op.plan.num_tokens * k.ldh, stream);
   if (err != cudaSuccess) return err;
-  grouped_prep_kernel<<<static_cast<unsigned>(op.plan.num_slots), kPrepThreads, 0, stream>>>(k, dtype_size(dtype));
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  return dtype == DType::kFloat16 ? grouped::launch_gemms_f16(k, sm_count, stream)
-                                  : grouped::launch_gemms_bf16(k, sm_count, stream);
-#else
-  (void)op, (void)dtype, (void)workspace, (void)sm_count, (void)stream;
-  return cudaErrorNotSupported;
-#endif
+  return prep_and_launch_gemms<grouped::Family::kShrinkExpand>(k, dtype, sm_count, stream);
 }
 
 cudaError_t launch_grouped_grad(const GroupedGradOp& op, DType dtype, void* workspace, int sm_count,
                                 cudaStream_t stream) {
-#if MINLORA_HAVE_CUTLASS
-  if (op.plan.num_tokens == 0 || op.plan.num_slots == 0 || op.plan.max_rank == 0 || op.len == 0) return cudaSuccess;
+  if (!grouped_compiled()) return cudaErrorNotSupported;
+  if (op.plan.num_tokens == 0 || op.plan.num_slots == 0 || op.plan.max_rank == 0 || op.ops.len == 0)
+    return cudaSuccess;
   if (dtype == DType::kFloat32 || op.splits < 1) return cudaErrorInvalidValue;
   if (cudaError_t bad = check_common(op.plan, op.grouped_min, workspace); bad != cudaSuccess) return bad;
-  const void* ptrs[] = {op.hs, op.v, op.grad};
-  const int64_t lens[] = {op.len};
+  const void* ptrs[] = {op.hs, op.ops.v, op.ops.grad};
+  const int64_t lens[] = {op.ops.len};
   if (op.hs == nullptr || !grouped_aligned(ptrs, 3, lens, 1)) return cudaErrorInvalidValue;
   const Workspace w = grouped::workspace_layout(op.plan.num_tokens, op.plan.num_slots, op.plan.max_rank, 1, op.splits,
                                                 false, dtype_size(dtype));
   char* base = static_cast<char*>(workspace);
-  KernelParams k = base_params(op.plan, op.grouped_min, op.scales, w, base, 1, 0, op.splits);
+  KernelParams k = base_params(op.plan, op.grouped_min, op.ops.scales, w, base, 1, 0, op.splits);
   // The gradient pool's table goes in as the shrink pages: its validated copy (shrink_idx)
   // holds the rows the problems add into.
-  k.shrink_pages = op.pages;
-  k.expand_pages = op.other_pages;
-  k.num_shrink_pages = op.num_pages;
-  k.num_expand_pages = op.num_other_pages;
+  k.shrink_pages = op.ops.pages;
+  k.expand_pages = op.ops.other_pages;
+  k.num_shrink_pages = op.ops.num_pages;
+  k.num_expand_pages = op.ops.num_other_pages;
   k.hs = const_cast<void*>(op.hs);
-  k.grad_v = op.v;
-  k.grad = op.grad;
-  k.grad_len = op.len;
-  k.grad_f32 = op.grad_f32;
-  grouped_prep_kernel<<<static_cast<unsigned>(op.plan.num_slots), kPrepThreads, 0, stream>>>(k, dtype_size(dtype));
-  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-  return dtype == DType::kFloat16 ? grouped::launch_grad_gemm_f16(k, sm_count, stream)
-                                  : grouped::launch_grad_gemm_bf16(k, sm_count, stream);
-#else
-  (void)op, (void)dtype, (void)workspace, (void)sm_count, (void)stream;
-  return cudaErrorNotSupported;
-#endif
+  k.grad_v = op.ops.v;
+  k.grad = op.ops.grad;
+  k.grad_len = op.ops.len;
+  k.grad_f32 = op.ops.grad_f32;
+  return prep_and_launch_gemms<grouped::Family::kGrad>(k, dtype, sm_count, stream);
 }
 
 }  // namespace minlora::kernels

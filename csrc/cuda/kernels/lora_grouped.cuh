@@ -40,8 +40,9 @@ struct GroupedOp {
   void* hs;
 };
 
-// grad[pages[s, j]] += scale_s * sum over the positions pos of s's segment of hs[pos, j] * v[order[pos]]
-// for the segments a GroupedOp with the same plan, tables and grouped_min took (hs: its output):
+// The pool gradient of `ops` for the segments a GroupedOp with the same plan, tables and
+// grouped_min took, coef = hs (its output):
+//   grad[pages[s, j]] += scale_s * sum over the positions pos of s's segment of hs[pos, j] * v[order[pos]]
 //   grad_a: pages = A pages, other = B pages, hs = u = B^T g (unscaled), v = x;
 //   grad_b: pages = B pages, other = A pages, hs = h = A x (unscaled), v = grad_y.
 // M = r, N = len, K = a range of the segment's positions (splits ranges per segment); atomic
@@ -49,16 +50,8 @@ struct GroupedOp {
 struct GroupedGradOp {
   PlanView plan;
   int64_t grouped_min;
-  const float* scales;
-  const int32_t* pages;        // [S, R]: the gradient pool's table
-  int64_t num_pages;
-  const int32_t* other_pages;  // [S, R]
-  int64_t num_other_pages;
+  PoolGradOperands ops;
   const void* hs;  // [T, grouped_hs_width(R)]
-  const void* v;   // [T, len]
-  int64_t len;
-  void* grad;      // [num_pages, len]
-  bool grad_f32;
   int32_t splits;
 };
 

@@ -6,17 +6,22 @@
 // (shrink_desc, expand_desc, grad_desc), filled by the prep kernel (lora_grouped.cu).
 // CUTLASS gathers the strided coordinate of each operand and reads an index only for
 // coordinates inside the problem's extent, so the index arrays need no padding.
-// Included only by lora_grouped_{f16,bf16}.cu and lora_grouped_grad_{f16,bf16}.cu (one
-// kernel family and dtype each, so the heavy instantiations compile in parallel).
+// Included only by lora_grouped_{f16,bf16}.cu and lora_grouped_grad_{f16,bf16}.cu, which
+// instantiate launch_gemms for one kernel family and dtype each.
 #pragma once
 
+#include <cuda_runtime.h>
+
+#include "lora_grouped_launch.h"
+
+#if MINLORA_HAVE_CUTLASS
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <type_traits>
 
+#include "common.cuh"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/thread/linear_combination.h"
 #include "cutlass/gemm/gemm.h"
@@ -24,7 +29,6 @@
 #include "cutlass/gemm/kernel/gemm_grouped_problem_visitor.h"
 #include "cutlass/gemm/threadblock/threadblock_swizzle.h"
 #include "lora_grouped_desc.h"
-#include "lora_grouped_launch.h"
 
 namespace minlora::kernels::grouped {
 
@@ -86,23 +90,9 @@ struct Traits {
 
 static_assert(Traits<cutlass::half_t, Kind::kGrad>::Mma::WarpCount::kK == 1, "no K partitions across warps");
 
+// The CUDA type of a CUTLASS 16-bit element (the same bits), for common.cuh's atomics.
 template <typename Element>
-__device__ __forceinline__ void atomic_add_pair(Element* p, float a, float b) {
-  if constexpr (std::is_same_v<Element, cutlass::half_t>) {
-    atomicAdd(reinterpret_cast<__half2*>(p), __floats2half2_rn(a, b));
-  } else {
-    atomicAdd(reinterpret_cast<__nv_bfloat162*>(p), __floats2bfloat162_rn(a, b));
-  }
-}
-
-template <typename Element>
-__device__ __forceinline__ void atomic_add_one(Element* p, float a) {
-  if constexpr (std::is_same_v<Element, cutlass::half_t>) {
-    atomicAdd(reinterpret_cast<__half*>(p), __float2half_rn(a));
-  } else {
-    atomicAdd(reinterpret_cast<__nv_bfloat16*>(p), __float2bfloat16_rn(a));
-  }
-}
+using NativeOf = std::conditional_t<std::is_same_v<Element, cutlass::half_t>, __half, __nv_bfloat16>;
 
 template <typename Element, Kind K>
 __global__ void __launch_bounds__(Traits<Element, K>::kThreads) lora_grouped_kernel(KernelParams p) {
@@ -203,12 +193,12 @@ __global__ void __launch_bounds__(Traits<Element, K>::kThreads) lora_grouped_ker
           atomicAdd(g, a);
           if (c + 1 < cols) atomicAdd(g + 1, b);
         } else {
-          Element* g = static_cast<Element*>(p.grad) + at;
+          NativeOf<Element>* g = static_cast<NativeOf<Element>*>(p.grad) + at;
           // ldd and col0 + c are even: the pair is 4-byte aligned.
           if (c + 1 < cols) {
             atomic_add_pair(g, a, b);
           } else {
-            atomic_add_one(g, a);
+            atomicAdd(g, from_float<NativeOf<Element>>(a));
           }
         }
       }
@@ -271,4 +261,23 @@ cudaError_t launch_shrink_expand(const KernelParams& p, int sm_count, cudaStream
   return launch_one<Element, Kind::kExpand>(p, sm_count, stream);
 }
 
+template <Family F, DType D>
+cudaError_t launch_gemms(const KernelParams& p, int sm_count, cudaStream_t stream) {
+  static_assert(D == DType::kFloat16 || D == DType::kBFloat16, "the grouped GEMMs take 16-bit operands");
+  using Element = std::conditional_t<D == DType::kFloat16, cutlass::half_t, cutlass::bfloat16_t>;
+  if constexpr (F == Family::kGrad) {
+    return launch_one<Element, Kind::kGrad>(p, sm_count, stream);
+  } else {
+    return launch_shrink_expand<Element>(p, sm_count, stream);
+  }
+}
+
 }  // namespace minlora::kernels::grouped
+#else
+namespace minlora::kernels::grouped {
+template <Family F, DType D>
+cudaError_t launch_gemms(const KernelParams&, int, cudaStream_t) {
+  return cudaErrorNotSupported;
+}
+}  // namespace minlora::kernels::grouped
+#endif

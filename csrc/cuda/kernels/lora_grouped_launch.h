@@ -1,20 +1,28 @@
-// The per-dtype GEMM launchers of the grouped path (lora_grouped_{f16,bf16}.cu and
-// lora_grouped_grad_{f16,bf16}.cu: one heavy CUTLASS translation unit each, so they build in
-// parallel), called by lora_grouped.cu after its prep kernel filled the workspace.
+// The GEMM launchers of the grouped path, called by lora_grouped.cu after its prep kernel
+// filled the workspace.  Each (family, dtype) is one heavy CUTLASS instantiation of
+// lora_grouped_impl.cuh's definition, in a translation unit of its own
+// (lora_grouped_{f16,bf16}.cu, lora_grouped_grad_{f16,bf16}.cu) so that they build in parallel.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include "kernel_types.h"
 #include "lora_grouped_desc.h"
+
+#if __has_include("cutlass/cutlass.h")
+#define MINLORA_HAVE_CUTLASS 1
+#else
+#define MINLORA_HAVE_CUTLASS 0
+#endif
 
 namespace minlora::kernels::grouped {
 
-// The shrink (into hs, or split-K partial sums and their reduction into hs) and, when p.out
-// is set, the expand.
-cudaError_t launch_gemms_f16(const KernelParams& p, int sm_count, cudaStream_t stream);
-cudaError_t launch_gemms_bf16(const KernelParams& p, int sm_count, cudaStream_t stream);
-// The pool-gradient GEMM.
-cudaError_t launch_grad_gemm_f16(const KernelParams& p, int sm_count, cudaStream_t stream);
-cudaError_t launch_grad_gemm_bf16(const KernelParams& p, int sm_count, cudaStream_t stream);
+// kShrinkExpand: the shrink (into hs, or split-K partial sums and their reduction into hs)
+// and, when p.out is set, the expand.  kGrad: the pool-gradient GEMM.
+enum class Family { kShrinkExpand, kGrad };
+
+// D: kFloat16 or kBFloat16.  cudaErrorNotSupported in a build without CUTLASS.
+template <Family F, DType D>
+cudaError_t launch_gemms(const KernelParams& p, int sm_count, cudaStream_t stream);
 
 }  // namespace minlora::kernels::grouped
