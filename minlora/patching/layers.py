@@ -117,7 +117,7 @@ class PatchState:
         self.plan_key, self.plan = (), None
         if tokens_per_request is not None:
             requests = int(self.host_request_slot.shape[0])
-            self._fill_plan(requests, requests * int(tokens_per_request))
+            self.plan_for(requests, requests * int(tokens_per_request))
 
     def deactivate(self) -> None:
         self.step, self.request_slot, self.host_request_slot, self.lora_add = None, None, None, None
@@ -152,10 +152,11 @@ class PatchState:
         if torch.compiler.is_compiling():
             token_slot = self.request_slot.repeat_interleave(num_tokens // requests)
             return token_slot, build_plan(token_slot, self.buffers.max_slots)
-        token_slot, plan, _ = self._fill_plan(rows, num_tokens)
+        token_slot, plan, _ = self.plan_for(rows, num_tokens)
         return token_slot, plan
 
-    def _fill_plan(self, rows: int, num_tokens: int) -> tuple[torch.Tensor, BatchPlan, BatchPlan]:
+    def plan_for(self, rows: int, num_tokens: int) -> tuple[torch.Tensor, BatchPlan, BatchPlan]:
+        """Refills the token slots and plan for `rows` batch rows of num_tokens tokens in all."""
         # Rows are row-major [B, L] and generate's expansion repeats each row in place, so the
         # tokens of one assignment are contiguous: each slot repeated T / (assignments) times.
         rs = self.host_request_slot

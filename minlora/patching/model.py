@@ -41,7 +41,7 @@ from ..formats.targeting import TargetModules, select_modules
 from .layers import PatchedLayer, PatchState, linear_shape, patched_class
 from .protocol import PoolLike, StepLike
 
-__all__ = ["adapters", "is_patched", "patch", "patched_modules", "patched_pool", "unpatch", "use_step"]
+__all__ = ["adapters", "is_patched", "patch", "patched_modules", "patched_pool", "plan_tokens", "unpatch", "use_step"]
 
 _STATE = "_minlora_patch_state"
 _FORWARD_KEYWORD = "adapters"
@@ -226,6 +226,19 @@ def use_step(model: nn.Module, step: StepLike, *, tokens_per_request: Optional[i
         yield step
     finally:
         state.restore(previous)
+
+
+def plan_tokens(model: nn.Module, tokens_per_request: int) -> None:
+    """Refills the current step's token slots and plan for forwards of [B, tokens_per_request]
+    tokens (B = the step's requests), e.g. after a prefill and before replaying a CUDA graph
+    captured over a decode forward (a replay runs no Python, so nothing else refills them)."""
+    state = _state_of(model)
+    if state.step is None:
+        raise RuntimeError("minlora: no step is active (use minlora.adapters(...) first)")
+    if isinstance(tokens_per_request, bool) or not isinstance(tokens_per_request, int) or tokens_per_request < 0:
+        raise ValueError(f"minlora: tokens_per_request must be an int >= 0, got {tokens_per_request!r}")
+    requests = int(state.host_request_slot.shape[0])
+    state.plan_for(requests, requests * tokens_per_request)
 
 
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
