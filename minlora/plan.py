@@ -152,12 +152,15 @@ class StepBuffers:
         self.num_modules, self.max_slots, self.max_rank, self.max_tokens = M, S, R, T
         self.device = torch.device(device)
         n_pages, n_slots = M * S * R, M * S
-        fixed = torch.zeros(2 * n_pages + 2 * n_slots + 3 * T + S + 1, dtype=torch.int32, device=self.device)
-        cuts = _cut(fixed, [n_pages, n_pages, n_slots, n_slots, T, T, T, S + 1])
-        self.a_pages, self.b_pages = cuts[0].view(M, S, R), cuts[1].view(M, S, R)
-        self.ranks, self.scales = cuts[2].view(M, S), cuts[3].view(torch.float32).view(M, S)
-        self.token_slot, self.order, self.positions, self.seg_offsets = cuts[4:]
-        self.token_slot.fill_(-1)
+        # Normal tensors even when made under torch.inference_mode, so later steps may refill
+        # them outside it (an inference tensor refuses in-place updates there).
+        with torch.inference_mode(False):
+            fixed = torch.zeros(2 * n_pages + 2 * n_slots + 3 * T + S + 1, dtype=torch.int32, device=self.device)
+            cuts = _cut(fixed, [n_pages, n_pages, n_slots, n_slots, T, T, T, S + 1])
+            self.a_pages, self.b_pages = cuts[0].view(M, S, R), cuts[1].view(M, S, R)
+            self.ranks, self.scales = cuts[2].view(M, S), cuts[3].view(torch.float32).view(M, S)
+            self.token_slot, self.order, self.positions, self.seg_offsets = cuts[4:]
+            self.token_slot.fill_(-1)
         self._cuda = self.device.type == "cuda"
         # Host staging (pinned on CUDA) in a ring of two, each reused only once the device copy
         # out of it has finished; and, on CUDA, the device buffer the staged data lands in.
@@ -258,8 +261,9 @@ class StepBuffers:
         buf = self._host[k]
         if buf is None or buf.numel() < n:
             # Grows to the high-water mark (rarely); the staging is never read by a captured graph.
-            buf = torch.empty(max(n, 2 * (buf.numel() if buf is not None else 0)), dtype=torch.int32,
-                              pin_memory=self._cuda)
+            with torch.inference_mode(False):
+                buf = torch.empty(max(n, 2 * (buf.numel() if buf is not None else 0)), dtype=torch.int32,
+                                  pin_memory=self._cuda)
             self._host[k] = buf
         return buf[:n]
 
@@ -270,8 +274,9 @@ class StepBuffers:
         n = stage.numel()
         dev = self._device_stage
         if dev is None or dev.numel() < n:
-            dev = self._device_stage = torch.empty(max(n, 2 * (dev.numel() if dev is not None else 0)),
-                                                   dtype=torch.int32, device=self.device)
+            with torch.inference_mode(False):
+                dev = self._device_stage = torch.empty(max(n, 2 * (dev.numel() if dev is not None else 0)),
+                                                       dtype=torch.int32, device=self.device)
         dev = dev[:n]
         dev.copy_(stage, non_blocking=True)
         event = self._events[self._turn] = self._events[self._turn] or torch.cuda.Event()

@@ -195,6 +195,21 @@ def test_capacities_are_fixed_and_checked(fam):
     pool.close()
 
 
+def test_first_step_under_inference_mode_then_no_grad(fam, ref):
+    """Buffers made under torch.inference_mode are refilled by later steps outside it."""
+    model, pool = _patched(fam)
+    ids = _ids(3, 4, seed=3)
+    with torch.inference_mode(), minlora.adapters(model, ["a1", None, "a2"]):
+        model(ids)
+    for assign in (["a3", "a0", None], ["a4", "a4", "a1"]):
+        with torch.no_grad(), minlora.adapters(model, assign):
+            got = model(ids).logits
+        with torch.no_grad():
+            want = ref(ids, adapter_names=_peft_names(assign)).logits
+        assert rel_err(got, want) <= TOL
+    pool.close()
+
+
 def test_tokens_per_request_refills_the_plan_on_entry(fam):
     model, pool = _patched(fam)
     state = _state_of(model)
@@ -240,3 +255,35 @@ def test_step_buffers_check_values_on_the_host():
     assert buf.ranks.tolist() == [[2, 0, 0, 0], [2, 0, 0, 0]]
     with pytest.raises(ValueError, match="max_slots"):
         StepBuffers(1, max_slots=0, max_rank=1, max_tokens=1, device="cpu")
+
+
+def test_decode_graph_bench_runs_up_to_the_device_check(fam, ref):
+    """`minlora bench model --device cuda`'s decode-graph path on the CPU: the static-cache
+    prefill and decode match PEFT, the traffic is counted, and the capture refuses the CPU."""
+    from minlora.bench.decode_graph import DecodeStep, bench_decode_graph
+
+    model, pool = _patched(fam)
+    assign = ["a1", "a1", None, "a4"]
+    dec = DecodeStep(model, len(assign), context=6, vocab=VOCAB, seed=4)
+    with torch.no_grad(), minlora.adapters(model, assign) as step:
+        dec.prefill()
+        got = dec.decode()[:, -1]
+        traffic = dec.traffic_bytes(step, dict(pool.modules))
+        with pytest.raises(RuntimeError, match="CUDA device"):
+            dec.capture()
+    with torch.no_grad():
+        want = ref(torch.cat([dec.prompt, dec.token], 1), adapter_names=_peft_names(assign)).logits[:, -1]
+    assert rel_err(got, want) <= TOL
+    # The distinct adapters' pages: a1 (rank 8 on every module) and a4, each counted once.
+    elem = 4
+    shapes = pool.modules
+    a1 = sum(8 * (i + o) for i, o in shapes.values())
+    a4 = sum(5 * (i + o) for n, (i, o) in shapes.items() if "layers.0." in n and n.endswith(("o_proj", "down_proj")))
+    assert traffic["adapter_pages"] == (a1 + a4) * elem
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert traffic["kv_cache"] == 2 * cfg.num_hidden_layers * 4 * cfg.num_key_value_heads * head_dim * 7 * elem
+    assert traffic["total"] == traffic["base_weights"] + traffic["adapter_pages"] + traffic["kv_cache"]
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        bench_decode_graph(model, dict(pool.modules), [assign], context=6, vocab=VOCAB)
+    pool.close()
