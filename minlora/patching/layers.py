@@ -56,9 +56,9 @@ def linear_shape(module: nn.Module) -> Optional[tuple[int, int]]:
 
 
 # Defaults of the step buffers' capacities (see PatchState): ranks up to 128 (the largest the
-# pool's pages can hold, when that is less), and up to 65536 tokens per forward.
+# pool's pages can hold, when that is less), and up to 2**20 tokens per forward.
 DEFAULT_MAX_RANK = 128
-DEFAULT_MAX_TOKENS = 1 << 16
+DEFAULT_MAX_TOKENS = 1 << 20
 
 
 @dataclass

@@ -75,7 +75,7 @@ def patch(
     max_slots, max_rank, max_tokens: capacities of the step buffers every patched layer reads
         (fixed once made, at the first step): the most distinct adapters per step (default: the
         pool's max_slots), the largest rank on any patched module (default: the largest the
-        pool's pages hold, at most 128) and the most tokens per forward (default 65536).  A step
+        pool's pages hold, at most 128) and the most tokens per forward (default 2**20).  A step
         or forward beyond them raises ValueError.  Device memory: 8 * modules * max_slots *
         max_rank bytes of page tables.
     Until a step is chosen (`adapters(...)` or the `adapters=` keyword) the model computes exactly
