@@ -7,6 +7,10 @@ times and their ratios to the base model (the target: patched <= 1.3x base).
 
 The adapters are made by PEFT (init_lora_weights=False, so B is not zero), saved with
 save_pretrained, and read by the pool through minlora.formats (load_adapter), the path a user takes.
+
+On CUDA it also times the patched decode step (one token per request, a KV cache of
+`--context` tokens) captured once as a CUDA graph and replayed after refilling the step with
+new assignments, against the memory-traffic floor (minlora/bench/decode_graph.py).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class ModelBenchConfig:
     rank: int = 16
     batch: int = 32
     tokens: int = 1  # tokens per request (1 = one decode-sized forward, no KV cache)
+    context: int = 128  # on CUDA: KV-cache length of the decode step captured as a CUDA graph
     dtype: str = "float32"
     device: str = "cpu"
     repeats: int = 20
@@ -65,7 +70,7 @@ def _build(cfg: ModelBenchConfig, workdir: str):
     llama = LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
                         num_hidden_layers=cfg.layers,
                         num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, vocab_size=cfg.vocab,
-                        max_position_embeddings=max(128, cfg.tokens))
+                        max_position_embeddings=max(128, cfg.tokens, cfg.context + 1))
     base = LlamaForCausalLM(llama).to(device=cfg.device, dtype=dtype).eval()
 
     ids = [f"u{i}" for i in range(cfg.adapters)]
@@ -96,7 +101,7 @@ def _build(cfg: ModelBenchConfig, workdir: str):
                        max_slots=max(cfg.adapters, 1))
     for aid, d in dirs.items():
         pool.register(aid, d)
-    minlora.patch(patched, pool)
+    minlora.patch(patched, pool, max_rank=cfg.rank, max_tokens=cfg.batch * max(cfg.tokens, cfg.context))
     return base, peft_model, patched, pool, ids
 
 
@@ -142,6 +147,15 @@ def bench_model(cfg: Optional[ModelBenchConfig] = None, *, show_progress: bool =
             profile_rows = None
             if cfg.profile:
                 profile_rows = _profile(patched, assign, x)
+        decode_graph = None
+        if device.type == "cuda":
+            from .decode_graph import bench_decode_graph
+
+            log(f"decode step as a CUDA graph, KV cache of {cfg.context} tokens")
+            # New adapter assignments replayed through the one captured graph.
+            rotations = [assign[k:] + assign[:k] for k in range(min(3, len(assign)))]
+            decode_graph = bench_decode_graph(patched, dict(pool.modules), rotations, cfg.context, cfg.vocab,
+                                              repeats=max(cfg.repeats, 10), seed=cfg.seed)
 
     ratios = {k: v / times["base"] for k, v in times.items()}
     ratios_best = {k: v / best["base"] for k, v in best.items()}
@@ -160,6 +174,16 @@ def bench_model(cfg: Optional[ModelBenchConfig] = None, *, show_progress: bool =
         "\nx_base = median time / the base model's; x_base_min: the same with minimum times"
         f"\nminlora vs PEFT logits: relative error {rel:.2e}"
     )
+    if decode_graph is not None:
+        t = decode_graph["traffic_bytes"]
+        table += (
+            f"\n\ndecode step as one CUDA graph (batch {cfg.batch}, KV cache {cfg.context}): "
+            f"{1e3 * decode_graph['graph_s']:.3f} ms, eager {1e3 * decode_graph['eager_s']:.3f} ms"
+            f"\nmemory-traffic floor {1e3 * decode_graph['floor_s']:.3f} ms ({t['total'] / 1e9:.3f} GB: base "
+            f"{t['base_weights'] / 1e9:.3f}, adapter pages {t['adapter_pages'] / 1e9:.3f}, KV {t['kv_cache'] / 1e9:.3f}"
+            f" at {decode_graph['copy_bandwidth_Bps'] / 1e9:.0f} GB/s copy bandwidth); "
+            f"graph / floor = {decode_graph['graph_over_floor']:.2f}"
+        )
     if profile_rows:
         table += "\n\nprofile of the patched forward (self CPU time):\n" + format_table(
             profile_rows, ["op", "calls", "self_ms", "share"]
@@ -175,6 +199,7 @@ def bench_model(cfg: Optional[ModelBenchConfig] = None, *, show_progress: bool =
         "rel_err_vs_peft": rel,
         "setup_s": build_s,
         "profile": profile_rows,
+        "decode_graph": decode_graph,
         "table": table,
     }
 
@@ -238,6 +263,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=positive_int, default=d.rank)
     parser.add_argument("--batch", type=positive_int, default=d.batch)
     parser.add_argument("--tokens", type=positive_int, default=d.tokens, help="tokens per request")
+    parser.add_argument("--context", type=positive_int, default=d.context,
+                        help="on CUDA: KV-cache length of the decode step timed as a CUDA graph")
     parser.add_argument("--dtype", choices=DTYPES, default=d.dtype)
     parser.add_argument("--device", type=device_name, default=d.device, help="cpu or cuda")
     parser.add_argument("--repeats", type=positive_int, default=d.repeats)
@@ -250,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     device = require_device(args.device)
     apply_preset(args, MODEL_PRESETS)
     cfg = ModelBenchConfig(**{k: getattr(args, k) for k in _SHAPE_FIELDS}, adapters=args.adapters, rank=args.rank,
-                           batch=args.batch, tokens=args.tokens, dtype=args.dtype, device=str(device),
+                           batch=args.batch, tokens=args.tokens, context=args.context, dtype=args.dtype, device=str(device),
                            repeats=args.repeats, profile=args.profile)
     result = bench_model(cfg, show_progress=not args.no_progress)
     result["preset"] = args.preset

@@ -7,8 +7,8 @@ about adapter files; which of a model's layers a set of PEFT adapters needs is
 from __future__ import annotations
 
 from .layers import PatchedLayer, linear_shape
-from .model import adapters, is_patched, patch, patched_modules, patched_pool, unpatch, use_step
+from .model import adapters, is_patched, patch, patched_modules, patched_pool, plan_tokens, unpatch, use_step
 from .protocol import LoraAddFn, PoolLike, StepLike
 
 __all__ = ["LoraAddFn", "PatchedLayer", "PoolLike", "StepLike", "adapters", "is_patched", "linear_shape", "patch",
-           "patched_modules", "patched_pool", "unpatch", "use_step"]
+           "patched_modules", "patched_pool", "plan_tokens", "unpatch", "use_step"]

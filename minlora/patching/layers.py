@@ -1,5 +1,6 @@
 """The patched layers: a linear layer whose forward adds the LoRA delta of the current step,
-and the per-model state they share (the step's page tables and the per-forward BatchPlan).
+and the per-model state they share (fixed-capacity buffers holding the step's page tables,
+token slots and BatchPlan).
 
 `patch` turns each target `nn.Linear` (or subclass) and transformers `Conv1D` into a LoRA-aware
 version of itself: its class is swapped in place for a subclass whose forward calls the original
@@ -8,9 +9,10 @@ class rather than nesting the layer in a new module keeps parameter names, state
 weight tying, hooks and `isinstance` checks exactly as they were, and makes `unpatch` a matter
 of swapping the class back (so the base logits come back bit for bit).
 
-Per forward, the first patched layer to run turns the request slots into per-token slots and a
-BatchPlan (tensor ops only, so torch.compile traces them); every other layer of the same forward
-reuses that plan.
+Per step, the page tables of every patched layer are refilled into the buffers at once; per
+step and activation shape, the first patched layer to run refills the token slots and the
+BatchPlan (built on the host from the requests' slots); every other layer, and every later
+forward of that shape in the step (a decode loop), reads the same tensors.
 
 Rows: a step's assignment has one entry per request.  When the model sees k times as many
 rows (beam search, num_return_sequences: generate repeats each row k times in place), each
@@ -20,17 +22,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from .. import ops
 from ..ops import ModuleTables
-from ..plan import build_plan
+from ..plan import BatchPlan, HostTables, StepBuffers, build_plan
 from .protocol import LoraAddFn, PoolLike, StepLike
 
-__all__ = ["PatchState", "PatchedLayer", "linear_shape", "patched_class"]
+__all__ = ["DEFAULT_MAX_RANK", "DEFAULT_MAX_TOKENS", "PatchState", "PatchedLayer", "linear_shape", "patched_class"]
 
 
 def _conv1d_type() -> Optional[type]:
@@ -52,87 +55,159 @@ def linear_shape(module: nn.Module) -> Optional[tuple[int, int]]:
     return None
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _pad(t: torch.Tensor, rows: int, cols: Optional[int] = None) -> torch.Tensor:
-    """t ([S] or [S, R]) zero-padded to [rows] or [rows, cols]; t itself when already that size."""
-    shape = (rows,) if cols is None else (rows, cols)
-    if tuple(t.shape) == shape:
-        return t
-    out = t.new_zeros(shape)
-    if t.dim() == 1:
-        out[: t.shape[0]] = t
-    else:
-        out[: t.shape[0], : t.shape[1]] = t
-    return out
+# Defaults of the step buffers' capacities (see PatchState): ranks up to 128 (the largest the
+# pool's pages can hold, when that is less), and up to 2**20 tokens per forward.
+DEFAULT_MAX_RANK = 128
+DEFAULT_MAX_TOKENS = 1 << 20
 
 
 @dataclass
 class PatchState:
-    """What a patched model carries: the pool, the patched layers and the current step."""
+    """What a patched model carries: the pool, the patched layers, the current step and the
+    fixed-capacity buffers every layer reads.
+
+    The buffers (minlora.plan.StepBuffers over the patched layers) are made at the first step,
+    with capacities max_slots (default: the pool's), max_rank (default: the largest rank the
+    pool's pages hold, at most DEFAULT_MAX_RANK) and max_tokens (default DEFAULT_MAX_TOKENS).
+    `activate` refills their page tables once per step; the first forward of a step with a
+    given shape refills the token slots and the plan (built on the host from the requests'
+    slots), and later forwards of that shape reuse them.  Every layer's tables are the same
+    tensors for every step, so a compiled model never recompiles for a new assignment and a
+    captured CUDA graph replays with the contents of the last refill.
+    """
 
     pool: PoolLike
     layers: dict[str, nn.Module]
     hooks: list = field(default_factory=list)
+    max_slots: Optional[int] = None
+    max_rank: Optional[int] = None
+    max_tokens: Optional[int] = None
     # The current step; None = no adapter anywhere (the patched model is the base model).
     step: Optional[StepLike] = None
-    request_slot: Optional[torch.Tensor] = None  # [B] int32, -1 = none
-    num_slots: int = 0
+    request_slot: Optional[torch.Tensor] = None  # [B] int32 on the device, -1 = none
+    # Per patched layer: its pools and views of the buffers' tables (the same objects every step).
     tables: dict[str, ModuleTables] = field(default_factory=dict)
     # The step's own differentiable path (StepLike.lora_add), if it has one.
     lora_add: Optional[LoraAddFn] = None
-    # Per forward: leading shape of x -> (token_slot [T] int32, BatchPlan); emptied before each forward.
-    plans: dict = field(default_factory=dict)
     # Steps opened by the forward keyword, to close when that forward ends.
     keyword_steps: list = field(default_factory=list)
-    # High-water marks of the padded page-table sizes (see activate).
-    slot_capacity: int = 1
-    rank_capacity: dict = field(default_factory=dict)
     depth: int = 0  # nesting of the model's forward calls (hooks see the outermost too)
+    buffers: Optional[StepBuffers] = None
+    host_request_slot: Optional[np.ndarray] = None  # [B] int32
+    # (batch rows, tokens) whose token slots and plan the buffers hold, and those:
+    # (token_slot [T], plan, the same plan without its host-only longest-segment hint).
+    plan_key: tuple = ()
+    plan: Optional[tuple[torch.Tensor, BatchPlan, BatchPlan]] = None
 
-    def activate(self, step: StepLike) -> None:
+    def activate(self, step: StepLike, tokens_per_request: Optional[int] = None) -> None:
+        """Makes `step` the current one: its page tables go into the buffers (one refill).
+        tokens_per_request: also refill the token slots and plan for forwards of [B, that many]
+        tokens now (B = the step's requests), e.g. before replaying a captured CUDA graph."""
+        names = list(self.layers)
+        host = step.host_tables(names) if callable(getattr(step, "host_tables", None)) else _host_tables(step, names)
+        if self.buffers is None:
+            self.buffers = self._make_buffers(host)
+        if self.buffers.bind_pools(host.pools):
+            self._bind_tables(host.pools)
+        self.buffers.load_tables(host)
         self.step = step
-        device = None
-        tables: dict[str, ModuleTables] = {}
-        # Pad every page table to sizes that only grow (powers of two, slots at most the pool's
-        # max_slots): a compiled model then sees the same shapes for every assignment and does
-        # not recompile; padded slots have rank 0 and scale 0, padded columns are never read.
-        num_slots = int(step.num_slots)
-        s_pad = max(self.slot_capacity, _pow2(num_slots))
-        s_pad = min(s_pad, max(int(self.pool.max_slots), num_slots))
-        self.slot_capacity = s_pad
-        for name, layer in self.layers.items():
-            t = step.tables(name)
+        self.host_request_slot = np.asarray(host.request_slot, dtype=np.int32)
+        self.request_slot = step.request_slot
+        self.lora_add = getattr(step, "lora_add", None)
+        self.plan_key, self.plan = (), None
+        if tokens_per_request is not None:
+            requests = int(self.host_request_slot.shape[0])
+            self.plan_for(requests, requests * int(tokens_per_request))
+
+    def deactivate(self) -> None:
+        self.step, self.request_slot, self.host_request_slot, self.lora_add = None, None, None, None
+        self.plan_key, self.plan = (), None
+
+    def snapshot(self) -> Optional[StepLike]:
+        return self.step
+
+    def restore(self, step: Optional[StepLike]) -> None:
+        """Makes `step` (from snapshot) current again, refilling the buffers with its tables."""
+        if step is None:
+            self.deactivate()
+        elif step is not self.step:
+            self.activate(step)
+
+    def token_plan(self, lead: tuple[int, ...]) -> tuple[torch.Tensor, BatchPlan]:
+        """token_slot [T] and the BatchPlan for activations of leading shape `lead` ([B, L] or
+        [T]): the buffers' when they hold this shape's, else refilled now (host work, once per
+        step and shape; under torch.compile without a refill, built by traceable tensor ops)."""
+        rows = lead[0] if lead else 1
+        num_tokens = math.prod(lead)
+        if self.plan_key == (rows, num_tokens):
+            token_slot, plan, hintless = self.plan
+            # A host hint would be a guarded constant under torch.compile: recompiles per step.
+            return token_slot, hintless if torch.compiler.is_compiling() else plan
+        requests = self.request_slot.shape[0]
+        if requests == 0 or rows % requests != 0:
+            raise ValueError(
+                f"minlora: this forward has {rows} batch rows, which do not split evenly over the "
+                f"{requests} adapter assignments of the step (one per batch row)"
+            )
+        if torch.compiler.is_compiling():
+            token_slot = self.request_slot.repeat_interleave(num_tokens // requests)
+            return token_slot, build_plan(token_slot, self.buffers.max_slots)
+        token_slot, plan, _ = self.plan_for(rows, num_tokens)
+        return token_slot, plan
+
+    def plan_for(self, rows: int, num_tokens: int) -> tuple[torch.Tensor, BatchPlan, BatchPlan]:
+        """Refills the token slots and plan for `rows` batch rows of num_tokens tokens in all."""
+        # Rows are row-major [B, L] and generate's expansion repeats each row in place, so the
+        # tokens of one assignment are contiguous: each slot repeated T / (assignments) times.
+        rs = self.host_request_slot
+        per_request = num_tokens // max(rs.shape[0], 1)
+        counts = np.bincount(rs[rs >= 0], minlength=1)
+        token_slot, plan = self.buffers.load_tokens(np.repeat(rs, per_request),
+                                                    max_segment=int(counts.max()) * per_request)
+        self.plan_key = (rows, num_tokens)
+        self.plan = (token_slot, plan, BatchPlan(plan.order, plan.seg_offsets, plan.positions, None))
+        return self.plan
+
+    def _make_buffers(self, host: HostTables) -> StepBuffers:
+        fits = max((min(a.shape[0], b.shape[0]) for a, b in host.pools), default=1)
+        return StepBuffers(
+            len(self.layers),
+            max_slots=int(self.max_slots or self.pool.max_slots),
+            max_rank=int(self.max_rank or max(1, min(DEFAULT_MAX_RANK, fits))),
+            max_tokens=int(self.max_tokens or DEFAULT_MAX_TOKENS),
+            device=host.pools[0][0].device if host.pools else "cpu",
+        )
+
+    def _bind_tables(self, pools: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        tables = {}
+        for i, ((name, layer), (a_pool, b_pool)) in enumerate(zip(self.layers.items(), pools)):
             fin, fout = linear_shape(layer)
-            if t.a_pool.shape[-1] != fin or t.b_pool.shape[-1] != fout:
+            if a_pool.shape[-1] != fin or b_pool.shape[-1] != fout:
                 raise ValueError(
                     f"minlora: {name!r} is (in, out) = {(fin, fout)} but the pool's pages are "
-                    f"{(t.a_pool.shape[-1], t.b_pool.shape[-1])} long"
+                    f"{(a_pool.shape[-1], b_pool.shape[-1])} long"
                 )
-            r = int(t.a_pages.shape[1])
-            r_pad = max(self.rank_capacity.get(name, 1), _pow2(r))
-            self.rank_capacity[name] = r_pad
-            tables[name] = ModuleTables(
-                t.a_pool, t.b_pool, _pad(t.a_pages, s_pad, r_pad), _pad(t.b_pages, s_pad, r_pad),
-                _pad(t.ranks, s_pad), _pad(t.scales, s_pad),
-            )
-            device = t.a_pool.device
-        slots = step.request_slot
-        self.request_slot = slots.to(device=device, dtype=torch.int32) if device is not None else slots
-        self.num_slots = s_pad
+            tables[name] = ModuleTables(a_pool, b_pool, *self.buffers.tables_view(i))
         self.tables = tables
-        self.lora_add = getattr(step, "lora_add", None)
-        self.plans = {}
 
-    def snapshot(self) -> tuple:
-        return self.step, self.request_slot, self.num_slots, self.tables
 
-    def restore(self, snap: tuple) -> None:
-        self.step, self.request_slot, self.num_slots, self.tables = snap
-        self.lora_add = getattr(self.step, "lora_add", None)
-        self.plans = {}
+def _host_tables(step: StepLike, names: Sequence[str]) -> HostTables:
+    """HostTables of a step that has only `tables(module)` (read to the host module by module)."""
+    got = [step.tables(n) for n in names]
+    S = int(step.num_slots)
+    R = max((int(t.a_pages.shape[1]) for t in got), default=0) if S else 0
+    a = np.zeros((len(got), S, R), dtype=np.int32)
+    b = np.zeros_like(a)
+    ranks = np.zeros((len(got), S), dtype=np.int32)
+    scales = np.zeros((len(got), S), dtype=np.float32)
+    for i, t in enumerate(got):
+        r = int(t.a_pages.shape[1])
+        a[i, :, :r] = t.a_pages.cpu().numpy()
+        b[i, :, :r] = t.b_pages.cpu().numpy()
+        ranks[i] = t.ranks.cpu().numpy()
+        scales[i] = t.scales.cpu().numpy()
+    return HostTables(a, b, ranks, scales, [(t.a_pool, t.b_pool) for t in got],
+                      step.request_slot.cpu().numpy().astype(np.int32))
 
 
 class PatchedLayer:
@@ -153,28 +228,6 @@ class PatchedLayer:
         return _add_lora(state, self._minlora_name, x, y)
 
 
-def _token_plan(state: PatchState, lead: tuple[int, ...]) -> tuple[torch.Tensor, Any]:
-    """token_slot [T] and its BatchPlan for activations of leading shape `lead` ([B, L] or [T]);
-    built by the first patched layer of a forward, reused by the others."""
-    hit = state.plans.get(lead)
-    if hit is not None:
-        return hit
-    requests = state.request_slot.shape[0]
-    rows = lead[0] if lead else 1
-    if requests == 0 or rows % requests != 0:
-        raise ValueError(
-            f"minlora: this forward has {rows} batch rows, which do not split evenly over the "
-            f"{requests} adapter assignments of the step (one per batch row)"
-        )
-    # Rows are row-major [B, L] and generate's expansion repeats each row in place, so the
-    # tokens of one assignment are contiguous: repeat each slot T / (number of assignments) times.
-    num_tokens = math.prod(lead)
-    token_slot = state.request_slot.repeat_interleave(num_tokens // requests)
-    plan = build_plan(token_slot, state.num_slots)
-    state.plans[lead] = (token_slot, plan)
-    return token_slot, plan
-
-
 def _add_lora(state: PatchState, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """y [..., out] + the LoRA delta of x [..., in] for this module's slots (y is updated in place
     when no gradient is needed)."""
@@ -185,7 +238,7 @@ def _add_lora(state: PatchState, name: str, x: torch.Tensor, y: torch.Tensor) ->
     out_features = y.shape[-1]
     lead = tuple(x.shape[:-1])
     num_tokens = math.prod(lead)
-    token_slot, plan = _token_plan(state, lead)
+    token_slot, plan = state.token_plan(lead)
     x2 = x.reshape(num_tokens, in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()

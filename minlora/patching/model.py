@@ -11,15 +11,20 @@
 How a patched layer works: minlora/patching/layers.py.
 
 Per step (a `with adapters(...)` block, or one forward call with `adapters=`), the pool's
-`prepare` gives each request a slot and each module its page tables; these are fetched once
-per step.  Per forward, the first patched layer to run turns the request slots into per-token
-slots and a BatchPlan (tensor ops only, so torch.compile traces them); every other layer of the
-same forward reuses that plan.  A forward pre-hook on the model drops the plan before each call.
-The pool is reached only through `PoolLike` / `StepLike` (protocol.py).
+`prepare` gives each request a slot and each module its page tables; these are copied once per
+step into fixed-capacity buffers (capacities: `patch(..., max_slots=, max_rank=, max_tokens=)`)
+that every patched layer reads.  The first forward of a step with a given batch shape refills
+the token slots and the BatchPlan there (built on the host); every layer of it, and every later
+forward of that shape (a decode loop), reads the same tensors.  The pool is reached only
+through `PoolLike` / `StepLike` (protocol.py).
 
 torch.compile: choose adapters with `adapters(...)` around the compiled call (the keyword form
-calls the pool inside the forward, which a fullgraph trace cannot hold).  Page tables are padded
-to sizes that only grow, so a new assignment of the same batch shape does not recompile.
+calls the pool inside the forward, which a fullgraph trace cannot hold).  The buffers' shapes
+never change, so a new assignment of the same batch shape does not recompile.
+
+CUDA graphs: capture a forward inside a step, then for each new step open it with
+`adapters(model, ids, tokens_per_request=L)` (which refills the tables and the plan for [B, L])
+and replay: the graph reads the refilled buffers.
 
 Not thread-safe: one patched model serves one forward (or generate) at a time.
 """
@@ -36,7 +41,7 @@ from ..formats.targeting import TargetModules, select_modules
 from .layers import PatchedLayer, PatchState, linear_shape, patched_class
 from .protocol import PoolLike, StepLike
 
-__all__ = ["adapters", "is_patched", "patch", "patched_modules", "patched_pool", "unpatch", "use_step"]
+__all__ = ["adapters", "is_patched", "patch", "patched_modules", "patched_pool", "plan_tokens", "unpatch", "use_step"]
 
 _STATE = "_minlora_patch_state"
 _FORWARD_KEYWORD = "adapters"
@@ -51,7 +56,15 @@ def is_patched(model: nn.Module) -> bool:
     return getattr(model, _STATE, None) is not None
 
 
-def patch(model: nn.Module, pool: PoolLike, target_modules: TargetModules = None) -> nn.Module:
+def patch(
+    model: nn.Module,
+    pool: PoolLike,
+    target_modules: TargetModules = None,
+    *,
+    max_slots: Optional[int] = None,
+    max_rank: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+) -> nn.Module:
     """Makes the pool's adapters usable per batch row in `model` (in place); returns the model.
 
     pool: an AdapterPool (or any PoolLike) whose module names are the model's (`model.named_modules()`) and whose
@@ -59,9 +72,18 @@ def patch(model: nn.Module, pool: PoolLike, target_modules: TargetModules = None
     target_modules: which of the pool's modules to patch; a list matches names exactly or as a
         dotted suffix, a string is a regex matching the whole name (PEFT's rules).  Default: all of
         the pool's modules, i.e. the union of what its adapters target.
+    max_slots, max_rank, max_tokens: capacities of the step buffers every patched layer reads
+        (fixed once made, at the first step): the most distinct adapters per step (default: the
+        pool's max_slots), the largest rank on any patched module (default: the largest the
+        pool's pages hold, at most 128) and the most tokens per forward (default 2**20).  A step
+        or forward beyond them raises ValueError.  Device memory: 8 * modules * max_slots *
+        max_rank bytes of page tables.
     Until a step is chosen (`adapters(...)` or the `adapters=` keyword) the model computes exactly
     what it did before.
     """
+    for name, v in (("max_slots", max_slots), ("max_rank", max_rank), ("max_tokens", max_tokens)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"minlora: {name} must be a positive int or None, got {v!r}")
     if is_patched(model):
         raise RuntimeError("minlora: this model is already patched; call minlora.unpatch(model) first")
     names = list(pool.module_names)
@@ -88,7 +110,7 @@ def patch(model: nn.Module, pool: PoolLike, target_modules: TargetModules = None
             raise RuntimeError(f"minlora: {name!r} is already patched")
         layers[name] = module
 
-    state = PatchState(pool=pool, layers=layers)
+    state = PatchState(pool=pool, layers=layers, max_slots=max_slots, max_rank=max_rank, max_tokens=max_tokens)
     for name, module in layers.items():
         # Plain attributes (not submodules / buffers): state_dict and parameters stay the model's.
         module.__dict__["_minlora_name"] = name
@@ -133,7 +155,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         module.__class__ = module._minlora_base_class
         module.__dict__.pop("_minlora_name", None)
         module.__dict__.pop("_minlora_state", None)
-    state.restore((None, None, 0, {}))
+    state.deactivate()
     model.__dict__.pop("generate", None)
     del model.__dict__[_STATE]
     return model
@@ -167,34 +189,56 @@ def patched_modules(model: nn.Module) -> list[str]:
 
 
 @contextlib.contextmanager
-def adapters(model: nn.Module, adapter_ids: AdapterIds, *, wait: bool = True) -> Iterator[StepLike]:
+def adapters(
+    model: nn.Module, adapter_ids: AdapterIds, *, wait: bool = True, tokens_per_request: Optional[int] = None
+) -> Iterator[StepLike]:
     """Within the block, batch row i of every forward (and `generate`) uses adapter_ids[i]
     (None: the base model alone).  Yields the pool's Step.
 
     wait: block until every adapter is loaded (the default, so every row gets its adapter);
         with wait=False rows whose adapter is still loading run without it (step.ready says which).
+    tokens_per_request: see use_step.
     """
     state = _state_of(model)
     step = state.pool.prepare(_normalise(adapter_ids), wait=wait)
     try:
-        with use_step(model, step):
+        with use_step(model, step, tokens_per_request=tokens_per_request):
             yield step
     finally:
         step.release()
 
 
 @contextlib.contextmanager
-def use_step(model: nn.Module, step: StepLike) -> Iterator[StepLike]:
+def use_step(model: nn.Module, step: StepLike, *, tokens_per_request: Optional[int] = None) -> Iterator[StepLike]:
     """Within the block the model's forwards use `step` (one slot per batch row, its page
     tables; a step with `lora_add` also decides the differentiable path, see protocol.py).
-    The caller made the step (from the model's pool, or a wrapper of one) and releases it."""
+    The caller made the step (from the model's pool, or a wrapper of one) and releases it.
+
+    tokens_per_request: also refill the token slots and plan for forwards of [B, that many]
+        tokens (B = the step's requests) on entry.  Needed before replaying a CUDA graph
+        captured over the patched model (a replay runs no Python, so nothing refills them);
+        without it the first forward of each shape refills them.
+    """
     state = _state_of(model)
     previous = state.snapshot()
     try:
-        state.activate(step)
+        state.activate(step, tokens_per_request)
         yield step
     finally:
         state.restore(previous)
+
+
+def plan_tokens(model: nn.Module, tokens_per_request: int) -> None:
+    """Refills the current step's token slots and plan for forwards of [B, tokens_per_request]
+    tokens (B = the step's requests), e.g. after a prefill and before replaying a CUDA graph
+    captured over a decode forward (a replay runs no Python, so nothing else refills them)."""
+    state = _state_of(model)
+    if state.step is None:
+        raise RuntimeError("minlora: no step is active (use minlora.adapters(...) first)")
+    if isinstance(tokens_per_request, bool) or not isinstance(tokens_per_request, int) or tokens_per_request < 0:
+        raise ValueError(f"minlora: tokens_per_request must be an int >= 0, got {tokens_per_request!r}")
+    requests = int(state.host_request_slot.shape[0])
+    state.plan_for(requests, requests * tokens_per_request)
 
 
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -209,13 +253,11 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
         previous = state.snapshot()
         if ids is None:
             state.keyword_steps.append((depth, None, previous))
-            state.restore((None, None, 0, {}))
+            state.deactivate()
         else:
             step = state.pool.prepare(_normalise(ids), wait=True)
             state.keyword_steps.append((depth, step, previous))
             state.activate(step)
-    # A new forward: the plan is rebuilt for its shape by the first patched layer.
-    state.plans = {}
     return args, kwargs
 
 

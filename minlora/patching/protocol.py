@@ -11,7 +11,8 @@ from ..ops import ModuleTables
 __all__ = ["LoraAddFn", "PoolLike", "StepLike"]
 
 # A step's own differentiable path for one module's LoRA delta (see StepLike.lora_add):
-# (module name, x [T, in], y [T, out] the base layer's output, the module's (padded) tables,
+# (module name, x [T, in], y [T, out] the base layer's output, the module's tables (views of the
+#  patch's fixed-capacity step buffers: [max_slots, max_rank], unused slots of rank 0),
 #  token_slot [T] int32, plan) -> y + delta [T, out]  (y may be updated in place).
 LoraAddFn = Callable[[str, torch.Tensor, torch.Tensor, ModuleTables, torch.Tensor, Any], torch.Tensor]
 
@@ -33,6 +34,10 @@ class StepLike(Protocol):
     def release(self) -> None:
         """The step is over: its adapters may be evicted and its tables reused."""
 
+    # Optional: `host_tables(modules) -> minlora.plan.HostTables`, every listed module's page
+    # tables at once on the host (the pool's Step has it): the patch refills its step buffers
+    # from it in one copy.  Without it the patch reads `tables(module)` module by module.
+    #
     # Optional: a step may have `lora_add: LoraAddFn`.  When it has one and autograd is
     # recording, every patched layer adds its delta with it (always, even when neither x nor
     # the base output needs a gradient) instead of `minlora.ops.lora`: a training step decides

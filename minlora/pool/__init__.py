@@ -81,6 +81,8 @@ Public API
         step.request_slot   # [B] int32 on the pool's device; -1 for None or not ready
         step.ready          # [B] bools; None counts as ready
         step.num_slots      # S, the same for every module of the step
+        step.host_request_slot   # [B] int32 numpy, the same on the host
+        host = step.host_tables(module_names)   # every listed module's tables, on the host
         t = step.tables("model.layers.0.self_attn.q_proj")  # ModuleTables
         token_slot, plan = step.plan(tokens_per_request)     # [B*L] int32, BatchPlan
         minlora.ops.lora_add_(y, x, t.a_pool, t.b_pool, t.a_pages, t.b_pages, t.ranks,
@@ -101,7 +103,15 @@ scales: the op's arguments).  A step builds the tables of all modules at once, o
 in one int32 buffer (one host-to-device copy on CUDA); R is the step's largest rank over all
 modules, ranks[s] = 0 where slot s's adapter does not target the module, and table entries
 past ranks[s] are 0.  `Step.adapter_ids[s]` is the adapter in slot s.  Slots are numbered
-0..S-1 in order of first appearance among the ready requests.
+0..S-1 in order of first appearance among the ready requests.  `step.plan(L)` is built on
+the host (values checked there, its longest segment known) and copied without a host sync.
+
+Fixed-capacity step buffers: `Step.host_tables(modules)` gives the same tables for a list of
+modules on the host (`minlora.plan.HostTables`: [M, S, R] pages, [M, S] ranks and scales,
+the pools, `host_request_slot`), which `minlora.plan.StepBuffers` (capacities max_slots,
+max_rank, max_tokens, allocated once) checks and copies into its fixed tensors in one
+host-to-device copy; slots past S get rank 0.  The patch reads only those buffers, so every
+layer and every step uses the same tensors (a captured CUDA graph replays after a refill).
 
 `prepare(ids, wait=False)` starts loads for what is missing and returns at once; with
 ``wait=True`` it returns when every named adapter is ready, and ``timeout=seconds`` bounds

@@ -77,6 +77,9 @@ class GradientStep:
     def tables(self, module: str) -> ModuleTables:
         return self._step.tables(module)
 
+    def host_tables(self, modules: Any) -> Any:
+        return self._step.host_tables(modules)
+
     def release(self) -> None:
         self._step.release()
 

@@ -1,0 +1,123 @@
+"""A patched model's decode step on a GPU: captured once in a CUDA graph and replayed after
+refilling the step buffers with new adapter assignments (against PEFT), and run without any
+host synchronisation after the first step."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import minlora
+from minlora.patching import plan_tokens
+from minlora.pool import AdapterPool
+from minlora.targets import target_shapes
+from test_patch_fixtures import VOCAB, build_family, peft_reference, rel_err
+
+pytestmark = pytest.mark.cuda
+
+# Four requests; different adapters, ranks and slot counts per step, rows without an adapter.
+STEPS = [["a0", "a1", None, "a2"], ["a3", "a3", "a4", "a1"], [None, "a2", "a0", None], ["a1", "a4", "a2", "a0"]]
+PROMPT = 5
+MAX_LEN = 16
+TOL = 1e-4
+
+
+def _setup(tmp_path):
+    fam = build_family("llama", str(tmp_path))
+    ref = peft_reference(fam).cuda()
+    model = copy.deepcopy(fam.model).cuda()
+    pool = AdapterPool(target_shapes(model, list(fam.dirs.values())), device="cuda", capacity_bytes=1 << 24)
+    for aid, d in fam.dirs.items():
+        pool.register(aid, d)
+    minlora.patch(model, pool)
+    return fam, ref, model, pool
+
+
+def _tokens(shape, seed):
+    return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+def test_decode_step_captured_once_replays_new_assignments(tmp_path):
+    from transformers import StaticCache
+
+    _, ref, model, pool = _setup(tmp_path)
+    B = len(STEPS[0])
+    prompt = _tokens((B, PROMPT), 0)
+    cache = StaticCache(config=model.config, max_cache_len=MAX_LEN)
+    # The graph's inputs: fixed tensors refilled before each replay.
+    tok = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+    pos = torch.full((1,), PROMPT, dtype=torch.long, device="cuda")
+    mask = torch.zeros(B, MAX_LEN, dtype=torch.long, device="cuda")
+    graph, logits = None, None
+
+    def decode():
+        return model(tok, past_key_values=cache, cache_position=pos, attention_mask=mask).logits
+
+    with torch.no_grad():
+        for k, assign in enumerate(STEPS):
+            nxt = _tokens((B, 1), 10 + k)
+            with minlora.adapters(model, assign):
+                # An eager prefill under this step's adapters fills the KV cache in place.
+                cache.reset()
+                mask.zero_()
+                mask[:, :PROMPT] = 1
+                model(prompt, past_key_values=cache, cache_position=torch.arange(PROMPT, device="cuda"),
+                      attention_mask=mask)
+                tok.copy_(nxt)
+                mask[:, PROMPT] = 1
+                plan_tokens(model, 1)  # the decode's token slots and plan, before the replay
+                if graph is None:
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        for _ in range(2):
+                            decode()
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        logits = decode()
+                graph.replay()
+                got = logits[:, -1].clone()
+            want = ref(torch.cat([prompt, nxt], 1), adapter_names=[a or "__base__" for a in assign]).logits[:, -1]
+            for row, a in enumerate(assign):
+                assert rel_err(got[row], want[row]) <= TOL, (k, row, a)
+    pool.close()
+
+
+def test_decode_after_the_first_step_never_syncs(tmp_path):
+    _, ref, model, pool = _setup(tmp_path)
+    B = len(STEPS[0])
+    prompt = _tokens((B, PROMPT), 1)
+    tok = _tokens((B, 1), 2)
+    with torch.no_grad():
+        # The first step makes the step buffers and the staging; loads every adapter.
+        with minlora.adapters(model, sorted({a for s in STEPS for a in s if a})):
+            pass
+        with minlora.adapters(model, STEPS[0]):
+            cache = model(prompt, use_cache=True).past_key_values
+            model(tok, past_key_values=cache)
+        # One KV cache per decode (the prompt's), copied before the debug mode.
+        caches = [copy.deepcopy(cache) for _ in range(2 * len(STEPS[1:]))]
+        torch.cuda.synchronize()
+        outs = []
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for assign, kv in zip(STEPS[1:], caches):
+                with minlora.adapters(model, assign):
+                    outs.append(model(tok, past_key_values=kv).logits)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        for assign, got, kv in zip(STEPS[1:], outs, caches[len(STEPS[1:]):]):
+            # The same decode without the debug mode, and PEFT's.
+            with minlora.adapters(model, assign):
+                again = model(tok, past_key_values=kv).logits
+            assert torch.equal(got, again)
+        # The prompt's cache came from STEPS[0]'s adapters, so PEFT is compared on full sequences.
+        full = torch.cat([prompt, tok], 1)
+        for assign in STEPS[1:]:
+            with minlora.adapters(model, assign):
+                got = model(full).logits[:, -1]
+            want = ref(full, adapter_names=[a or "__base__" for a in assign]).logits[:, -1]
+            assert rel_err(got, want) <= TOL
+    pool.close()
