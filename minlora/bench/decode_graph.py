@@ -9,6 +9,8 @@ each refill of the step buffers (`minlora.adapters(...)`, then `plan_tokens` aft
 """
 from __future__ import annotations
 
+import inspect
+
 import statistics
 from typing import Any, Sequence
 
@@ -60,6 +62,9 @@ class DecodeStep:
         self.mask = torch.zeros(batch, context + 1, dtype=torch.long, device=self.device)
         self.graph: Any = None
         self.logits: Any = None
+        # transformers renamed the KV-cache keyword (past_key_values -> cache); use what it takes.
+        forward_params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
 
     def prefill(self) -> None:
         """Fills the KV cache with the prompt under the current step's adapters and makes the
@@ -67,14 +72,14 @@ class DecodeStep:
         self.cache.reset()
         self.mask.zero_()
         self.mask[:, : self.context] = 1
-        self.model(self.prompt, past_key_values=self.cache,
+        self.model(self.prompt, **{self._cache_kw: self.cache},
                    cache_position=torch.arange(self.context, device=self.device), attention_mask=self.mask)
         self.mask[:, self.context] = 1
         plan_tokens(self.model, 1)
 
     def decode(self) -> torch.Tensor:
         """The decode forward, eagerly: logits [B, 1, vocab]."""
-        return self.model(self.token, past_key_values=self.cache, cache_position=self.position,
+        return self.model(self.token, **{self._cache_kw: self.cache}, cache_position=self.position,
                           attention_mask=self.mask).logits
 
     def capture(self) -> None:

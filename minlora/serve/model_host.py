@@ -97,9 +97,10 @@ def _tokenizer(directory: str) -> Any:
 
 
 def load_hosted_model(directory: str, *, name: Optional[str] = None, device: str = "cpu", dtype: str = "float32",
-                      pool_bytes: int = 1 << 30, max_slots: int = 256,
+                      pool_bytes: int = 1 << 30, max_slots: int = 256, max_rank: Optional[int] = None,
                       pool_options: Optional[dict[str, Any]] = None) -> HostedModel:
-    """Loads a `save_pretrained` directory (no downloads), builds the pool and patches the model."""
+    """Loads a `save_pretrained` directory (no downloads), builds the pool and patches the model
+    (max_rank: the largest adapter rank a step may hold; None = the patch's default)."""
     from transformers import AutoModelForCausalLM
 
     directory = os.path.abspath(directory)
@@ -116,7 +117,7 @@ def load_hosted_model(directory: str, *, name: Optional[str] = None, device: str
     shapes = {m: linear_shape(mod) for m, mod in model.named_modules() if m in groups}
     pool = AdapterPool(shapes, dtype=torch_dtype, device=device, capacity_bytes=int(pool_bytes),
                        max_slots=max_slots, **(pool_options or {}))
-    patch(model, pool)
+    patch(model, pool, max_rank=max_rank)
     config = model.config
     max_context = int(getattr(config, "max_position_embeddings", 0) or 2048)
     display = name or os.path.basename(directory.rstrip(os.sep)) or directory

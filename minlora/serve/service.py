@@ -61,7 +61,8 @@ class Service:
         self.archives = ArchiveLinks(self.signer, config.archive_ttl_s)
         self.host = host or load_hosted_model(
             config.model_dir, name=config.model_name, device=config.device, dtype=config.dtype,
-            pool_bytes=config.pool_bytes, max_slots=config.max_adapters_per_step, pool_options=POOL_OPTIONS,
+            pool_bytes=config.pool_bytes, max_slots=config.max_adapters_per_step, max_rank=config.max_lora_rank,
+            pool_options=POOL_OPTIONS,
         )
         self.registry.attach_pool(self.host.pool, key=lambda aid, rev: f"revision/{rev.content_hash}" if rev else aid)
         self.futures = FutureTable(self.boot_id, self.store.is_boot)
