@@ -34,8 +34,9 @@ TARGETS: dict[str, tuple[float, str]] = {
     "backward_over_forward": (2.0, "max"),
     "patched_decode_graph_over_floor": (1.10, "max"),
 }
-# The key of `minlora bench model`'s results that holds the CUDA-graph decode step's time over
-# the memory-traffic floor.
+# Where `minlora bench model --device cuda --json-out` puts the CUDA-graph decode step's time
+# over the memory-traffic floor: results[MODEL_GRAPH_KEY][MODEL_FLOOR_KEY].
+MODEL_GRAPH_KEY = "decode_graph"
 MODEL_FLOOR_KEY = "graph_over_floor"
 
 
@@ -166,7 +167,9 @@ def target_values(ops: Optional[dict[str, Any]], model: Optional[dict[str, Any]]
     dec64 = [r for r in decode if cfg(r, "adapters") == 64]
     prefill = [r for r in fwd if (cfg(r, "tokens_per_adapter") or 0) >= 512]
     bwd = [r for r in rows if cfg(r, "backward") and cfg(r, "adapters") == 64 and cfg(r, "tokens_per_adapter") == 128]
-    floor = (model or {}).get("results", {}).get(MODEL_FLOOR_KEY) if isinstance((model or {}).get("results"), dict) else None
+    results = (model or {}).get("results")
+    graph = results.get(MODEL_GRAPH_KEY) if isinstance(results, dict) else None
+    floor = graph.get(MODEL_FLOOR_KEY) if isinstance(graph, dict) else None
     return {
         "decode_256_adapters_copy_fraction": _figure(dec256, "frac_copy_op", min),
         "decode_64_adapters_vs_loop": _figure(dec64, "x_loop", min),

@@ -185,7 +185,7 @@ def write_inputs(directory: Path, *, perf_status="pass", model=None) -> None:
 
 
 def test_collector_summary_schema_and_met_flags(tmp_path):
-    write_inputs(tmp_path / "run", model={"graph_over_floor": 1.08})
+    write_inputs(tmp_path / "run", model={"decode_graph": {"graph_over_floor": 1.08}})
     out = tmp_path / "results" / "summary.json"
     md = tmp_path / "summary.md"
     done = subprocess.run([sys.executable, str(SUMMARY), "summarize", "--out", str(out), "--markdown", str(md),
