@@ -296,8 +296,9 @@ stage_perf() {
   bench_ops bench_prefill --proj q down --ranks 16 --adapters 4 --tokens-per-adapter 512
   bench_ops bench_backward --proj q --ranks 16 --adapters 64 --tokens-per-adapter 128 --backward
   if [ "$DRY" = 1 ] || "$PY" -m minlora bench model --help 2>/dev/null | grep -q -- "--device"; then
-    # 256 requests of one token over 256 distinct adapters: the decode step the target names.
-    run_step bench_model "$OUT/bench.log" "$PY" -m minlora bench model --device cuda --dtype bfloat16 --no-progress \
+    # 256 requests of one token over 256 distinct adapters: the decode step the target names
+    # (no PEFT: building PEFT with 256 adapters alone takes minutes).
+    run_step bench_model "$OUT/bench.log" "$PY" -m minlora bench model --device cuda --dtype bfloat16 --no-peft --no-progress \
       --adapters 256 --batch 256 --tokens 1 \
       --json-out "$OUT/bench_model.json"
   else

@@ -122,6 +122,20 @@ def test_bench_model_tiny(tmp_path, capsys):
     assert res["times_s"]["minlora"] > 0 and res["times_s"]["peft_mixed"] > 0 and res["times_s"]["base"] > 0
 
 
+def test_bench_model_without_peft(tmp_path, capsys):
+    """--no-peft: adapters made in memory, no PEFT model; base and patched model still timed."""
+    out_json = tmp_path / "model.json"
+    code = main(["bench", "model", "--preset", "tiny", "--hidden", "64", "--intermediate", "96", "--layers", "1",
+                 "--heads", "4", "--kv-heads", "2", "--vocab", "128", "--adapters", "40", "--rank", "4",
+                 "--batch", "40", "--repeats", "2", "--no-peft", "--no-progress", "--json-out", str(out_json)])
+    assert code == 0
+    assert "PEFT not run" in capsys.readouterr().out
+    res = json.loads(out_json.read_text())["results"]
+    assert res["config"]["peft"] is False and res["rel_err_vs_peft"] is None
+    assert set(res["times_s"]) == {"base", "minlora", "minlora_with_prepare"}
+    assert all(t > 0 for t in res["times_s"].values())
+
+
 def test_bench_pool_tiny(tmp_path, capsys):
     out_json = tmp_path / "pool.json"
     code = main(["bench", "pool", "--adapters", "2000", "--steps", "50", "--batch", "8", "--no-progress",

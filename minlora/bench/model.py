@@ -8,6 +8,9 @@ times and their ratios to the base model (the target: patched <= 1.3x base).
 The adapters are made by PEFT (init_lora_weights=False, so B is not zero), saved with
 save_pretrained, and read by the pool through minlora.formats (load_adapter), the path a user takes.
 
+With --no-peft the adapters are random minlora Adapters made in memory and PEFT is not run
+(its setup takes minutes at hundreds of adapters): base and patched model only.
+
 On CUDA it also times the patched decode step (one token per request, a KV cache of
 `--context` tokens) captured once as a CUDA graph and replayed after refilling the step with
 new assignments, against the memory-traffic floor (minlora/bench/decode_graph.py).
@@ -55,15 +58,34 @@ class ModelBenchConfig:
     warmup: int = 3
     seed: int = 0
     profile: bool = False
+    peft: bool = True  # False: no PEFT model (no comparison); adapters made in memory
+
+
+def _random_adapters(base: torch.nn.Module, cfg: ModelBenchConfig, ids: list[str], dtype: torch.dtype):
+    """{id: Adapter} of random rank-cfg.rank factors on every projection, and the pool's shapes."""
+    from ..formats import Adapter, LoraWeights
+
+    shapes = {n: (m.in_features, m.out_features) for n, m in base.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in PROJECTIONS}
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    adapters = {}
+    for aid in ids:
+        modules = {}
+        for n, (i, o) in shapes.items():
+            # Scaled like the PEFT path's factors, so the adapted logits stay of the base's order.
+            a = (torch.randn(cfg.rank, i, generator=g) * 0.1 / i ** 0.5).to(dtype)
+            b = (torch.randn(o, cfg.rank, generator=g) * 0.1 / cfg.rank ** 0.5).to(dtype)
+            modules[n] = LoraWeights(a=a, b=b, scale=2.0)
+        adapters[aid] = Adapter(modules, {"r": cfg.rank, "lora_alpha": 2 * cfg.rank})
+    return adapters, shapes
 
 
 def _build(cfg: ModelBenchConfig, workdir: str):
-    """(base model, PEFT model holding every adapter, patched model, pool, adapter ids)."""
+    """(base model, PEFT model holding every adapter (None without PEFT), patched model, pool, adapter ids)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ..targets import target_shapes
-    from ..pool import AdapterPool
 
     dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(cfg.seed)
@@ -74,6 +96,9 @@ def _build(cfg: ModelBenchConfig, workdir: str):
     base = LlamaForCausalLM(llama).to(device=cfg.device, dtype=dtype).eval()
 
     ids = [f"u{i}" for i in range(cfg.adapters)]
+    if not cfg.peft:
+        sources, shapes = _random_adapters(base, cfg, ids, dtype)
+        return base, None, *_patched(base, cfg, dtype, shapes, sources), ids
     lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=PROJECTIONS,
                       init_lora_weights=False)
     with warnings.catch_warnings():
@@ -91,18 +116,25 @@ def _build(cfg: ModelBenchConfig, workdir: str):
     # save_pretrained puts an adapter not named "default" in workdir/<name>.
     dirs = {aid: f"{workdir}/{aid}" for aid in ids}
 
+    shapes = target_shapes(base, list(dirs.values()))
+    return base, peft_model, *_patched(base, cfg, dtype, shapes, dirs), ids
+
+
+def _patched(base: torch.nn.Module, cfg: ModelBenchConfig, dtype: torch.dtype, shapes: dict, sources: dict):
+    """(a patched copy of base, its pool holding every adapter of `sources`: id -> dir or Adapter)."""
+    from ..pool import AdapterPool
+
     patched = copy.deepcopy(base)
-    shapes = target_shapes(patched, list(dirs.values()))
     elem = torch.empty((), dtype=dtype).element_size()
     per_adapter = sum(cfg.rank * (i + o) for i, o in shapes.values()) * elem
     # Room for every adapter at once, plus slack for the allocator's chunking.
     capacity = int(per_adapter * cfg.adapters * 1.25) + (8 << 20)
     pool = AdapterPool(shapes, dtype=dtype, device=cfg.device, capacity_bytes=capacity,
                        max_slots=max(cfg.adapters, 1))
-    for aid, d in dirs.items():
-        pool.register(aid, d)
+    for aid, src in sources.items():
+        pool.register(aid, src)
     minlora.patch(patched, pool, max_rank=cfg.rank, max_tokens=cfg.batch * max(cfg.tokens, cfg.context))
-    return base, peft_model, patched, pool, ids
+    return patched, pool
 
 
 def bench_model(cfg: Optional[ModelBenchConfig] = None, *, show_progress: bool = False) -> dict[str, Any]:
@@ -123,23 +155,24 @@ def bench_model(cfg: Optional[ModelBenchConfig] = None, *, show_progress: bool =
 
         times: dict[str, float] = {}
         with torch.inference_mode():
-            # Agreement first (one forward each): the benchmark times the right thing.
-            want = peft_model(x, adapter_names=assign).logits
-            with minlora.adapters(patched, assign):
-                got = patched(x).logits
-            rel = float(((got.double() - want.double()).norm() / want.double().norm()).item())
+            rel = None
+            if peft_model is not None:
+                # Agreement first (one forward each): the benchmark times the right thing.
+                want = peft_model(x, adapter_names=assign).logits
+                with minlora.adapters(patched, assign):
+                    got = patched(x).logits
+                rel = float(((got.double() - want.double()).norm() / want.double().norm()).item())
 
             def with_prepare() -> Any:
                 # What a server pays per step: the pool's prepare and page tables, then the forward.
                 with minlora.adapters(patched, assign):
                     return patched(x)
 
-            calls = {
-                "base": lambda: base(x),
-                "peft_mixed": lambda: peft_model(x, adapter_names=assign),
-                "minlora": lambda: patched(x),  # inside the step opened below
-                "minlora_with_prepare": with_prepare,  # a nested step, closed after each call
-            }
+            calls = {"base": lambda: base(x)}
+            if peft_model is not None:
+                calls["peft_mixed"] = lambda: peft_model(x, adapter_names=assign)
+            calls["minlora"] = lambda: patched(x)  # inside the step opened below
+            calls["minlora_with_prepare"] = with_prepare  # a nested step, closed after each call
             log(f"timing {', '.join(calls)}, interleaved, {cfg.repeats} rounds")
             with minlora.adapters(patched, assign):
                 times, best = _interleaved(calls, device, cfg.warmup, cfg.repeats)
@@ -162,7 +195,7 @@ def bench_model(cfg: Optional[ModelBenchConfig] = None, *, show_progress: bool =
     rows = [
         {"method": k, "median_ms": 1e3 * v, "x_base": ratios[k], "min_ms": 1e3 * best[k],
          "x_base_min": ratios_best[k],
-         "peft_over_this": times["peft_mixed"] / v}
+         "peft_over_this": times["peft_mixed"] / v if "peft_mixed" in times else None}
         for k, v in times.items()
     ]
     table = format_table(rows, ["method", "median_ms", "x_base", "min_ms", "x_base_min", "peft_over_this"])
@@ -172,7 +205,7 @@ def bench_model(cfg: Optional[ModelBenchConfig] = None, *, show_progress: bool =
         f"batch {cfg.batch} x {cfg.tokens} token(s); "
         f"{cfg.dtype} on {cfg.device}, {torch.get_num_threads()} threads"
         "\nx_base = median time / the base model's; x_base_min: the same with minimum times"
-        f"\nminlora vs PEFT logits: relative error {rel:.2e}"
+        + (f"\nminlora vs PEFT logits: relative error {rel:.2e}" if rel is not None else "\nPEFT not run (--no-peft)")
     )
     if decode_graph is not None:
         t = decode_graph["traffic_bytes"]
@@ -195,7 +228,7 @@ def bench_model(cfg: Optional[ModelBenchConfig] = None, *, show_progress: bool =
         "ratios_to_base": ratios,
         "min_times_s": best,
         "min_ratios_to_base": ratios_best,
-        "peft_over_minlora": times["peft_mixed"] / times["minlora"],
+        "peft_over_minlora": times["peft_mixed"] / times["minlora"] if "peft_mixed" in times else None,
         "rel_err_vs_peft": rel,
         "setup_s": build_s,
         "profile": profile_rows,
@@ -268,6 +301,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=d.dtype)
     parser.add_argument("--device", type=device_name, default=d.device, help="cpu or cuda")
     parser.add_argument("--repeats", type=positive_int, default=d.repeats)
+    parser.add_argument("--no-peft", dest="peft", action="store_false",
+                        help="skip PEFT (no comparison; random adapters made in memory): for hundreds of adapters")
     parser.add_argument("--profile", action="store_true",
                         help="also print a torch.profiler table of the patched forward")
     add_output_arguments(parser)
@@ -278,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     apply_preset(args, MODEL_PRESETS)
     cfg = ModelBenchConfig(**{k: getattr(args, k) for k in _SHAPE_FIELDS}, adapters=args.adapters, rank=args.rank,
                            batch=args.batch, tokens=args.tokens, context=args.context, dtype=args.dtype, device=str(device),
-                           repeats=args.repeats, profile=args.profile)
+                           repeats=args.repeats, profile=args.profile, peft=args.peft)
     result = bench_model(cfg, show_progress=not args.no_progress)
     result["preset"] = args.preset
     return report(args, "model", result, result.pop("table"), device)
