@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-SUMMARY = ROOT / "scripts" / "gpu_summary.py"
+from helpers import REPO
+
+SCRIPT = REPO / "scripts" / "gpu_check.sh"
+SUMMARY = REPO / "scripts" / "gpu_summary.py"
 STAGE_STEPS = {
     "correct": ["info", "headers", "build", "import", "tests", "keep_build"],
     "perf": ["info", "reuse", "memcheck", "racecheck", "bench_decode", "bench_prefill", "bench_backward", "bench_model"],
@@ -49,7 +50,7 @@ def parse_plan(text: str) -> list[dict]:
 
 def test_script_syntax():
     for script in ("gpu_check.sh", "prepare_gpu_carry.sh"):
-        done = subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], capture_output=True, text=True)
+        done = subprocess.run(["bash", "-n", str(REPO / "scripts" / script)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
 
 
@@ -117,7 +118,7 @@ def test_dry_run_writes_logs_and_a_valid_stage_file(tmp_path, stage):
     assert "[dry run]" in step_log.read_text()
     if stage == "correct":
         assert "-m pytest -m cuda -x -rfE" in (out / "pytest.log").read_text()
-        assert "tests/test_ops_cuda.py" in (out / "pytest.log").read_text()
+        assert "tests/ops/test_ops_cuda.py" in (out / "pytest.log").read_text()
     else:
         text = (out / "bench.log").read_text()
         assert "--adapters 64 256 --tokens-per-adapter 1" in text and "--backward" in text
@@ -149,8 +150,8 @@ def test_dry_run_perf_without_a_build_builds_first(tmp_path):
 
 def test_sanitizer_case_runs_on_the_cpu_kernels():
     """The case compute-sanitizer runs on the GPU computes what the reference does (here on the CPU)."""
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_sanitize_case.py"), "cpu"], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_sanitize_case.py"), "cpu"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("cases pass") == 4 and "sanitize case done" in done.stdout
 

@@ -16,7 +16,8 @@ import torch
 from minlora.formats import Adapter, LoraWeights
 from minlora.formats.peft import UnsupportedAdapterError, load_peft, read_config, save_peft
 from minlora.formats.targeting import module_rank, module_scale, targets_module
-from test_patch_fixtures import build_family, make_peft_adapter, rel_err, tiny_model
+from helpers.cases import rel_error
+from helpers.patching import build_family, make_peft_adapter, tiny_model
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 
@@ -96,7 +97,7 @@ def test_save_round_trip_peft_loads_it(families, family, tmp_path):
         with torch.no_grad():
             want = _peft_model(fam.model, fam.dirs[aid])(ids).logits
             got = _peft_model(fam.model, str(out))(ids).logits
-        assert rel_err(got, want) <= 1e-6
+        assert rel_error(got, want) <= 1e-6
 
 
 def test_save_mixed_ranks_rslora_from_scratch(tmp_path):

@@ -2,7 +2,7 @@
 
 No downloads: models are built from configs with random weights, adapters are made by PEFT
 itself (init_lora_weights=False so B is not zero) and saved with save_pretrained (safetensors).
-This file holds no tests; test_patch*.py and test_peft_io.py import it.
+Holds no tests; the patching, formats, train and serve tests import it.
 """
 from __future__ import annotations
 
@@ -114,8 +114,3 @@ def peft_reference(fam: Family) -> torch.nn.Module:
         for aid in ids[1:]:
             ref.load_adapter(fam.dirs[aid], adapter_name=aid)
     return ref.eval()
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Norm-wise relative error of one row (or tensor)."""
-    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))

@@ -1,4 +1,4 @@
-"""Shared helpers of the tests/test_pool*.py files (it holds no tests itself)."""
+"""Adapters and step checks shared by the pool tests (tests/pool/, helpers/pool_scenarios.py)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence

@@ -1,7 +1,7 @@
 """Pool scenarios that can hang or blow up memory when the pool is wrong; each runs in its
-own process (started by tests/test_pool_reliability.py, under a timeout and a memory cap).
+own process (started by tests/pool/test_pool_reliability.py, under a timeout and a memory cap).
 
-    python tests/pool_scenarios.py NAME TMPDIR [EXTRA_MEMORY_BYTES]
+    PYTHONPATH=.:tests python -m helpers.pool_scenarios NAME TMPDIR [EXTRA_MEMORY_BYTES]
 
 prints "ok" and exits 0 when the scenario holds; anything else is a failure.
 """
@@ -19,7 +19,7 @@ import traceback
 import torch  # noqa: F401  (loaded before the memory cap is set)
 
 from minlora.pool import AdapterLoadError, AdapterPool
-from test_pool_support import MODULES, assert_bit_exact, make_adapter
+from helpers.pool import MODULES, assert_bit_exact, make_adapter
 
 PROMPT_S = 30.0  # generous: a call that takes this long while a load is stuck is frozen
 

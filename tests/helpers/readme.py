@@ -1,10 +1,11 @@
 """The ```python block of a README.md section, for the tests that run README snippets as written."""
 from __future__ import annotations
 
-import os
 import re
 
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+from helpers import REPO
+
+README = REPO / "README.md"
 
 
 def readme_snippet(heading: str) -> str:

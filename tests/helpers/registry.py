@@ -1,5 +1,7 @@
-"""Fixtures of the registry tests: the two database backends, a throwaway PostgreSQL server,
-small adapters, and worker processes for the crash and concurrency tests.
+"""What the registry tests build on: the two database backends, a throwaway PostgreSQL server,
+small adapters, and worker processes for the crash and concurrency tests (the pytest
+fixtures over these are in tests/registry/conftest.py; the workers' bodies in
+helpers/registry_worker.py).
 
 The PostgreSQL server is real: initdb + postgres from Debian's package (scripts/postgres.sh
 installs it), in a temporary data directory, listening on a free loopback port, started
@@ -21,14 +23,13 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import torch
 
 from minlora.formats import Adapter, LoraWeights
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from . import pythonpath
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -248,49 +249,6 @@ def require_postgres_bindir() -> str:
     return bindir
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    bindir = require_postgres_bindir()
-    server = PostgresServer(bindir)
-    try:
-        server.start()
-    except Exception as exc:
-        server.cleanup()
-        pytest.fail(f"could not start PostgreSQL from {bindir}: {exc}", pytrace=False)
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def registry_location(backend: str, tmp_path, request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
-    """(database url, blob root) of an empty registry on the test's backend."""
-    blobs = str(tmp_path / "blobs")
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'registry.db'}", blobs
-        return
-    server: PostgresServer = request.getfixturevalue("postgres_server")
-    db = server.create_database()
-    try:
-        yield server.url(db), blobs
-    finally:
-        server.drop_database(db)
-
-
-@pytest.fixture
-def reg(registry_location):
-    from minlora.registry import Registry
-
-    url, blobs = registry_location
-    r = Registry(url, blobs)
-    yield r
-    r.close()
-
-
 def execute_sql(url: str, *statements: str) -> None:
     """Run SQL on a registry's database behind the registry's back (to damage or age it)."""
     import sqlalchemy as sa
@@ -322,15 +280,14 @@ def worker_context() -> multiprocessing.context.BaseContext:
     separate process per worker (killable with SIGKILL) without paying the ~4 s import of
     torch for each of the many processes the crash test starts."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["minlora.registry", "registry_worker"])
+    ctx.set_forkserver_preload(["minlora.registry", "helpers.registry_worker"])
     # Python 3.11's forkserver ignores the parent's sys.path, so a preload that is not on
     # PYTHONPATH fails silently (and each worker would import torch itself): start the server
     # with this checkout and tests/ on PYTHONPATH.
     from multiprocessing import forkserver
 
-    here = os.path.dirname(os.path.abspath(__file__))
     old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, here, old) if p)
+    os.environ["PYTHONPATH"] = pythonpath()
     try:
         forkserver.ensure_running()
     finally:

@@ -1,5 +1,5 @@
 """Code that runs in the separate processes of the registry's crash and concurrency tests
-(started through multiprocessing's forkserver by tests/test_registry_reliability.py)."""
+(started through multiprocessing's forkserver by tests/registry/test_registry_reliability.py)."""
 
 from __future__ import annotations
 

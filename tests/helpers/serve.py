@@ -21,11 +21,11 @@ from typing import Iterator, Optional
 
 import torch
 
-from test_patch_fixtures import ALL_LLAMA, make_peft_adapter
+from helpers import REPO
+from helpers.patching import ALL_LLAMA, make_peft_adapter
 
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 96
 CONTEXT = 256
 ALICE = "tml-alice-0123456789abcdef"
@@ -141,7 +141,7 @@ class ServerProcess:
         self.log = os.path.join(root, f"server-{self.port}.log")
 
     def start(self, timeout: float = 90.0) -> "ServerProcess":
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         os.makedirs(os.path.dirname(self.log), exist_ok=True)
         self.proc = subprocess.Popen(self.args, env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

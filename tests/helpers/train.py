@@ -13,7 +13,7 @@ from minlora.pool import AdapterPool
 from minlora.targets import target_shapes
 from minlora.train import Trainer
 from minlora.train.losses import row_losses, token_logprobs
-from test_patch_fixtures import ALL_LLAMA, VOCAB, tiny_model
+from helpers.patching import ALL_LLAMA, VOCAB, tiny_model
 
 GPT2 = ["c_attn", "c_proj", "c_fc"]
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import minlora
+from helpers import REPO
 from minlora.build_info import cuda_kernels_registered
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "third_party"))
+sys.path.insert(0, str(REPO / "third_party"))
 import find_deps  # noqa: E402
 
 OPS = ["build_plan", "plan_positions", "lora_forward", "lora_forward_add_", "lora_backward",

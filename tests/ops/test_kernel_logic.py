@@ -1,6 +1,6 @@
 """The CUDA kernels' index logic on the CPU (no GPU needed).
 
-tests/kernel_logic/harness.cpp is built here with g++ and AddressSanitizer / UBSan over the
+tests/ops/kernel_logic/harness.cpp is built here with g++ and AddressSanitizer / UBSan over the
 same __host__ __device__ headers the kernels include (csrc/cuda/kernels/lora_index.h,
 dispatch.h, lora_grouped_desc.h).  It checks, over hostile random plans, that every token is
 handled exactly once by exactly one path, and it emulates whole op calls block by block and
@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_cases import LoraCase, make_case, mixed_ranks, rel_error
+from helpers import REPO
+from helpers.cases import LoraCase, make_case, mixed_ranks, rel_error
 from minlora.reference import build_plan_ref, lora_backward_accumulate_ref, lora_forward_ref
 
-ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "tests" / "kernel_logic" / "harness.cpp"
-KERNELS = ROOT / "csrc" / "cuda" / "kernels"
+SOURCE = Path(__file__).resolve().parent / "kernel_logic" / "harness.cpp"
+KERNELS = REPO / "csrc" / "cuda" / "kernels"
 MODES = {"auto": 0, "fallback": 1, "gather": 2, "grouped": 3}  # kernels::KernelMode
 
 

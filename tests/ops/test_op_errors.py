@@ -1,14 +1,17 @@
 """Bad inputs give a Python exception naming the argument; the process survives and works on."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import minlora
-from lora_cases import make_case
+from helpers import pythonpath
+from helpers.cases import make_case
 from minlora.reference import lora_forward_ref
 
 
@@ -130,8 +133,7 @@ def test_bad_build_plan():
 def test_process_survives_every_bad_input_and_still_computes():
     """All bad inputs in a fresh interpreter, then a good call: it exits normally with the right answer."""
     script = """
-import torch, minlora, sys
-sys.path.insert(0, "tests")
+import torch, minlora
 from test_op_errors import BAD, _case
 from minlora.reference import lora_forward_ref
 for args, _ in BAD.values():
@@ -145,7 +147,8 @@ c = _case()
 err = (minlora.lora(*c.args()).double() - lora_forward_ref(*c.args())).abs().max().item()
 print("OK", err)
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": pythonpath(Path(__file__).parent)}  # helpers and this module
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("OK")
     assert float(done.stdout.split()[1]) < 1e-5

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minlora
-from lora_cases import TOLERANCE, check_autograd, run_forward, make_case, mixed_ranks, opcheck_cases, rel_error
+from helpers.cases import TOLERANCE, check_autograd, run_forward, make_case, mixed_ranks, opcheck_cases, rel_error
 from minlora.reference import build_plan_ref, lora_backward_accumulate_ref, lora_backward_ref, lora_forward_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -8,23 +8,21 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import minlora
-from lora_cases import TOLERANCE, make_case, rel_error
+from helpers import REPO, pythonpath
+from helpers.cases import TOLERANCE, make_case, rel_error
 from minlora.reference import lora_backward_ref, lora_forward_ref
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(script: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs `script` in a fresh interpreter (tests/ on sys.path); returns the finished process."""
-    full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **(env or {})}
+    """Runs `script` in a fresh interpreter (helpers importable); returns the finished process."""
+    full_env = {**os.environ, "PYTHONPATH": pythonpath(), **(env or {})}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=ROOT)
+                          timeout=timeout, env=full_env, cwd=REPO)
 
 
 def assert_clean_exit(done: subprocess.CompletedProcess) -> None:
@@ -39,7 +37,7 @@ def assert_clean_exit(done: subprocess.CompletedProcess) -> None:
 
 RACE = """
 import resource, threading, time, torch, minlora
-from lora_cases import make_case
+from helpers.cases import make_case
 # A runaway allocation from a wild index fails the run instead of taking the machine down.
 with open("/proc/self/status") as f:
     vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
@@ -224,7 +222,7 @@ def test_fake_kernels_check_devices():
 
 WIDE = """
 import resource, torch, minlora
-from lora_cases import rel_error
+from helpers.cases import rel_error
 from minlora.reference import lora_forward_ref, lora_backward_ref
 R, T = {R}, {T}
 g = torch.Generator().manual_seed(0)

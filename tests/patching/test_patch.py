@@ -12,7 +12,8 @@ import minlora
 from minlora.patching import PatchedLayer, is_patched
 from minlora.pool import AdapterPool
 from minlora.targets import target_shapes
-from test_patch_fixtures import VOCAB, build_family, peft_reference, rel_err
+from helpers.cases import rel_error
+from helpers.patching import VOCAB, build_family, peft_reference
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 # Every adapter, repeats, and rows without one.
@@ -56,9 +57,9 @@ def test_mixed_batch_logits_equal_peft(setups, family):
         by_keyword = s.model(ids, adapters=ASSIGN).logits
         base = s.fam.model(ids).logits
     for row in range(len(ASSIGN)):
-        assert rel_err(got[row], want[row]) <= TOL, (family, row, ASSIGN[row])
+        assert rel_error(got[row], want[row]) <= TOL, (family, row, ASSIGN[row])
         if ASSIGN[row] is not None:  # the adapter really changes the row
-            assert rel_err(want[row], base[row]) > 1e-2
+            assert rel_error(want[row], base[row]) > 1e-2
     assert torch.equal(by_keyword, got)
     # No-adapter rows are the base model's rows exactly.
     for row in (1, 7):
@@ -76,7 +77,7 @@ def test_training_mode_gradients_flow(setups, family):
         emb = s.model.get_input_embeddings()(ids).detach().requires_grad_(True)
         got = s.model(inputs_embeds=emb).logits
         got.square().mean().backward()
-    assert rel_err(got.detach(), want) <= TOL
+    assert rel_error(got.detach(), want) <= TOL
     assert emb.grad is not None and torch.isfinite(emb.grad).all()
 
 
@@ -135,9 +136,9 @@ def test_compile_fullgraph_equals_eager_without_recompiling(setups):
                 # After the first compilation any recompilation is an error.
                 with torch._dynamo.config.patch(error_on_recompile=i > 0):
                     got = compiled(ids).logits
-            assert rel_err(got, eager) <= TOL, assign
+            assert rel_error(got, eager) <= TOL, assign
             want = s.ref(ids, adapter_names=_peft_names(assign)).logits
-            assert rel_err(got, want) <= TOL, assign
+            assert rel_error(got, want) <= TOL, assign
     torch._dynamo.reset()
 
 

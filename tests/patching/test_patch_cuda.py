@@ -9,7 +9,8 @@ import torch
 import minlora
 from minlora.targets import target_shapes
 from minlora.pool import AdapterPool
-from test_patch_fixtures import VOCAB, build_family, peft_reference, rel_err
+from helpers.cases import rel_error
+from helpers.patching import VOCAB, build_family, peft_reference
 
 pytestmark = pytest.mark.cuda
 
@@ -34,5 +35,5 @@ def test_cuda_mixed_batch_and_generate_equal_peft(tmp_path, family):
         want_tokens = ref.generate(input_ids=ids, adapter_names=names, max_new_tokens=5, do_sample=False,
                                    pad_token_id=0, eos_token_id=None)
     for row in range(len(assign)):
-        assert rel_err(got[row], want[row]) <= 1e-5, (family, row)
+        assert rel_error(got[row], want[row]) <= 1e-5, (family, row)
     assert torch.equal(tokens, want_tokens)

@@ -11,7 +11,8 @@ import torch
 import minlora
 from minlora.targets import target_shapes
 from minlora.pool import AdapterPool
-from test_patch_fixtures import VOCAB, Family, make_peft_adapter, peft_reference, rel_err
+from helpers.cases import rel_error
+from helpers.patching import VOCAB, Family, make_peft_adapter, peft_reference
 
 
 def _model(family: str) -> torch.nn.Module:
@@ -55,4 +56,4 @@ def test_fused_projections_equal_peft(tmp_path, family):
         want = ref(ids, adapter_names=[a or "__base__" for a in assign]).logits
         got = model(ids, adapters=assign).logits
     for row in range(len(assign)):
-        assert rel_err(got[row], want[row]) <= 1e-5, (family, row)
+        assert rel_error(got[row], want[row]) <= 1e-5, (family, row)

@@ -10,8 +10,9 @@ import warnings
 
 import torch
 
-from readme_snippets import readme_snippet
-from test_patch_fixtures import adapter_specs, make_peft_adapter, peft_reference, rel_err, tiny_model, Family
+from helpers.cases import rel_error
+from helpers.patching import Family, adapter_specs, make_peft_adapter, peft_reference, tiny_model
+from helpers.readme import readme_snippet
 
 HEADING = "## Patch a HuggingFace model"
 
@@ -35,4 +36,4 @@ def test_readme_snippet_runs_and_matches_peft(tmp_path, monkeypatch):
         want = ref(namespace["input_ids"], adapter_names=["alice", "__base__", "bob"]).logits
     got = namespace["logits"]
     for row in range(3):
-        assert rel_err(got[row], want[row]) <= 1e-5
+        assert rel_error(got[row], want[row]) <= 1e-5

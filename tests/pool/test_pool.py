@@ -16,7 +16,7 @@ from minlora.pool import (
     load_adapter_file,
     save_adapter_file,
 )
-from test_pool_support import MODULES, adapter_bytes, assert_bit_exact, check_step_against_reference, make_adapter
+from helpers.pool import MODULES, adapter_bytes, assert_bit_exact, check_step_against_reference, make_adapter
 
 
 def new_pool(capacity: int = 40_000, **kw) -> AdapterPool:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minlora.pool import AdapterPool
-from test_pool_support import MODULES, adapter_bytes, assert_bit_exact, check_step_against_reference, make_adapter
+from helpers.pool import MODULES, adapter_bytes, assert_bit_exact, check_step_against_reference, make_adapter
 
 pytestmark = pytest.mark.cuda
 

@@ -1,6 +1,6 @@
 """AdapterPool under slow and hostile sources, shared spill directories, broken disks,
 misused steps and bad arguments.  Scenarios that could hang or exhaust memory run in their own
-process (tests/pool_scenarios.py) under a timeout and a memory cap."""
+process (helpers/pool_scenarios.py) under a timeout and a memory cap."""
 from __future__ import annotations
 
 import gc
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from minlora.pool import AdapterPool
-from test_pool_support import (
+from helpers import pythonpath
+from helpers.pool import (
     MODULES,
     adapter_bytes,
     assert_bit_exact,
@@ -21,16 +22,14 @@ from test_pool_support import (
     make_adapter,
 )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 
 def run_scenario(name: str, tmp_path, timeout: float = 120) -> None:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = pythonpath()
     try:
         proc = subprocess.run(
-            [sys.executable, os.path.join(HERE, "pool_scenarios.py"), name, str(tmp_path)],
+            [sys.executable, "-m", "helpers.pool_scenarios", name, str(tmp_path)],
             capture_output=True, text=True, timeout=timeout, env=env,
         )
     except subprocess.TimeoutExpired as exc:

@@ -12,7 +12,7 @@ import torch
 from minlora.formats import AdapterState, LoraWeights
 from minlora.pool import AdapterPool
 from minlora.pool.layout import STATE_KINDS
-from test_pool_support import MODULES, adapter_bytes, make_adapter
+from helpers.pool import MODULES, adapter_bytes, make_adapter
 
 
 def random_state(adapter, seed, kinds=STATE_KINDS):

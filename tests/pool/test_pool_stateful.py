@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from minlora.formats import Adapter
 from minlora.pool import AdapterPool, PoolExhaustedError
-from test_pool_support import MODULES, assert_bit_exact, check_step_against_reference, make_adapter
+from helpers.pool import MODULES, assert_bit_exact, check_step_against_reference, make_adapter
 
 
 def fast_snapshot(pool: AdapterPool) -> tuple:

@@ -13,13 +13,13 @@ from types import SimpleNamespace
 from typing import Callable
 
 import pytest
-from registry_fixtures import make_adapter
+from helpers import pythonpath
+from helpers.registry import make_adapter
 
 from minlora.formats.native import save_adapter_file
 from minlora.formats.peft import save_peft
 from minlora.registry import Registry
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -149,7 +149,7 @@ CASES: dict[str, Case] = {
 def test_user_error_is_one_line_without_traceback(case, inputs):
     argv, status, wanted = CASES[case]
     env = {k: v for k, v in os.environ.items() if k != "MINLORA_TRACEBACK"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = pythonpath()
     env["MINLORA_HOME"] = os.path.join(inputs.dir, "home")  # never the user's own registry
     done = subprocess.run([sys.executable, "-m", "minlora", *argv(inputs)], capture_output=True, text=True,
                           timeout=150, env=env, cwd=inputs.dir)
@@ -165,7 +165,7 @@ def test_user_error_is_one_line_without_traceback(case, inputs):
 def test_traceback_on_request(inputs):
     """MINLORA_TRACEBACK=1 shows the traceback of the same error (for a bug report)."""
     env = {**os.environ, "MINLORA_TRACEBACK": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+           "PYTHONPATH": pythonpath()}
     done = subprocess.run([sys.executable, "-m", "minlora", "adapters", "--root", inputs.reg_garbage, "list"],
                           capture_output=True, text=True, timeout=150, env=env, cwd=inputs.dir)
     assert done.returncode == 1 and "Traceback" in done.stderr and "nor re-initialise it" in done.stderr

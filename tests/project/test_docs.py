@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import re
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCHITECTURE = os.path.join(ROOT, "docs", "ARCHITECTURE.md")
-README = os.path.join(ROOT, "README.md")
+from helpers import REPO
+
+ARCHITECTURE = os.path.join(REPO, "docs", "ARCHITECTURE.md")
+README = os.path.join(REPO, "README.md")
 
 # Top-level folders the Layout table must list (besides minlora/'s packages).
 TOP_LEVEL = ("csrc/", "scripts/", "bench/", "tests/", "docs/", "third_party/")
@@ -31,14 +32,14 @@ def _repo_paths(spans: list[str]) -> list[str]:
 
 def _subpackages() -> list[str]:
     """minlora's packages, one level down: "minlora/pool/", ..."""
-    base = os.path.join(ROOT, "minlora")
+    base = os.path.join(REPO, "minlora")
     return sorted(f"minlora/{d}/" for d in os.listdir(base)
                   if os.path.isfile(os.path.join(base, d, "__init__.py")))
 
 
 def _modules() -> list[str]:
     """minlora's top-level modules, the package's own two files aside."""
-    base = os.path.join(ROOT, "minlora")
+    base = os.path.join(REPO, "minlora")
     return sorted(f"minlora/{f}" for f in os.listdir(base)
                   if f.endswith(".py") and f not in ("__init__.py", "__main__.py"))
 
@@ -54,7 +55,7 @@ def _layout_rows() -> list[str]:
 def test_every_path_the_architecture_page_names_exists():
     paths = _repo_paths(_code_spans(_read(ARCHITECTURE)))
     assert len(paths) > 50, f"the page names only {len(paths)} paths: did the span syntax change?"
-    missing = [p for p in paths if not os.path.exists(os.path.join(ROOT, p))]
+    missing = [p for p in paths if not os.path.exists(os.path.join(REPO, p))]
     assert not missing, f"docs/ARCHITECTURE.md names paths that do not exist: {missing}"
 
 
@@ -70,7 +71,7 @@ def test_the_architecture_page_names_every_package_and_module():
 def test_the_readme_layout_rows_exist_and_cover_every_package():
     rows = _layout_rows()
     listed = [p for cell in rows for p in _code_spans(cell)]
-    missing = [p for p in listed if not os.path.exists(os.path.join(ROOT, p))]
+    missing = [p for p in listed if not os.path.exists(os.path.join(REPO, p))]
     assert not missing, f"the README's Layout table lists paths that do not exist: {missing}"
     left_out = [p for p in _subpackages() + list(TOP_LEVEL) if p not in listed]
     assert not left_out, f"the README's Layout table leaves out {left_out}"

@@ -17,8 +17,8 @@ import sys
 import sysconfig
 
 import pytest
+from helpers import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What a source checkout needs to build and install (tests, benchmarks and results stay behind).
 SOURCES = ("setup.py", "pyproject.toml", "README.md", "minlora", "csrc", "third_party")
 
@@ -27,7 +27,7 @@ def _copy_sources(dest: str) -> None:
     os.makedirs(dest)
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "build", "*.egg-info")
     for name in SOURCES:
-        src = os.path.join(ROOT, name)
+        src = os.path.join(REPO, name)
         if os.path.isdir(src):
             shutil.copytree(src, os.path.join(dest, name), ignore=ignore)
         else:

@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO, pythonpath
 
 import minlora
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Makes `import minlora._C` fail as it does where the extension was never built.
 BLOCK_EXTENSION = """
@@ -27,9 +26,9 @@ sys.meta_path.insert(0, NoExtension())
 
 
 def _python(code: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, "PYTHONPATH": pythonpath()}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
-                          env=env, cwd=ROOT)
+                          env=env, cwd=REPO)
 
 
 def test_registry_works_without_the_extension(tmp_path):

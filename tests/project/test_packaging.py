@@ -7,11 +7,11 @@ import os
 import re
 import tomllib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
 
 
 def _project() -> dict:
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         return tomllib.load(f)
 
 
@@ -26,7 +26,7 @@ SEPARATE_ENVIRONMENTS = {"vllm": "requirements-vllm.txt"}
 
 
 def _requirement_names(filename: str) -> set[str]:
-    with open(os.path.join(ROOT, filename)) as f:
+    with open(os.path.join(REPO, filename)) as f:
         return {_name(line) for line in f if line.strip() and not line.lstrip().startswith(("#", "-"))}
 
 

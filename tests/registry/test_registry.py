@@ -12,15 +12,7 @@ import pytest
 import torch
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from registry_fixtures import (  # noqa: F401  (fixtures)
-    assert_same_adapter,
-    backend,
-    execute_sql,
-    make_adapter,
-    postgres_server,
-    reg,
-    registry_location,
-)
+from helpers.registry import assert_same_adapter, execute_sql, make_adapter
 
 from minlora.formats import Adapter, LoraWeights
 from minlora.formats import native as content
@@ -553,7 +545,7 @@ def test_blobs_on_an_fsspec_object_store(registry_location):
 def test_postgres_tests_skip_without_server_but_fail_under_ci(tmp_path, monkeypatch):
     """Without PostgreSQL binaries the postgres tests skip on a developer machine, and fail
     (never silently skip) when CI is set: the decision the postgres_server fixture makes."""
-    from registry_fixtures import require_postgres_bindir
+    from helpers.registry import require_postgres_bindir
 
     under_ci = bool(os.environ.get("CI"))
     monkeypatch.setenv("MINLORA_PG_BINDIR", str(tmp_path / "no-such-dir"))

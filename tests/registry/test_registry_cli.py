@@ -10,13 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from registry_fixtures import (  # noqa: F401  (fixtures)
-    ROOT,
-    backend,
-    make_adapter,
-    postgres_server,
-    registry_location,
-)
+from helpers import pythonpath
+from helpers.registry import make_adapter
 
 from minlora.cli import main
 from minlora.formats import native as content
@@ -183,7 +178,7 @@ def test_cli_subprocess_end_to_end(tmp_path):
         **os.environ,
         "MINLORA_HOME": str(tmp_path / "home"),
         "MINLORA_USER": "ci-bot",
-        "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+        "PYTHONPATH": pythonpath(),
     }
     script = (
         "import sys\n"

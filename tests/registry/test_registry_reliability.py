@@ -15,19 +15,9 @@ from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
-import registry_worker
 import sqlalchemy as sa
-from registry_fixtures import (  # noqa: F401  (fixtures)
-    assert_same_adapter,
-    backend,
-    execute_sql,
-    make_adapter,
-    postgres_server,
-    reg,
-    registry_location,
-    run_workers,
-    worker_context,
-)
+from helpers import registry_worker
+from helpers.registry import assert_same_adapter, execute_sql, make_adapter, run_workers, worker_context
 
 from minlora.formats import native as content
 from minlora.registry import (

@@ -10,14 +10,7 @@ import pytest
 import sqlalchemy as sa
 import torch
 from alembic import command
-from registry_fixtures import (  # noqa: F401  (fixtures)
-    backend,
-    execute_sql,
-    make_adapter,
-    postgres_server,
-    reg,
-    registry_location,
-)
+from helpers.registry import execute_sql, make_adapter
 
 from minlora.formats import AdapterState, deserialize_state, serialize_state, state_hash
 from minlora.registry import CorruptBlobError, Registry, migrate

@@ -10,9 +10,10 @@ import threading
 import pytest
 
 from minlora.serve.cli import add_arguments
-from serve_fixtures import REPO, model_dir, write_keys
+from helpers import REPO
+from helpers.serve import model_dir, write_keys
 
-ENV = dict(os.environ, PYTHONPATH=REPO, TINKER_TELEMETRY="0")
+ENV = dict(os.environ, PYTHONPATH=str(REPO), TINKER_TELEMETRY="0")
 
 
 def minlora(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

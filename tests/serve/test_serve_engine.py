@@ -17,7 +17,7 @@ from minlora.serve.engine import DecodeEngine, SampleJob
 from minlora.serve.model_host import load_hosted_model
 from minlora.serve.sampler import RowSampling, StopRule
 
-from serve_fixtures import model_dir, peft_dir, peft_model, teacher_logprobs, wait_until
+from helpers.serve import model_dir, peft_dir, peft_model, teacher_logprobs, wait_until
 
 TOL = 2e-4
 

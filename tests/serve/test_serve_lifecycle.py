@@ -17,7 +17,8 @@ from tinker import types  # noqa: E402
 
 from minlora.registry import Registry  # noqa: E402
 from minlora.serve.state import CheckpointRecord, RunRecord, StateStore  # noqa: E402
-from serve_fixtures import (ALICE, REPO, ServerProcess, in_process_server, model_dir, peft_dir,  # noqa: E402
+from helpers import REPO  # noqa: E402
+from helpers.serve import (ALICE, ServerProcess, in_process_server, model_dir, peft_dir,  # noqa: E402
                             wait_until, write_keys)
 
 
@@ -73,7 +74,7 @@ def test_restart_keeps_sessions_and_samplers_and_fails_lost_futures(tmp_path):
         assert c.get(f"/samplers/{sid}").json()["base_model"] == "tiny-llama"
         # The registry revision behind it is intact, and the CLI reads it.
         out = subprocess.run([sys.executable, "-m", "minlora", "adapters", "--root", home, "log", "alice:a", "--json"],
-                             capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+                             capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
         assert out.returncode == 0, out.stderr
         assert [r["number"] for r in json.loads(out.stdout)] == [1]
     finally:

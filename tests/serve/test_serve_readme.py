@@ -21,7 +21,8 @@ import pytest
 
 pytest.importorskip("tinker")
 
-from serve_fixtures import REPO, free_port, model_dir, wait_until  # noqa: E402
+from helpers import REPO  # noqa: E402
+from helpers.serve import free_port, model_dir, wait_until  # noqa: E402
 
 README = os.path.join(REPO, "README.md")
 HEADING = "## Serve: train and sample users' adapters through the tinker API"
@@ -42,7 +43,7 @@ def test_quickstart_runs_as_written(tmp_path, monkeypatch):
     os.rename(model_dir(str(tmp_path)), tmp_path / "tiny-llama")
     port = free_port()
     shell, python = shell.replace("8000", str(port)), python.replace("8000", str(port))
-    env = dict(os.environ, PYTHONPATH=REPO, TINKER_TELEMETRY="0")
+    env = dict(os.environ, PYTHONPATH=str(REPO), TINKER_TELEMETRY="0")
     server = None
     try:
         for line in filter(None, (ln.strip() for ln in shell.splitlines())):

@@ -22,7 +22,8 @@ import torch
 tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
 
-from serve_fixtures import (ALICE, ALICE_MINT, BOB, REPO, in_process_server, model_dir, peft_dir,  # noqa: E402
+from helpers import REPO  # noqa: E402
+from helpers.serve import (ALICE, ALICE_MINT, BOB, in_process_server, model_dir, peft_dir,  # noqa: E402
                             peft_model, teacher_logprobs)
 
 TOL = 2e-4
@@ -139,7 +140,7 @@ def test_serving_revision_follows_promote_and_rollback(env, oracles):
     def adapters_cli(*args):
         out = subprocess.run([sys.executable, "-m", "minlora", "adapters", "--root",
                               os.path.join(env["root"], "home"), *args], capture_output=True, text=True, timeout=120,
-                             env=dict(os.environ, PYTHONPATH=REPO))
+                             env=dict(os.environ, PYTHONPATH=str(REPO)))
         assert out.returncode == 0, out.stderr
         return out.stdout
 
@@ -209,7 +210,7 @@ def test_archive_download_loads_with_peft_and_equals_the_adapter(env):
         assert {"adapter_config.json", "adapter_model.safetensors", "checkpoint_complete"} <= set(tar.getnames())
         tar.extractall(out, filter="data")
     want = peft_model(env["dirs"]["alice:u10"])
-    from serve_fixtures import tiny_llama
+    from helpers.serve import tiny_llama
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

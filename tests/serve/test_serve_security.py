@@ -11,7 +11,7 @@ tinker = pytest.importorskip("tinker")
 httpx = pytest.importorskip("httpx")
 from tinker import types  # noqa: E402
 
-from serve_fixtures import ALICE, BOB, in_process_server, model_dir, peft_dir  # noqa: E402
+from helpers.serve import ALICE, BOB, in_process_server, model_dir, peft_dir  # noqa: E402
 
 POST_ENDPOINTS = [
     "client/config", "auth/token", "create_session", "session_heartbeat", "retrieve_future", "create_model",

@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from serve_fixtures import ALICE, in_process_server, model_dir, peft_dir, peft_model, teacher_logprobs
+from helpers.serve import ALICE, in_process_server, model_dir, peft_dir, peft_model, teacher_logprobs
 
 PYTHON = os.environ.get("MINLORA_TINKER_LATEST_PYTHON",
                         os.path.expanduser("~/.cache/minlora/tinker-latest/bin/python"))

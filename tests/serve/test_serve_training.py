@@ -22,7 +22,8 @@ tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
 
 from minlora.serve.wire import LoraConfig  # noqa: E402
-from serve_fixtures import (ALICE, BOB, CAROL_MINT, ServerProcess, in_process_server, model_dir,  # noqa: E402
+from helpers import TESTS  # noqa: E402
+from helpers.serve import (ALICE, BOB, CAROL_MINT, ServerProcess, in_process_server, model_dir,  # noqa: E402
                             teacher_logprobs, tiny_llama, train_batch, wait_until, write_keys)
 
 ADAM = dict(learning_rate=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0)
@@ -50,7 +51,7 @@ os.environ["MINT_BASE_URL"], os.environ["MINT_API_KEY"] = sys.argv[1], sys.argv[
 sys.path.insert(0, sys.argv[3])
 import mint
 from mint import types
-from serve_fixtures import train_batch
+from helpers.serve import train_batch
 adam, steps = json.loads(sys.argv[4]), int(sys.argv[5])
 sc = mint.ServiceClient()
 tc = sc.create_lora_training_client(base_model="tiny-llama", rank=8, seed=5, user_metadata={"user": "carol"})
@@ -103,7 +104,7 @@ def test_two_users_train_at_once_with_tinker_and_mint(tmp_path):
     with in_process_server(model, os.path.join(root, "home")) as server:
         svc = server.service
         carol = subprocess.Popen([sys.executable, "-c", MINT_CLIENT, server.url, CAROL_MINT,
-                                  os.path.dirname(os.path.abspath(__file__)), json.dumps(ADAM), str(STEPS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  str(TESTS), json.dumps(ADAM), str(STEPS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, env=dict(os.environ, TINKER_TELEMETRY="0"))
         sc = tinker.ServiceClient(base_url=server.url, api_key=ALICE)
         tc = sc.create_lora_training_client(base_model="tiny-llama", rank=4, seed=3,

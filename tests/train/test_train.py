@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from train_fixtures import (
+from helpers.train import (
     SCHEDULE,
     adapter_specs,
     base_model,

@@ -7,10 +7,9 @@ import torch
 
 from minlora.registry import Registry, fingerprint_base_model
 from minlora.train import TrainingError
-from train_fixtures import (
+from helpers.train import (
     adapter_specs,
     assert_same_state,
-    base_model,
     create_all,
     make_batch,
     new_trainer,
@@ -18,11 +17,6 @@ from train_fixtures import (
 )
 
 HYPER = dict(lr=1e-2, weight_decay=0.1)
-
-
-@pytest.fixture(scope="module")
-def base():
-    return base_model("llama")
 
 
 def train(trainer, assigns, seed, **hyper):

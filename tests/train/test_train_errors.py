@@ -12,21 +12,15 @@ import minlora
 from minlora.pool import AdapterPool
 from minlora.targets import target_shapes
 from minlora.train import Trainer
-from test_patch_fixtures import VOCAB
-from train_fixtures import (
+from helpers.patching import VOCAB
+from helpers.train import (
     adapter_specs,
     assert_same_state,
-    base_model,
     create_all,
     make_batch,
     new_trainer,
     trainer_state,
 )
-
-
-@pytest.fixture(scope="module")
-def base():
-    return base_model("llama")
 
 
 @pytest.fixture

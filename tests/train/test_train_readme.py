@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from readme_snippets import readme_snippet
+from helpers.readme import readme_snippet
 
 HEADING = "## Train many users' adapters together"
 

@@ -1,4 +1,4 @@
-// The index logic of the minlora CUDA kernels, run on the CPU: built by tests/test_kernel_logic.py
+// The index logic of the minlora CUDA kernels, run on the CPU: built by tests/ops/test_kernel_logic.py
 // with g++ and AddressSanitizer / UndefinedBehaviorSanitizer, over the same __host__ __device__
 // headers the kernels include (csrc/cuda/kernels: lora_index.h, dispatch.h, lora_grouped_desc.h).
 //
