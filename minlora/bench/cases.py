@@ -6,6 +6,7 @@ per slot, no spare pages, and the same weights as dense per-slot stacks for the 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -143,8 +144,12 @@ def _assign(num_tokens: int, num_slots: int, slot_weights: Optional[Sequence[flo
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """||got - want|| / ||want||, norm-wise over the whole tensor, in float64 (absolute when want is 0)."""
+    """||got - want|| / ||want||, norm-wise over the whole tensor, in float64.
+
+    Against an all-zero want: 0 when got is exactly zero too, else infinite."""
     got, want = got.detach().cpu().double(), want.detach().cpu().double()
     denom = want.norm().item()
     err = (got - want).norm().item()
-    return err / denom if denom > 0 else err
+    if denom > 0:
+        return err / denom
+    return 0.0 if err == 0 else math.inf

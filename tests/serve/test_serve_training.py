@@ -23,6 +23,7 @@ from tinker import types  # noqa: E402
 
 from minlora.serve.wire import LoraConfig  # noqa: E402
 from helpers import TESTS  # noqa: E402
+from helpers.cases import rel_error  # noqa: E402
 from helpers.serve import (ALICE, BOB, CAROL_MINT, ServerProcess, in_process_server, model_dir,  # noqa: E402
                             teacher_logprobs, tiny_llama, train_batch, wait_until, write_keys)
 
@@ -93,8 +94,7 @@ def assert_same_weights(got: dict, want: dict) -> None:
     assert set(got) == set(want)
     for name in want:
         for part in ("a", "b"):
-            g, w = getattr(got[name], part).double(), getattr(want[name], part).double()
-            err = float((g - w).norm() / w.norm().clamp_min(1e-12))
+            err = rel_error(getattr(got[name], part), getattr(want[name], part))
             assert err <= 1e-4, (name, part, err)
 
 
