@@ -215,7 +215,7 @@ stage_correct() {
   if build_steps; then
     local files
     # Every test file that carries the cuda marker (the ops, patch and pool tests, and any added later).
-    files=$(grep -l "mark\.cuda" tests/test_*.py | tr '\n' ' ')
+    files=$(grep -rl --include='test_*.py' "mark\.cuda" tests | sort | tr '\n' ' ')
     # -x: a kernel fault poisons the CUDA context and fails every test after it.
     run_step tests "$OUT/pytest.log" "$PY" -m pytest -m cuda -x -rfE -q -p no:cacheprovider --timeout 60 \
       --junitxml "$WORK/junit.xml" $files

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 import minlora  # noqa: E402
-from lora_cases import TOLERANCE, make_case, rel_error  # noqa: E402
+from helpers.cases import TOLERANCE, make_case, rel_error  # noqa: E402
 from minlora.reference import lora_backward_ref, lora_forward_ref  # noqa: E402
 
 MODES = ("auto", "gather", "grouped", "fallback")

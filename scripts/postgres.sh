@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes sure a PostgreSQL server's binaries (initdb, pg_ctl, postgres) are installed, so the
-# registry tests can start a throwaway server on loopback (tests/registry_fixtures.py).
+# registry tests can start a throwaway server on loopback (tests/helpers/registry.py).
 # Idempotent and quiet: does nothing when the binaries are already there.  Installing needs
 # root and apt-get (Debian's `postgresql` package); elsewhere it says what is missing and
 # exits 0, and the PostgreSQL tests then skip (or fail, when CI is set).

@@ -37,6 +37,7 @@ import torch
 import minlora
 
 from ..command import EXIT_USAGE, CommandError, device_name, positive_int, require_device
+from .cases import make_case
 from .common import DTYPES, add_output_arguments, copy_bandwidth, format_table, progress, report, time_call
 
 # Hidden, key/value and intermediate sizes of real model configs.
@@ -86,25 +87,14 @@ class Problem:
     """
 
     def __init__(self, cfg: OpsConfig, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        dev, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
-        n, r, i, o = cfg.adapters, cfg.rank, cfg.in_features, cfg.out_features
-        t = n * cfg.tokens_per_adapter
-        self.a = (torch.randn(n, r, i, generator=g) / math.sqrt(i)).to(dev, dtype)
-        self.b = (torch.randn(n, o, r, generator=g) / math.sqrt(r)).to(dev, dtype)
-        self.scales = (torch.rand(n, generator=g) + 0.5).to(dev)
-        self.x = torch.randn(t, i, generator=g).to(dev, dtype)
-        self.token_slot = torch.arange(n, dtype=torch.int32).repeat_interleave(cfg.tokens_per_adapter)
-        self.token_slot = self.token_slot[torch.randperm(t, generator=g)].to(dev)
-        perm_a = torch.randperm(n * r, generator=g)
-        perm_b = torch.randperm(n * r, generator=g)
-        self.a_pages = perm_a.view(n, r).to(torch.int32).to(dev)
-        self.b_pages = perm_b.view(n, r).to(torch.int32).to(dev)
-        self.a_pool = torch.empty(n * r, i, device=dev, dtype=dtype)
-        self.b_pool = torch.empty(n * r, o, device=dev, dtype=dtype)
-        self.a_pool[perm_a.to(dev)] = self.a.reshape(n * r, i)
-        self.b_pool[perm_b.to(dev)] = self.b.transpose(1, 2).reshape(n * r, o)
-        self.ranks = torch.full((n,), r, dtype=torch.int32, device=dev)
+        n, r = cfg.adapters, cfg.rank
+        case = make_case(n * cfg.tokens_per_adapter, cfg.in_features, cfg.out_features, [r] * n,
+                         getattr(torch, cfg.dtype), extra_rank_columns=0, spare_pages=0, balanced=True,
+                         no_adapter_fraction=0.0, nan_unused=False,
+                         generator=torch.Generator().manual_seed(seed)).to(cfg.device)
+        (self.x, self.a_pool, self.b_pool, self.a_pages, self.b_pages, self.ranks, self.scales,
+         self.token_slot) = case.args()
+        self.a, self.b = case.dense_weights()
         self.plan = host_plan(self.token_slot, n)
 
     def weights(self) -> list[torch.Tensor]:

@@ -1,5 +1,5 @@
 """The registry's tables (SQLAlchemy Core).  The migrations in migrations/versions create
-exactly these; tests/test_registry.py checks that the two agree.
+exactly these; tests/registry/test_registry.py checks that the two agree.
 
 Design notes:
 - `revisions` is append-only: rows are inserted, never updated or deleted.  The movable

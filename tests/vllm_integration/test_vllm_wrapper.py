@@ -136,7 +136,7 @@ def forward(layer, x: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want).norm() / want.norm())
 
 
@@ -160,16 +160,16 @@ def test_layer_forward_matches_float64_over_steps(name, dtype):
         x = torch.randn(n, layer.in_features, generator=gen).to(dtype)
         got = forward(layer.layer, x)
         assert torch.isfinite(got).all(), f"step {step}: a page past a slot's rank was read"
-        assert rel_err(got, layer.expected(x, slots)) <= TOL[dtype]
+        assert rel_error(got, layer.expected(x, slots)) <= TOL[dtype]
         for t in [t for t, s in enumerate(slots) if s < 0]:
             base_row = torch.nn.functional.linear(x[t:t + 1].double(), layer.base_weight)
-            assert rel_err(got[t:t + 1], base_row) <= TOL[dtype]
+            assert rel_error(got[t:t + 1], base_row) <= TOL[dtype]
     # vLLM skips update_metadata when a step repeats the mapping: the plan must still hold.
     x = torch.randn(9, layer.in_features, generator=gen).to(dtype)
-    assert rel_err(forward(layer.layer, x), layer.expected(x, slots)) <= TOL[dtype]
+    assert rel_error(forward(layer.layer, x), layer.expected(x, slots)) <= TOL[dtype]
     # Padded x (more rows than mapped tokens, as CUDA-graph batches are): padded rows get no delta.
     x = torch.randn(12, layer.in_features, generator=gen).to(dtype)
-    assert rel_err(forward(layer.layer, x), layer.expected(x, slots + [-1, -1, -1])) <= TOL[dtype]
+    assert rel_error(forward(layer.layer, x), layer.expected(x, slots + [-1, -1, -1])) <= TOL[dtype]
 
 
 def test_true_ranks_recorded_per_slot_and_slice():
@@ -210,7 +210,7 @@ def test_add_inputs_false_writes_the_delta_alone():
     punica.add_lora_linear(y, x, layer.layer.lora_a_stacked, layer.layer.lora_b_stacked, 1.0, layer.out_slices,
                            add_inputs=False)
     base = torch.nn.functional.linear(x.double(), layer.base_weight)
-    assert rel_err(y, layer.expected(x, slots) - base) <= 1e-5
+    assert rel_error(y, layer.expected(x, slots) - base) <= 1e-5
 
 
 def test_lora_dtype_other_than_the_activations():
@@ -222,7 +222,7 @@ def test_lora_dtype_other_than_the_activations():
     y = torch.zeros(len(slots), HIDDEN, dtype=torch.bfloat16)
     punica.add_lora_linear(y, x, layer.layer.lora_a_stacked, layer.layer.lora_b_stacked, 1.0, layer.out_slices)
     base = torch.nn.functional.linear(x.double(), layer.base_weight)
-    assert rel_err(y, layer.expected(x.float(), slots) - base) <= 1e-2
+    assert rel_error(y, layer.expected(x.float(), slots) - base) <= 1e-2
 
 
 def test_shrink_then_expand_equals_the_layer_delta():
@@ -244,7 +244,7 @@ def test_shrink_then_expand_equals_the_layer_delta():
     y = torch.zeros(len(slots), sum(layer.out_slices))
     punica.add_expand(y, h, layer.layer.lora_b_stacked, layer.out_slices, add_inputs=True)
     base = torch.nn.functional.linear(x.double(), layer.base_weight)
-    assert rel_err(y, layer.expected(x, slots) - base) <= 1e-5
+    assert rel_error(y, layer.expected(x, slots) - base) <= 1e-5
 
 
 def test_embedding_and_logits_touch_only_rows_with_an_adapter():
