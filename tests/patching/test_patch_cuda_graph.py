@@ -12,7 +12,8 @@ import minlora
 from minlora.patching import plan_tokens
 from minlora.pool import AdapterPool
 from minlora.targets import target_shapes
-from test_patch_fixtures import VOCAB, build_family, peft_reference, rel_err
+from helpers.cases import rel_error
+from helpers.patching import VOCAB, build_family, peft_reference
 
 pytestmark = pytest.mark.cuda
 
@@ -81,7 +82,7 @@ def test_decode_step_captured_once_replays_new_assignments(tmp_path):
                 got = logits[:, -1].clone()
             want = ref(torch.cat([prompt, nxt], 1), adapter_names=[a or "__base__" for a in assign]).logits[:, -1]
             for row, a in enumerate(assign):
-                assert rel_err(got[row], want[row]) <= TOL, (k, row, a)
+                assert rel_error(got[row], want[row]) <= TOL, (k, row, a)
     pool.close()
 
 
@@ -119,5 +120,5 @@ def test_decode_after_the_first_step_never_syncs(tmp_path):
             with minlora.adapters(model, assign):
                 got = model(full).logits[:, -1]
             want = ref(full, adapter_names=[a or "__base__" for a in assign]).logits[:, -1]
-            assert rel_err(got, want) <= TOL
+            assert rel_error(got, want) <= TOL
     pool.close()

@@ -16,7 +16,8 @@ from minlora.patching.model import _state_of
 from minlora.plan import HostTables, StepBuffers
 from minlora.pool import AdapterPool
 from minlora.targets import target_shapes
-from test_patch_fixtures import VOCAB, build_family, peft_reference, rel_err
+from helpers.cases import rel_error
+from helpers.patching import VOCAB, build_family, peft_reference
 
 TOL = 1e-5
 
@@ -98,8 +99,8 @@ def test_consecutive_steps_match_peft_and_reuse_the_buffers(fam, ref):
             want_decode = ref(ids[:, :1], adapter_names=_peft_names(assign)).logits
             assert torch.equal(got, again)
             for row, a in enumerate(assign):
-                assert rel_err(got[row], want[row]) <= TOL, (k, row, a)
-                assert rel_err(decode[row], want_decode[row]) <= TOL, (k, row, a)
+                assert rel_error(got[row], want[row]) <= TOL, (k, row, a)
+                assert rel_error(decode[row], want_decode[row]) <= TOL, (k, row, a)
                 if a is None:
                     assert torch.equal(got[row], base[row])
             now = _buffer_ptrs(state)
@@ -189,7 +190,7 @@ def test_capacities_are_fixed_and_checked(fam):
         with minlora.adapters(model, ["a2", None]):
             got = model(ids).logits
     want = peft_reference(fam)(ids, adapter_names=["a2", "__base__"]).logits
-    assert rel_err(got, want) <= TOL
+    assert rel_error(got, want) <= TOL
     with pytest.raises(ValueError, match="max_rank"):
         minlora.patch(copy.deepcopy(fam.model), pool, max_rank=0)
     pool.close()
@@ -206,7 +207,7 @@ def test_first_step_under_inference_mode_then_no_grad(fam, ref):
             got = model(ids).logits
         with torch.no_grad():
             want = ref(ids, adapter_names=_peft_names(assign)).logits
-        assert rel_err(got, want) <= TOL
+        assert rel_error(got, want) <= TOL
     pool.close()
 
 
@@ -273,7 +274,7 @@ def test_decode_graph_bench_runs_up_to_the_device_check(fam, ref):
             dec.capture()
     with torch.no_grad():
         want = ref(torch.cat([dec.prompt, dec.token], 1), adapter_names=_peft_names(assign)).logits[:, -1]
-    assert rel_err(got, want) <= TOL
+    assert rel_error(got, want) <= TOL
     # The distinct adapters' pages: a1 (rank 8 on every module) and a4, each counted once.
     elem = 4
     shapes = pool.modules
