@@ -20,6 +20,8 @@ import sys
 import tempfile
 from typing import Any
 
+from ..command import non_negative_int, output_file, positive_int
+
 __all__ = ["add_arguments", "run"]
 
 DEFAULT_RANKS = [1, 2, 4, 8, 16, 32, 64, 64]
@@ -31,30 +33,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .vllm_layer import LLAMA3_8B_LAYERS
 
     parser.add_argument("--part", choices=["all", "layer", "e2e"], default="all")
-    parser.add_argument("--ranks", type=int, nargs="+", default=DEFAULT_RANKS, help="true rank of each adapter")
-    parser.add_argument("--max-rank", type=int, default=64, help="vLLM's max_lora_rank")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--ranks", type=positive_int, nargs="+", default=DEFAULT_RANKS, help="true rank of each adapter")
+    parser.add_argument("--max-rank", type=positive_int, default=64, help="vLLM's max_lora_rank")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     group = parser.add_argument_group("the LoRA layer")
-    group.add_argument("--layers", nargs="+", default=list(LLAMA3_8B_LAYERS), help=" ".join(LLAMA3_8B_LAYERS))
-    group.add_argument("--decode-requests", type=int, default=64, help="requests of a decode step (1 token each)")
-    group.add_argument("--prefill-requests", type=int, default=9, help="requests of a prefill step (0: none)")
-    group.add_argument("--prefill-tokens", type=int, default=32, help="tokens per prefill request")
-    group.add_argument("--repeats", type=int, default=5, help="timed calls of minlora's wrapper (best kept)")
-    group.add_argument("--stock-repeats", type=int, default=2, help="timed calls of vLLM's (it is slow)")
-    group.add_argument("--threads", type=int, default=None,
+    group.add_argument("--layers", nargs="+", default=list(LLAMA3_8B_LAYERS), choices=list(LLAMA3_8B_LAYERS))
+    group.add_argument("--decode-requests", type=positive_int, default=64, help="requests of a decode step (1 token each)")
+    group.add_argument("--prefill-requests", type=non_negative_int, default=9, help="requests of a prefill step (0: none)")
+    group.add_argument("--prefill-tokens", type=positive_int, default=32, help="tokens per prefill request")
+    group.add_argument("--repeats", type=positive_int, default=5, help="timed calls of minlora's wrapper (best kept)")
+    group.add_argument("--stock-repeats", type=positive_int, default=2, help="timed calls of vLLM's (it is slow)")
+    group.add_argument("--threads", type=positive_int, default=None,
                        help="torch threads for both wrappers (default: torch's; 1 steadies figures on a busy machine)")
     group = parser.add_argument_group("end to end")
-    group.add_argument("--hidden", type=int, default=1024)
-    group.add_argument("--intermediate", type=int, default=2816)
-    group.add_argument("--model-layers", type=int, default=4)
-    group.add_argument("--heads", type=int, default=16)
-    group.add_argument("--vocab", type=int, default=32000)
-    group.add_argument("--requests", type=int, default=32)
-    group.add_argument("--new-tokens", type=int, default=32)
-    group.add_argument("--prompt-len", type=int, default=32)
-    group.add_argument("--e2e-repeats", type=int, default=3, help="timed generate calls per engine (fastest kept)")
+    group.add_argument("--hidden", type=positive_int, default=1024)
+    group.add_argument("--intermediate", type=positive_int, default=2816)
+    group.add_argument("--model-layers", type=positive_int, default=4)
+    group.add_argument("--heads", type=positive_int, default=16)
+    group.add_argument("--vocab", type=positive_int, default=32000)
+    group.add_argument("--requests", type=positive_int, default=32)
+    group.add_argument("--new-tokens", type=positive_int, default=32)
+    group.add_argument("--prompt-len", type=positive_int, default=32)
+    group.add_argument("--e2e-repeats", type=positive_int, default=3, help="timed generate calls per engine (fastest kept)")
     group.add_argument("--modes", nargs="+", default=["base", "stock", "minlora"], choices=["base", "stock", "minlora"])
-    parser.add_argument("--json", metavar="FILE", help="write the results and machine information to FILE")
+    parser.add_argument("--json-out", metavar="FILE", type=output_file,
+                        help="write the results and machine information to FILE")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,13 +71,13 @@ def run(args: argparse.Namespace) -> int:
         results["layer"] = _layer_part(args)
     if args.part in ("all", "e2e"):
         results["e2e"] = _e2e_part(args)
-    if args.json:
+    if args.json_out:
         import torch
 
         from .common import machine_info, write_json
 
-        write_json(args.json, {"benchmark": "vllm", "machine": machine_info(torch.device("cpu")), "results": results})
-        print(f"wrote {args.json}")
+        write_json(args.json_out, {"benchmark": "vllm", "machine": machine_info(torch.device("cpu")), "results": results})
+        print(f"wrote {args.json_out}")
     return 0
 
 

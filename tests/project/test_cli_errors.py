@@ -106,6 +106,13 @@ CASES: dict[str, Case] = {
     "repeats_zero_model": (lambda f: ["bench", "model", "--repeats", "0"], 2, lambda f: ["--repeats", "at least 1"]),
     "ranks_zero": (lambda f: ["bench", "ops", "--ranks", "16", "0"], 2, lambda f: ["--ranks", "at least 1, got 0"]),
     "adapters_zero_demo": (lambda f: ["demo", "--adapters", "0"], 2, lambda f: ["--adapters", "at least 1"]),
+    "ranks_zero_vllm": (lambda f: ["bench", "vllm", "--ranks", "8", "0"], 2, lambda f: ["--ranks", "at least 1, got 0"]),
+    "bad_dtype_vllm": (lambda f: ["bench", "vllm", "--dtype", "int8"], 2, lambda f: ["--dtype", "'int8'"]),
+    "clients_zero_serve": (lambda f: ["bench", "serve", "--clients", "0"], 2, lambda f: ["--clients", "at least 1"]),
+    "adapters_zero_train": (lambda f: ["bench", "train", "--adapters", "0"], 2,
+                            lambda f: ["--adapters", "at least 1"]),
+    "adapters_zero_registry": (lambda f: ["bench", "registry", "--adapters", "0"], 2,
+                               lambda f: ["--adapters", "at least 1"]),
     "ranks_reversed_pool": (lambda f: ["bench", "pool", "--min-rank", "5", "--max-rank", "2"], 2,
                             lambda f: ["--min-rank 5 is above --max-rank 2"]),
     "json_out_under_a_file": (

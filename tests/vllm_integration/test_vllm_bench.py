@@ -17,7 +17,7 @@ def test_layer_part_tiny(tmp_path, capsys):
     out = tmp_path / "layer.json"
     assert main(["bench", "vllm", "--part", "layer", "--layers", "o_proj", "qkv_proj", "--ranks", "1", "8", "3",
                  "--max-rank", "8", "--dtype", "float32", "--decode-requests", "7", "--prefill-requests", "4",
-                 "--prefill-tokens", "5", "--repeats", "1", "--stock-repeats", "1", "--json", str(out)]) == 0
+                 "--prefill-tokens", "5", "--repeats", "1", "--stock-repeats", "1", "--json-out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "x_stock" in printed and "minlora_ms" in printed
     data = json.loads(out.read_text())
@@ -36,7 +36,7 @@ def test_e2e_part_tiny(tmp_path, capsys):
     out = tmp_path / "e2e.json"
     assert main(["bench", "vllm", "--part", "e2e", "--modes", "minlora", "--ranks", "1", "8", "--max-rank", "8",
                  "--hidden", "128", "--intermediate", "256", "--model-layers", "1", "--heads", "4", "--vocab",
-                 "512", "--requests", "5", "--new-tokens", "3", "--prompt-len", "4", "--json", str(out)]) == 0
+                 "512", "--requests", "5", "--new-tokens", "3", "--prompt-len", "4", "--json-out", str(out)]) == 0
     assert "tokens_per_s" in capsys.readouterr().out
     (row,) = json.loads(out.read_text())["results"]["e2e"]
     assert row["mode"] == "minlora" and row["tokens"] == 5 * 3 and row["tokens_per_s"] > 0
