@@ -103,6 +103,24 @@ def build_family(name: str, root: str) -> Family:
     return Family(name, base, dirs)
 
 
+def patched_copy(fam: Family, *, device: str = "cpu", capacity_bytes: int = 1 << 22, poison: bool = False,
+                 target_modules=None, **capacities):
+    """(a copy of the family's model on `device`, patched with a pool holding every adapter of the
+    family from its PEFT directory, that pool).  capacities: the patch's max_slots / max_rank /
+    max_tokens."""
+    import minlora
+    from minlora.pool import AdapterPool
+    from minlora.targets import target_shapes
+
+    model = copy.deepcopy(fam.model).to(device)
+    pool = AdapterPool(target_shapes(model, list(fam.dirs.values())), device=device, capacity_bytes=capacity_bytes,
+                       poison=poison)
+    for aid, path in fam.dirs.items():
+        pool.register(aid, path)  # PEFT directories, read by minlora.formats.peft
+    minlora.patch(model, pool, target_modules=target_modules, **capacities)
+    return model, pool
+
+
 def peft_reference(fam: Family) -> torch.nn.Module:
     """One PeftModel holding all of the family's adapters (for its mixed-batch forward)."""
     from peft import PeftModel

@@ -13,7 +13,7 @@ from minlora.patching import PatchedLayer, is_patched
 from minlora.pool import AdapterPool
 from minlora.targets import target_shapes
 from helpers.cases import rel_error
-from helpers.patching import VOCAB, build_family, peft_reference
+from helpers.patching import VOCAB, build_family, patched_copy, peft_reference
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 # Every adapter, repeats, and rows without one.
@@ -25,11 +25,7 @@ class Setup:
     def __init__(self, fam, root):
         self.fam = fam
         self.ref = peft_reference(fam)
-        self.model = copy.deepcopy(fam.model)
-        self.pool = AdapterPool(target_shapes(self.model, list(fam.dirs.values())), capacity_bytes=1 << 24)
-        for aid, path in fam.dirs.items():
-            self.pool.register(aid, path)  # PEFT directories, read by minlora.formats.peft
-        minlora.patch(self.model, self.pool)
+        self.model, self.pool = patched_copy(fam, capacity_bytes=1 << 24)
 
 
 @pytest.fixture(scope="module")

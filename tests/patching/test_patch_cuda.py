@@ -1,16 +1,12 @@
 """The patched model on a GPU (pool and model on CUDA) against PEFT on the same GPU."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 import minlora
-from minlora.targets import target_shapes
-from minlora.pool import AdapterPool
 from helpers.cases import rel_error
-from helpers.patching import VOCAB, build_family, peft_reference
+from helpers.patching import VOCAB, build_family, patched_copy, peft_reference
 
 pytestmark = pytest.mark.cuda
 
@@ -19,11 +15,7 @@ pytestmark = pytest.mark.cuda
 def test_cuda_mixed_batch_and_generate_equal_peft(tmp_path, family):
     fam = build_family(family, str(tmp_path))
     ref = peft_reference(fam).cuda()
-    model = copy.deepcopy(fam.model).cuda()
-    pool = AdapterPool(target_shapes(model, list(fam.dirs.values())), device="cuda", capacity_bytes=1 << 24)
-    for aid, d in fam.dirs.items():
-        pool.register(aid, d)
-    minlora.patch(model, pool)
+    model, pool = patched_copy(fam, device="cuda", capacity_bytes=1 << 24)
     assign = ["a0", None, "a1", "a2", "a3", "a4"]
     ids = torch.randint(3, VOCAB, (len(assign), 7), generator=torch.Generator().manual_seed(0)).cuda()
     names = [a or "__base__" for a in assign]

@@ -10,10 +10,8 @@ import torch
 
 import minlora
 from minlora.patching import plan_tokens
-from minlora.pool import AdapterPool
-from minlora.targets import target_shapes
 from helpers.cases import rel_error
-from helpers.patching import VOCAB, build_family, peft_reference
+from helpers.patching import VOCAB, build_family, patched_copy, peft_reference
 
 pytestmark = pytest.mark.cuda
 
@@ -27,11 +25,7 @@ TOL = 1e-4
 def _setup(tmp_path):
     fam = build_family("llama", str(tmp_path))
     ref = peft_reference(fam).cuda()
-    model = copy.deepcopy(fam.model).cuda()
-    pool = AdapterPool(target_shapes(model, list(fam.dirs.values())), device="cuda", capacity_bytes=1 << 24)
-    for aid, d in fam.dirs.items():
-        pool.register(aid, d)
-    minlora.patch(model, pool)
+    model, pool = patched_copy(fam, device="cuda", capacity_bytes=1 << 24)
     return fam, ref, model, pool
 
 

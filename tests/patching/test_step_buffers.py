@@ -14,10 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import minlora
 from minlora.patching.model import _state_of
 from minlora.plan import HostTables, StepBuffers
-from minlora.pool import AdapterPool
-from minlora.targets import target_shapes
 from helpers.cases import rel_error
-from helpers.patching import VOCAB, build_family, peft_reference
+from helpers.patching import VOCAB, build_family, patched_copy, peft_reference
 
 TOL = 1e-5
 
@@ -45,12 +43,7 @@ def ref(fam):
 
 
 def _patched(fam, target_modules=None, **caps):
-    model = copy.deepcopy(fam.model)
-    pool = AdapterPool(target_shapes(model, list(fam.dirs.values())), capacity_bytes=1 << 22, poison=True)
-    for aid, path in fam.dirs.items():
-        pool.register(aid, path)
-    minlora.patch(model, pool, target_modules=target_modules, **caps)
-    return model, pool
+    return patched_copy(fam, poison=True, target_modules=target_modules, **caps)
 
 
 def _ids(batch, length, seed=0):
