@@ -82,10 +82,7 @@ def _random_adapters(base: torch.nn.Module, cfg: ModelBenchConfig, ids: list[str
 
 def _build(cfg: ModelBenchConfig, workdir: str):
     """(base model, PEFT model holding every adapter (None without PEFT), patched model, pool, adapter ids)."""
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from ..targets import target_shapes
 
     dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(cfg.seed)
@@ -99,6 +96,10 @@ def _build(cfg: ModelBenchConfig, workdir: str):
     if not cfg.peft:
         sources, shapes = _random_adapters(base, cfg, ids, dtype)
         return base, None, *_patched(base, cfg, dtype, shapes, sources), ids
+    from peft import LoraConfig, get_peft_model
+
+    from ..targets import target_shapes
+
     lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=PROJECTIONS,
                       init_lora_weights=False)
     with warnings.catch_warnings():
