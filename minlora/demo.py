@@ -15,6 +15,7 @@ import time
 import warnings
 from typing import Any
 
+from .bench.cases import rel_error
 from .command import CommandError, device_name, positive_int, require_device
 
 
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                 mine = _median_seconds(lambda: model(prompt))
             want = peft_model(prompt, adapter_names=[r or "__base__" for r in rows]).logits
             theirs = _median_seconds(lambda: peft_model(prompt, adapter_names=[r or "__base__" for r in rows]))
-            err = ((logits - want).norm() / want.norm()).item()
+            err = rel_error(logits, want)
             out = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, adapters=rows,
                                  pad_token_id=0)
         print()

@@ -32,6 +32,7 @@ import torch
 import minlora
 
 from ..command import device_name, positive_int, require_device
+from .cases import rel_error
 from .common import DTYPES, add_output_arguments, apply_preset, format_table, report, time_call
 
 __all__ = ["MODEL_PRESETS", "ModelBenchConfig", "add_arguments", "bench_model", "run"]
@@ -162,7 +163,7 @@ def bench_model(cfg: Optional[ModelBenchConfig] = None, *, show_progress: bool =
                 want = peft_model(x, adapter_names=assign).logits
                 with minlora.adapters(patched, assign):
                     got = patched(x).logits
-                rel = float(((got.double() - want.double()).norm() / want.double().norm()).item())
+                rel = rel_error(got, want)
 
             def with_prepare() -> Any:
                 # What a server pays per step: the pool's prepare and page tables, then the forward.
