@@ -11,6 +11,9 @@ source "$ROOT/scripts/env.sh"
 cd "$ROOT"
 # A real PostgreSQL server for the registry tests (installed when missing; the tests start it).
 bash "$ROOT/scripts/postgres.sh"
+# The newest tinker SDK's environment, for the protocol tests of newer clients.
+MINLORA_TINKER_LATEST_PYTHON=${MINLORA_TINKER_LATEST_PYTHON:-$(bash "$ROOT/scripts/tinker_latest_env.sh")}
+export MINLORA_TINKER_LATEST_PYTHON
 python -m minlora.build_info
 if [ $# -gt 0 ] || [ "${MINLORA_VLLM_TESTS:-1}" = "0" ]; then
   exec python -m pytest "$@"

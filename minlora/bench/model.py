@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -33,21 +33,15 @@ import minlora
 
 from ..command import device_name, positive_int, require_device
 from .cases import rel_error
-from .common import DTYPES, add_output_arguments, apply_preset, format_table, report, time_call
+from .common import DTYPES, add_output_arguments, format_table, report, time_call
+from .llama import PROJECTIONS, SHAPES, LlamaShape, add_shape_arguments, shape_from_args
 
-__all__ = ["MODEL_PRESETS", "ModelBenchConfig", "add_arguments", "bench_model", "run"]
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+__all__ = ["ModelBenchConfig", "add_arguments", "bench_model", "run"]
 
 
 @dataclass
 class ModelBenchConfig:
-    hidden: int = 1024
-    intermediate: int = 2816
-    layers: int = 4
-    heads: int = 16
-    kv_heads: int = 16
-    vocab: int = 32000
+    shape: LlamaShape = field(default_factory=lambda: SHAPES["small"])
     adapters: int = 32
     rank: int = 16
     batch: int = 32
@@ -83,15 +77,9 @@ def _random_adapters(base: torch.nn.Module, cfg: ModelBenchConfig, ids: list[str
 
 def _build(cfg: ModelBenchConfig, workdir: str):
     """(base model, PEFT model holding every adapter (None without PEFT), patched model, pool, adapter ids)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     dtype = getattr(torch, cfg.dtype)
-    torch.manual_seed(cfg.seed)
-    llama = LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-                        num_hidden_layers=cfg.layers,
-                        num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, vocab_size=cfg.vocab,
-                        max_position_embeddings=max(128, cfg.tokens, cfg.context + 1))
-    base = LlamaForCausalLM(llama).to(device=cfg.device, dtype=dtype).eval()
+    base = cfg.shape.build(max_positions=max(128, cfg.tokens, cfg.context + 1), seed=cfg.seed)
+    base = base.to(device=cfg.device, dtype=dtype)
 
     ids = [f"u{i}" for i in range(cfg.adapters)]
     if not cfg.peft:
@@ -101,7 +89,7 @@ def _build(cfg: ModelBenchConfig, workdir: str):
 
     from ..targets import target_shapes
 
-    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=PROJECTIONS,
+    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=list(PROJECTIONS),
                       init_lora_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -148,7 +136,7 @@ def bench_model(cfg: Optional[ModelBenchConfig] = None, *, show_progress: bool =
         base, peft_model, patched, pool, ids = _build(cfg, workdir)
         build_s = time.perf_counter() - t0
         assign = [ids[i % len(ids)] for i in range(cfg.batch)]
-        x = torch.randint(3, cfg.vocab, (cfg.batch, cfg.tokens), device=device,
+        x = torch.randint(3, cfg.shape.vocab, (cfg.batch, cfg.tokens), device=device,
                           generator=torch.Generator(device=device).manual_seed(cfg.seed))
 
         def log(msg: str) -> None:
@@ -189,7 +177,7 @@ def bench_model(cfg: Optional[ModelBenchConfig] = None, *, show_progress: bool =
             log(f"decode step as a CUDA graph, KV cache of {cfg.context} tokens")
             # New adapter assignments replayed through the one captured graph.
             rotations = [assign[k:] + assign[:k] for k in range(min(3, len(assign)))]
-            decode_graph = bench_decode_graph(patched, dict(pool.modules), rotations, cfg.context, cfg.vocab,
+            decode_graph = bench_decode_graph(patched, dict(pool.modules), rotations, cfg.context, cfg.shape.vocab,
                                               repeats=max(cfg.repeats, 10), seed=cfg.seed)
 
     ratios = {k: v / times["base"] for k, v in times.items()}
@@ -202,8 +190,7 @@ def bench_model(cfg: Optional[ModelBenchConfig] = None, *, show_progress: bool =
     ]
     table = format_table(rows, ["method", "median_ms", "x_base", "min_ms", "x_base_min", "peft_over_this"])
     table += (
-        f"\nLlama hidden {cfg.hidden}, intermediate {cfg.intermediate}, {cfg.layers} layers, "
-        f"vocab {cfg.vocab}; {cfg.adapters} rank-{cfg.rank} adapters on all 7 projections; "
+        f"\n{cfg.shape.describe()}; {cfg.adapters} rank-{cfg.rank} adapters on all 7 projections; "
         f"batch {cfg.batch} x {cfg.tokens} token(s); "
         f"{cfg.dtype} on {cfg.device}, {torch.get_num_threads()} threads"
         "\nx_base = median time / the base model's; x_base_min: the same with minimum times"
@@ -275,24 +262,11 @@ def _profile(
     return rows
 
 
-# Llama-style shapes (hidden, intermediate, layers, heads, kv_heads, vocab).  "small" is the
-# default: it runs on a 2-core CPU in about a minute; the real ones are for GPUs.
-MODEL_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden=256, intermediate=704, layers=2, heads=4, kv_heads=4, vocab=4096),
-    "small": dict(hidden=1024, intermediate=2816, layers=4, heads=16, kv_heads=16, vocab=32000),
-    "llama3-1b": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256),
-    "llama3-8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256),
-    "qwen2-7b": dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, vocab=152064),
-}
-_SHAPE_FIELDS = ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ModelBenchConfig()
-    parser.add_argument("--preset", default="small", choices=list(MODEL_PRESETS),
+    parser.add_argument("--preset", default="small", choices=list(SHAPES),
                         help="model shape (random weights, built from a config); the size options below override it")
-    for name in _SHAPE_FIELDS:
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=positive_int, default=None)
+    add_shape_arguments(parser)
     parser.add_argument("--adapters", type=positive_int, default=d.adapters,
                         help="distinct adapters (rows cycle through them)")
     parser.add_argument("--rank", type=positive_int, default=d.rank)
@@ -312,8 +286,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     device = require_device(args.device)
-    apply_preset(args, MODEL_PRESETS)
-    cfg = ModelBenchConfig(**{k: getattr(args, k) for k in _SHAPE_FIELDS}, adapters=args.adapters, rank=args.rank,
+    cfg = ModelBenchConfig(shape=shape_from_args(args, SHAPES[args.preset]), adapters=args.adapters, rank=args.rank,
                            batch=args.batch, tokens=args.tokens, context=args.context, dtype=args.dtype, device=str(device),
                            repeats=args.repeats, profile=args.profile, peft=args.peft)
     result = bench_model(cfg, show_progress=not args.no_progress)

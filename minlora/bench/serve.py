@@ -1,12 +1,12 @@
 """`minlora bench serve`: the service under concurrent tinker clients, side by side in one run.
 
-Sampling: `clients` sampling clients over `adapters` registry adapters (client i samples
-adapter i mod adapters), each sending `requests_per_client` requests one after another, all
+Sampling (`SamplingLoad`): `clients` sampling clients over `adapters` registry adapters (client i
+samples adapter i mod adapters), each sending `requests_per_client` requests one after another, all
 through the real tinker SDK over loopback.  The same workload runs twice on one server:
 decode batches mixing every adapter (minlora's point), and batches of one adapter at a time
 (what a server without mixed-adapter batching does).  Figure: generated tokens/s, and the ratio.
 
-Training: `train_clients` training clients each running `train_steps` forward_backward +
+Training (`TrainingLoad`): `clients` training clients each running `steps` forward_backward +
 optim_step steps, concurrently (their requests coalesced into shared Trainer calls) vs one
 client alone.  Figure: aggregate training tokens/s, and the ratio.  Needs minlora.train.
 
@@ -26,59 +26,71 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
 from ..command import device_name, positive_int, require_device
 from .common import add_output_arguments, format_table, report
+from .llama import PROJECTIONS, LlamaShape, add_shape_arguments, shape_from_args
 
 __all__ = ["ServeBenchConfig", "add_arguments", "bench_serve", "run"]
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KEY = "tml-bench-0123456789abcdef"
 
 
 @dataclass
-class ServeBenchConfig:
-    hidden: int = 256
-    intermediate: int = 688
-    layers: int = 4
-    heads: int = 8
-    vocab: int = 2048
-    adapters: int = 16
-    rank: int = 8
+class SamplingLoad:
+    """`clients` sampling clients over `adapters` adapters, `requests_per_client` requests each."""
+
     clients: int = 32
+    adapters: int = 16
     requests_per_client: int = 2
     prompt_tokens: int = 16
     new_tokens: int = 64
-    train_clients: int = 16
-    train_steps: int = 3
-    train_datums: int = 2
-    train_tokens: int = 64
+
+
+@dataclass
+class TrainingLoad:
+    """`clients` training clients, each `steps` steps of forward_backward (`loss_fn` over `datums`
+    sequences of `tokens` tokens) and optim_step (Adam at `learning_rate`)."""
+
+    loss_fn: str = "cross_entropy"
+    clients: int = 16
+    steps: int = 3
+    datums: int = 2
+    tokens: int = 64
+    learning_rate: float = 1e-3
+
+
+@dataclass
+class ServeBenchConfig:
+    shape: LlamaShape = field(default_factory=lambda: LlamaShape(hidden=256, intermediate=688, layers=4, heads=8,
+                                                                 kv_heads=8, vocab=2048))
+    sampling: SamplingLoad = field(default_factory=SamplingLoad)
+    training: TrainingLoad = field(default_factory=TrainingLoad)
+    rank: int = 8
     device: str = "cpu"
     dtype: str = "float32"
     threads: Optional[int] = None  # torch's intra-op threads (None: torch's default)
     seed: int = 0
 
 
-QUICK = dict(hidden=128, intermediate=344, layers=2, heads=4, vocab=512, adapters=4, clients=8, requests_per_client=1,
-             new_tokens=8, train_clients=4, train_steps=2, train_tokens=16)
+def quick_config() -> ServeBenchConfig:
+    """`--quick`: a small model and workload (seconds, for smoke tests)."""
+    return ServeBenchConfig(shape=LlamaShape(hidden=128, intermediate=344, layers=2, heads=4, kv_heads=4, vocab=512),
+                            sampling=SamplingLoad(clients=8, adapters=4, requests_per_client=1, new_tokens=8),
+                            training=TrainingLoad(clients=4, steps=2, tokens=16))
 
 
 def _model_dir(cfg: ServeBenchConfig, work: str) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(cfg.seed)
-    config = LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
-                         num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, vocab_size=cfg.vocab,
-                         max_position_embeddings=max(512, cfg.prompt_tokens + cfg.new_tokens + 8),
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = cfg.shape.build(max_positions=max(512, cfg.sampling.prompt_tokens + cfg.sampling.new_tokens + 8), seed=cfg.seed,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
     path = os.path.join(work, "model")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        LlamaForCausalLM(config).save_pretrained(path)
+        model.save_pretrained(path)
     return path
 
 
@@ -89,7 +101,7 @@ def _commit_adapters(service: Any, cfg: ServeBenchConfig) -> list[str]:
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     modules = {m: shape for m, shape in service.host.pool.modules.items() if m.rsplit(".", 1)[-1] in PROJECTIONS}
     paths = []
-    for i in range(cfg.adapters):
+    for i in range(cfg.sampling.adapters):
         weights = {m: LoraWeights(a=torch.randn(cfg.rank, fin, generator=gen) * 0.02,
                                   b=torch.randn(fout, cfg.rank, generator=gen) * 0.02, scale=2.0)
                    for m, (fin, fout) in modules.items()}
@@ -128,28 +140,29 @@ def _sampling(service: Any, url: str, paths: list[str], cfg: ServeBenchConfig, l
     import tinker
     from tinker import types
 
+    load = cfg.sampling
     sc = tinker.ServiceClient(base_url=url, api_key=KEY)
-    samplers = [sc.create_sampling_client(model_path=paths[i % len(paths)]) for i in range(cfg.clients)]
-    params = types.SamplingParams(max_tokens=cfg.new_tokens, temperature=0.0, stop=[])
+    samplers = [sc.create_sampling_client(model_path=paths[i % len(paths)]) for i in range(load.clients)]
+    params = types.SamplingParams(max_tokens=load.new_tokens, temperature=0.0, stop=[])
 
     def client(i: int, requests: int) -> None:
         for r in range(requests):
-            prompt = [(3 + i * 31 + r * 7 + j) % cfg.vocab for j in range(cfg.prompt_tokens)]
+            prompt = [(3 + i * 31 + r * 7 + j) % cfg.shape.vocab for j in range(load.prompt_tokens)]
             out = samplers[i].sample(types.ModelInput.from_ints(prompt), 1, params).result()
-            if len(out.sequences[0].tokens) != cfg.new_tokens:
+            if len(out.sequences[0].tokens) != load.new_tokens:
                 raise RuntimeError("a sample came back short")
 
-    _concurrently(cfg.clients, lambda i: client(i, 1))  # warm-up: every adapter loaded, every path taken
+    _concurrently(load.clients, lambda i: client(i, 1))  # warm-up: every adapter loaded, every path taken
     rows = []
-    tokens = cfg.clients * cfg.requests_per_client * cfg.new_tokens
+    tokens = load.clients * load.requests_per_client * load.new_tokens
     for mode, limit in (("mixed-adapter batches", None), ("one adapter at a time", 1)):
         service.engine.max_batch_adapters = limit
         log(f"sampling: {mode} ...")
         before = service.engine.stats()
-        seconds = _concurrently(cfg.clients, lambda i: client(i, cfg.requests_per_client))
+        seconds = _concurrently(load.clients, lambda i: client(i, load.requests_per_client))
         after = service.engine.stats()
         steps = after["steps"] - before["steps"]
-        rows.append({"workload": f"sampling, {mode}", "clients": cfg.clients, "tokens": tokens,
+        rows.append({"workload": f"sampling, {mode}", "clients": load.clients, "tokens": tokens,
                      "seconds": seconds, "tokens_per_s": tokens / seconds,
                      "rows_per_step": (after["row_steps"] - before["row_steps"]) / max(steps, 1),
                      "forward_s": (after["decode_s_x1000"] - before["decode_s_x1000"]) / 1000,
@@ -165,14 +178,19 @@ def _training(service: Any, url: str, cfg: ServeBenchConfig, log: Callable[[str]
     import tinker
     from tinker import types
 
+    load = cfg.training
     sc = tinker.ServiceClient(base_url=url, api_key=KEY)
-    per_client = cfg.train_steps * cfg.train_datums * cfg.train_tokens
+    per_client = load.steps * load.datums * load.tokens
 
     def data(i: int) -> list:
-        seqs = [[(5 + i * 17 + d * 3 + j) % cfg.vocab for j in range(cfg.train_tokens + 1)]
-                for d in range(cfg.train_datums)]
+        seqs = [[(5 + i * 17 + d * 3 + j) % cfg.shape.vocab for j in range(load.tokens + 1)]
+                for d in range(load.datums)]
+        ones = [1.0] * load.tokens
+        # cross_entropy weighs target tokens; the policy losses take sampling logprobs and advantages
+        extra = {"weights": ones} if load.loss_fn == "cross_entropy" else {"logprobs": [-1.0] * load.tokens,
+                                                                           "advantages": ones}
         return [types.Datum(model_input=types.ModelInput.from_ints(s[:-1]),
-                            loss_fn_inputs={"target_tokens": s[1:], "weights": [1.0] * cfg.train_tokens}) for s in seqs]
+                            loss_fn_inputs={"target_tokens": s[1:], **extra}) for s in seqs]
 
     def round_(n: int) -> float:
         clients = [sc.create_lora_training_client(base_model=service.host.name, rank=cfg.rank, seed=i)
@@ -180,16 +198,16 @@ def _training(service: Any, url: str, cfg: ServeBenchConfig, log: Callable[[str]
 
         def client(i: int) -> None:
             batch = data(i)
-            for _ in range(cfg.train_steps):
-                fb = clients[i].forward_backward(batch, "cross_entropy")
-                opt = clients[i].optim_step(types.AdamParams(learning_rate=1e-3))
+            for _ in range(load.steps):
+                fb = clients[i].forward_backward(batch, load.loss_fn)
+                opt = clients[i].optim_step(types.AdamParams(learning_rate=load.learning_rate))
                 fb.result()
                 opt.result()
 
         return _concurrently(n, client)
 
     rows = []
-    for n in (cfg.train_clients, 1):
+    for n in (load.clients, 1):
         log(f"training: {n} client(s) ...")
         before = service.training.scheduler.stats()["seconds"]
         seconds = round_(n)
@@ -215,7 +233,7 @@ def bench_serve(cfg: Optional[ServeBenchConfig] = None, *, show_progress: bool =
     with tempfile.TemporaryDirectory(prefix="minlora-bench-serve-") as work:
         service = Service(ServeConfig(
             model_dir=_model_dir(cfg, work), root=os.path.join(work, "home"), api_keys={KEY: "bench"},
-            device=cfg.device, dtype=cfg.dtype, max_batch_rows=max(64, cfg.clients), pool_bytes=512 << 20,
+            device=cfg.device, dtype=cfg.dtype, max_batch_rows=max(64, cfg.sampling.clients), pool_bytes=512 << 20,
             long_poll_s=30.0, session_timeout_s=600.0,
         ))
         with Server(service, "127.0.0.1", 0) as server:
@@ -232,20 +250,28 @@ def bench_serve(cfg: Optional[ServeBenchConfig] = None, *, show_progress: bool =
             "engine": stats["engine"], "training_scheduler": stats["training"]}
 
 
+# The workload options: (option, the part of the config, its field, help).
+_LOAD_OPTIONS = (
+    ("--clients", "sampling", "clients", "concurrent sampling clients"),
+    ("--adapters", "sampling", "adapters", "distinct adapters they sample"),
+    ("--requests-per-client", "sampling", "requests_per_client", "requests each sampling client sends"),
+    ("--new-tokens", "sampling", "new_tokens", "tokens generated per request"),
+    ("--prompt-tokens", "sampling", "prompt_tokens", "prompt tokens per request"),
+    ("--train-clients", "training", "clients", "concurrent training clients"),
+    ("--train-steps", "training", "steps", "forward_backward + optim_step steps per training client"),
+)
+LOSS_FNS = ("cross_entropy", "importance_sampling", "ppo")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ServeBenchConfig()
     parser.add_argument("--quick", action="store_true", help="a small model and workload (seconds, for smoke tests)")
-    parser.add_argument("--clients", type=positive_int, default=d.clients, help="concurrent sampling clients")
-    parser.add_argument("--adapters", type=positive_int, default=d.adapters, help="distinct adapters they sample")
-    parser.add_argument("--requests-per-client", type=positive_int, default=d.requests_per_client)
-    parser.add_argument("--new-tokens", type=positive_int, default=d.new_tokens, help="tokens generated per request")
-    parser.add_argument("--prompt-tokens", type=positive_int, default=d.prompt_tokens)
-    parser.add_argument("--train-clients", type=positive_int, default=d.train_clients, help="concurrent training clients")
-    parser.add_argument("--train-steps", type=positive_int, default=d.train_steps)
-    parser.add_argument("--hidden", type=positive_int, default=d.hidden)
-    parser.add_argument("--intermediate", type=positive_int, default=d.intermediate)
-    parser.add_argument("--vocab", type=positive_int, default=d.vocab)
-    parser.add_argument("--layers", type=positive_int, default=d.layers)
+    for option, part, name, text in _LOAD_OPTIONS:
+        parser.add_argument(option, dest=f"{part}_{name}", type=positive_int, default=None,
+                            help=f"{text} (default {getattr(getattr(d, part), name)})")
+    parser.add_argument("--train-loss", choices=LOSS_FNS, default=None,
+                        help=f"the training clients' loss (default {d.training.loss_fn})")
+    add_shape_arguments(parser, d.shape)
     parser.add_argument("--rank", type=positive_int, default=d.rank)
     parser.add_argument("--device", type=device_name, default=d.device, help="cpu or cuda")
     parser.add_argument("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"))
@@ -255,15 +281,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
-    cfg = ServeBenchConfig(**(QUICK if args.quick else {}))
+    """The options' config: --quick's or the default, with every option given on the command line."""
+    cfg = quick_config() if args.quick else ServeBenchConfig()
+    for _, part, name, _ in _LOAD_OPTIONS:
+        value = getattr(args, f"{part}_{name}")
+        if value is not None:
+            setattr(getattr(cfg, part), name, value)
+    if args.train_loss is not None:
+        cfg.training.loss_fn = args.train_loss
     defaults = ServeBenchConfig()
-    for name in ("clients", "adapters", "requests_per_client", "new_tokens", "prompt_tokens", "train_clients",
-                 "train_steps", "hidden", "intermediate", "vocab", "layers", "rank", "device", "dtype", "threads"):
+    for name in ("rank", "device", "dtype", "threads"):
         value = getattr(args, name)
         if value != getattr(defaults, name):  # an explicit option wins over --quick
             setattr(cfg, name, value)
-    if cfg.hidden % cfg.heads:
-        cfg.heads = 1
+    cfg.shape = shape_from_args(args, cfg.shape)
     return cfg
 
 

@@ -17,33 +17,28 @@ alternating, and keeps each one's median (a shared machine's load then drifts ov
 from __future__ import annotations
 
 import argparse
-import copy
 import multiprocessing
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import torch
 
 from ..command import device_name, positive_int, require_device
 from .common import add_output_arguments, format_table, report
+from .llama import PROJECTIONS, LlamaShape, add_shape_arguments, shape_from_args
 
 __all__ = ["TrainBenchConfig", "add_arguments", "bench_train", "run"]
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONTENDERS = ("minlora", "peft_sequential", "peft_single")
 
 
 @dataclass
 class TrainBenchConfig:
-    hidden: int = 256
-    intermediate: int = 688
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 4
-    vocab: int = 2048
+    shape: LlamaShape = field(default_factory=lambda: LlamaShape(hidden=256, intermediate=688, layers=2, heads=4,
+                                                                 kv_heads=4, vocab=2048))
     adapters: int = 16
     rank: int = 16
     rows: int = 16
@@ -60,18 +55,13 @@ class TrainBenchConfig:
 
 
 def _base_model(cfg: TrainBenchConfig) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(cfg.seed)
-    llama = LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
-                        num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, vocab_size=cfg.vocab,
-                        max_position_embeddings=max(256, cfg.tokens))
-    return LlamaForCausalLM(llama).to(device=cfg.device, dtype=getattr(torch, cfg.dtype)).eval()
+    model = cfg.shape.build(max_positions=max(256, cfg.tokens), seed=cfg.seed)
+    return model.to(device=cfg.device, dtype=getattr(torch, cfg.dtype))
 
 
 def _batch(cfg: TrainBenchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    seq = torch.randint(3, cfg.vocab, (cfg.rows, cfg.tokens + 1), generator=g)
+    seq = torch.randint(3, cfg.shape.vocab, (cfg.rows, cfg.tokens + 1), generator=g)
     ids, targets = seq[:, :-1].to(cfg.device), seq[:, 1:].to(cfg.device)
     return ids, targets, torch.ones(cfg.rows, cfg.tokens, device=cfg.device)
 
@@ -88,7 +78,7 @@ def _minlora(cfg: TrainBenchConfig) -> Callable[[], None]:
     from ..train import Trainer
 
     model = _base_model(cfg)
-    shapes = target_shapes(model, [{"target_modules": PROJECTIONS}])
+    shapes = target_shapes(model, [{"target_modules": list(PROJECTIONS)}])
     elem = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
     per_adapter = sum(cfg.rank * (i + o) for i, o in shapes.values()) * elem
     capacity = int(per_adapter * cfg.adapters * 1.1) + (1 << 20)
@@ -111,7 +101,7 @@ def _minlora(cfg: TrainBenchConfig) -> Callable[[], None]:
 def _peft(cfg: TrainBenchConfig, names: list[str]) -> tuple[torch.nn.Module, dict[str, torch.optim.Optimizer]]:
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=PROJECTIONS, lora_dropout=0.0)
+    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=list(PROJECTIONS), lora_dropout=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(_base_model(cfg), lora, adapter_name=names[0])
@@ -213,9 +203,8 @@ def _measure(name: str, cfg: TrainBenchConfig) -> dict[str, Any]:
             "setup_bytes": setup_bytes, "step_bytes": max(0, peak - setup_bytes)}
 
 
-def _measure_in_child(args: tuple[str, dict]) -> dict[str, Any]:
-    name, cfg = args
-    return measure(name, TrainBenchConfig(**cfg))
+def _measure_in_child(args: tuple[str, TrainBenchConfig]) -> dict[str, Any]:
+    return measure(*args)
 
 
 def bench_train(cfg: Optional[TrainBenchConfig] = None, *, show_progress: bool = False) -> dict[str, Any]:
@@ -223,7 +212,7 @@ def bench_train(cfg: Optional[TrainBenchConfig] = None, *, show_progress: bool =
     figures, the ratios and a text table."""
     cfg = cfg or TrainBenchConfig()
     if cfg.threads is None:
-        cfg = TrainBenchConfig(**{**asdict(cfg), "threads": torch.get_num_threads()})
+        cfg = replace(cfg, threads=torch.get_num_threads())
     samples: dict[str, list[dict[str, Any]]] = {k: [] for k in CONTENDERS}
     ctx = multiprocessing.get_context("spawn")
     for r in range(cfg.rounds):
@@ -232,7 +221,7 @@ def bench_train(cfg: Optional[TrainBenchConfig] = None, *, show_progress: bool =
                 print(f"round {r + 1}/{cfg.rounds}: {name}", flush=True)
             if cfg.isolate:
                 with ctx.Pool(1) as pool:
-                    got = pool.apply(_measure_in_child, ((name, asdict(cfg)),))
+                    got = pool.apply(_measure_in_child, ((name, cfg),))
             else:
                 got = measure(name, cfg)
             samples[name].append(got)
@@ -275,7 +264,7 @@ def bench_train(cfg: Optional[TrainBenchConfig] = None, *, show_progress: bool =
     table = format_table(rows, ["method", "s_per_step", "tokens_per_s", "minlora_speedup", "min_s", "speedup_min",
                                 "peak_MiB", "step_MiB", "peak_vs_minlora"])
     table += (
-        f"\nLlama hidden {cfg.hidden}, intermediate {cfg.intermediate}, {cfg.layers} layers, vocab {cfg.vocab}; "
+        f"\n{cfg.shape.describe()}; "
         f"{cfg.adapters} rank-{cfg.rank} adapters on all 7 projections; {cfg.rows} rows x {cfg.tokens} tokens "
         f"per step; {cfg.dtype} on {cfg.device}, {cfg.threads} threads; median of {cfg.steps} steps"
         f" x {cfg.rounds} round(s)"
@@ -293,8 +282,8 @@ def bench_train(cfg: Optional[TrainBenchConfig] = None, *, show_progress: bool =
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainBenchConfig()
-    for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "adapters", "rank", "rows",
-                 "tokens", "steps", "rounds", "threads"):
+    add_shape_arguments(parser, d.shape)
+    for name in ("adapters", "rank", "rows", "tokens", "steps", "rounds", "threads"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=positive_int, default=getattr(d, name))
     for name in ("warmup", "seed"):
         parser.add_argument(f"--{name}", dest=name, type=int, default=getattr(d, name))
@@ -307,8 +296,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> TrainBenchConfig:
-    fields = TrainBenchConfig.__dataclass_fields__
-    return TrainBenchConfig(**{k: getattr(args, k) for k in fields if hasattr(args, k)})
+    names = TrainBenchConfig.__dataclass_fields__
+    return TrainBenchConfig(shape=shape_from_args(args, TrainBenchConfig().shape),
+                            **{k: getattr(args, k) for k in names if hasattr(args, k)})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,10 +21,12 @@ import tempfile
 from typing import Any
 
 from ..command import non_negative_int, output_file, positive_int
+from .llama import SHAPES, add_shape_arguments, shape_from_args
 
 __all__ = ["add_arguments", "run"]
 
 DEFAULT_RANKS = [1, 2, 4, 8, 16, 32, 64, 64]
+E2E_SHAPE = SHAPES["small"]
 HOW_TO_RUN = ("minlora bench vllm runs in the vLLM environment, which this one is not (vLLM is not installed): "
               "bash scripts/bench_vllm.sh [options] makes it when missing and runs the benchmark there")
 
@@ -46,11 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=positive_int, default=None,
                        help="torch threads for both wrappers (default: torch's; 1 steadies figures on a busy machine)")
     group = parser.add_argument_group("end to end")
-    group.add_argument("--hidden", type=positive_int, default=1024)
-    group.add_argument("--intermediate", type=positive_int, default=2816)
-    group.add_argument("--model-layers", type=positive_int, default=4)
-    group.add_argument("--heads", type=positive_int, default=16)
-    group.add_argument("--vocab", type=positive_int, default=32000)
+    add_shape_arguments(group, E2E_SHAPE, layers_option="--model-layers")
     group.add_argument("--requests", type=positive_int, default=32)
     group.add_argument("--new-tokens", type=positive_int, default=32)
     group.add_argument("--prompt-len", type=positive_int, default=32)
@@ -108,16 +106,16 @@ def _e2e_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     from .common import format_table
     from .vllm_e2e import write_model
 
+    shape = shape_from_args(args, E2E_SHAPE)
     rows = []
     with tempfile.TemporaryDirectory(prefix="minlora-bench-vllm-") as workdir:
-        write_model(workdir, hidden=args.hidden, intermediate=args.intermediate, layers=args.model_layers,
-                    heads=args.heads, vocab=args.vocab, ranks=args.ranks)
+        write_model(workdir, shape, ranks=args.ranks)
         for mode in args.modes:
             rows.append(_engine_run(workdir, mode, args))
     base = next((r["tokens_per_s"] for r in rows if r["mode"] == "base"), None)
     for r in rows:
         r["x_base"] = r["tokens_per_s"] / base if base else None
-    print(f"vLLM generate, random Llama hidden {args.hidden} x {args.model_layers} layers, {args.requests} requests "
+    print(f"vLLM generate, random {shape.describe()}, {args.requests} requests "
           f"x {args.new_tokens} new tokens (prompts of {args.prompt_len}), {len(args.ranks)} adapters + base rows, "
           f"{args.dtype}")
     print(format_table(rows, ["mode", "tokens", "seconds", "tokens_per_s", "x_base", "startup_s"]))

@@ -20,31 +20,25 @@ import os
 import time
 from typing import Any, Optional, Sequence
 
+from .llama import PROJECTIONS, LlamaShape
+
 __all__ = ["MODES", "RESULT_PREFIX", "main", "write_model"]
 
 MODES = ("base", "stock", "minlora")
 RESULT_PREFIX = "minlora-bench-vllm-result:"  # vLLM logs to stdout too
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def write_model(workdir: str, *, hidden: int, intermediate: int, layers: int, heads: int, vocab: int,
-                ranks: Sequence[int], seed: int = 0) -> dict[str, Any]:
-    """A random Llama (save_pretrained) and one PEFT adapter per rank on all seven projections."""
-    import torch
+def write_model(workdir: str, shape: LlamaShape, ranks: Sequence[int], seed: int = 0) -> dict[str, Any]:
+    """A random Llama of `shape` (save_pretrained) and one PEFT adapter per rank on all seven projections."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
-                         max_position_embeddings=1024, tie_word_embeddings=False, torch_dtype="bfloat16")
-    model = LlamaForCausalLM(config).eval()
+    model = shape.build(max_positions=1024, seed=seed, tie_word_embeddings=False, torch_dtype="bfloat16")
     base = os.path.join(workdir, "base")
     model.save_pretrained(base)
     adapters = []
     for i, r in enumerate(ranks):
         peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False,
-                                                                     target_modules=PROJECTIONS))
+                                                                     target_modules=list(PROJECTIONS)))
         path = os.path.join(workdir, f"adapter{i}-r{r}")
         peft_model.save_pretrained(path)
         adapters.append({"name": f"adapter{i}-r{r}", "path": path, "rank": r})

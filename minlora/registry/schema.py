@@ -61,6 +61,11 @@ def _who(name: str) -> sa.Column:
     return sa.Column(name, sa.String(256), nullable=False)
 
 
+def _adapter_history(name: str, *columns: sa.Column | sa.Constraint | sa.Index) -> sa.Table:
+    """An append-only table of one adapter's history: its own key, the adapter, then `columns`."""
+    return sa.Table(name, metadata, _pk(), _ref("adapter_pk", "adapters.pk", nullable=False), *columns)
+
+
 adapters = sa.Table(
     "adapters",
     metadata,
@@ -77,11 +82,8 @@ blobs = sa.Table(
     _time("created_at"),
 )
 
-revisions = sa.Table(
+revisions = _adapter_history(
     "revisions",
-    metadata,
-    _pk(),
-    _ref("adapter_pk", "adapters.pk", nullable=False),
     sa.Column("number", sa.Integer, nullable=False),
     _blob_ref(),
     _ref("parent_pk", "revisions.pk", nullable=True),
@@ -124,11 +126,8 @@ serving = sa.Table(
     _time("updated_at"),
 )
 
-serving_events = sa.Table(
+serving_events = _adapter_history(
     "serving_events",
-    metadata,
-    _pk(),
-    _ref("adapter_pk", "adapters.pk", nullable=False),
     _ref("from_revision_pk", "revisions.pk", nullable=True),
     _ref("to_revision_pk", "revisions.pk", nullable=False),
     sa.Column("action", sa.String(16), nullable=False),  # "promote" | "rollback"

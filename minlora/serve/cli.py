@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
 
-__all__ = ["add_arguments", "register", "run"]
+__all__ = ["add_arguments", "run"]
 
 _MIB = 1 << 20
 

@@ -23,7 +23,7 @@ from ..registry import normalize_adapter_id
 from ..registry.errors import InvalidIdError
 from .catalog import Catalog, owned_adapter_id
 from .errors import ApiError, ServerError, UserError, bad_request, not_found
-from .futures import FutureEntry, FutureTable
+from .futures import FutureTable
 from .model_host import HostedModel
 from .ordering import SeqOrder
 from .request_service import RequestService

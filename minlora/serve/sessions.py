@@ -34,8 +34,7 @@ class SessionTable:
         self.timeout_s = timeout_s
         self._on_end = on_end
         self._lock = threading.Lock()
-        self._last_seen: dict[str, float] = {}
-        self._owner: dict[str, str] = {}
+        self._live: dict[str, tuple[str, float]] = {}  # session id -> (owner, last sign of life, monotonic)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._expire_loop, name="minlora-serve-sessions", daemon=True)
         self._thread.start()
@@ -48,16 +47,16 @@ class SessionTable:
         self.store.add_session(SessionRecord(sid, owner, time.time(), tags=list(tags)[:64],
                                              user_metadata=dict(user_metadata), sdk_version=sdk_version))
         with self._lock:
-            self._last_seen[sid] = time.monotonic()
-            self._owner[sid] = owner
+            self._live[sid] = (owner, time.monotonic())
         return sid
 
     def check(self, owner: str, session_id: str) -> None:
         """The session is the owner's and live (adopted if a restart left it behind); 404 otherwise.
         Counts as a sign of life."""
         with self._lock:
-            if self._owner.get(session_id) == owner:
-                self._last_seen[session_id] = time.monotonic()
+            live = self._live.get(session_id)
+            if live is not None and live[0] == owner:
+                self._live[session_id] = (owner, time.monotonic())
                 return
         rec = self.store.session(session_id) if isinstance(session_id, str) and len(session_id) <= 64 else None
         if rec is None or rec.owner != owner:
@@ -65,18 +64,16 @@ class SessionTable:
         if rec.ended_at is not None:
             raise not_found(f"session {session_id!r} has ended ({rec.end_reason}); create a new ServiceClient")
         with self._lock:
-            self._last_seen[session_id] = time.monotonic()
-            self._owner[session_id] = owner
+            self._live[session_id] = (owner, time.monotonic())
 
     def is_live(self, session_id: str) -> bool:
         with self._lock:
-            return session_id in self._last_seen
+            return session_id in self._live
 
     def end(self, session_id: str, reason: str) -> None:
         """Ends a session now (idempotent) and releases what it held."""
         with self._lock:
-            was_live = self._last_seen.pop(session_id, None) is not None
-            self._owner.pop(session_id, None)
+            was_live = self._live.pop(session_id, None) is not None
         self.store.end_session(session_id, reason)
         if was_live:
             log.info("session %s ended: %s", session_id, reason)
@@ -87,7 +84,7 @@ class SessionTable:
         while not self._stop.wait(period):
             cutoff = time.monotonic() - self.timeout_s
             with self._lock:
-                gone = [s for s, t in self._last_seen.items() if t < cutoff]
+                gone = [s for s, (_, seen) in self._live.items() if seen < cutoff]
             for sid in gone:
                 try:
                     self.end(sid, f"no heartbeat for {self.timeout_s:g} s")

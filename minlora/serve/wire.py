@@ -217,29 +217,26 @@ class OptimStepRequest(Wire):
     seq_id: Optional[StrictInt] = None
 
 
-class SaveWeightsRequest(Wire):
+class _SaveRequest(Wire):
+    """What both checkpoint saves send: the training client, an optional checkpoint name, a TTL."""
+
     model_id: str
     path: Optional[str] = None
     seq_id: Optional[StrictInt] = None
     ttl_seconds: Optional[StrictInt] = None
+    user_metadata: Optional[dict[str, Any]] = None
+
+
+class SaveWeightsRequest(_SaveRequest):
     overwrite: StrictBool = False
-    user_metadata: Optional[dict[str, Any]] = None
 
 
-class SaveWeightsForSamplerRequest(Wire):
-    model_id: str
-    path: Optional[str] = None
+class SaveWeightsForSamplerRequest(_SaveRequest):
     sampling_session_seq_id: Optional[StrictInt] = None
-    seq_id: Optional[StrictInt] = None
-    ttl_seconds: Optional[StrictInt] = None
-    user_metadata: Optional[dict[str, Any]] = None
 
 
-class SaveWeightsExternalRequest(Wire):
-    model_id: str
-    path: str
-    seq_id: Optional[StrictInt] = None
-    ttl_seconds: Optional[StrictInt] = None
+class SaveWeightsExternalRequest(_SaveRequest):
+    path: str  # required: the external destination
     age_encryption_recipients: Optional[list[str]] = None
 
 

@@ -12,7 +12,6 @@ import torch
 import minlora
 from helpers import pythonpath
 from helpers.cases import make_case
-from minlora.reference import lora_forward_ref
 
 
 def _case():

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from minlora.formats import AdapterState, LoraWeights
+from minlora.formats import AdapterState
 from minlora.pool import AdapterPool
 from minlora.pool.layout import STATE_KINDS
 from helpers.pool import MODULES, adapter_bytes, make_adapter

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -78,3 +79,27 @@ def test_bench_serve_quick_runs():
     out = minlora("bench", "serve", "--quick", "--threads", "1", "--no-progress", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sampling, mixed-adapter batches" in out.stdout and "sampling, one adapter at a time" in out.stdout
+
+
+def test_bench_serve_options_win_over_quick_and_name_the_loss():
+    from minlora.bench import serve as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    quick = bench.config_from_args(parser.parse_args(["--quick"]))
+    assert quick == bench.quick_config()
+    cfg = bench.config_from_args(parser.parse_args(["--quick", "--clients", "5", "--train-steps", "7",
+                                                    "--train-loss", "ppo", "--layers", "3", "--rank", "2"]))
+    assert (cfg.sampling.clients, cfg.sampling.adapters, cfg.training.steps, cfg.training.clients) == (5, 4, 7, 4)
+    assert cfg.training.loss_fn == "ppo" and cfg.shape.layers == 3 and cfg.shape.hidden == 128 and cfg.rank == 2
+    assert bench.config_from_args(parser.parse_args([])) == bench.ServeBenchConfig()
+
+
+@pytest.mark.slow
+def test_bench_serve_quick_trains_with_a_policy_loss():
+    pytest.importorskip("tinker")
+    out = minlora("bench", "serve", "--quick", "--threads", "1", "--no-progress", "--clients", "2",
+                  "--train-loss", "importance_sampling", "--json", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["workload"]: r for r in json.loads(out.stdout)["results"]["rows"]}
+    assert rows["training, 4 clients"]["tokens"] == 4 * 2 * 2 * 16 and rows["training, 1 client"]["x"] == 1.0

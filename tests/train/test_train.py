@@ -139,7 +139,7 @@ def test_spill_to_disk_and_reload_mid_training_changes_nothing(bases, tmp_path):
     for i, assign in enumerate(schedule):
         b = make_batch(assign, seed=200 + i)
         for t in (roomy, tight):
-            r = t.forward_backward(b.adapters, b.input_ids, b.targets, b.weights, attention_mask=b.mask)
+            t.forward_backward(b.adapters, b.input_ids, b.targets, b.weights, attention_mask=b.mask)
             if i % 2:  # accumulate over two batches sometimes: gradients in flight are spilled too
                 t.optim_step(**HYPER)
         losses = [roomy.forward(b.adapters, b.input_ids, b.targets, b.weights, attention_mask=b.mask).loss,
