@@ -112,6 +112,14 @@ void build_host_plan(const std::vector<int32_t>& token_slot, int64_t num_slots, 
 // permutation of 0..T-1.  order and positions: [T] host memory.
 void host_plan_positions(const int32_t* order, int64_t num_tokens, int32_t* positions);
 
+namespace cpu {
+// The CPU backend's threading threshold: a call with less work than this many multiply-adds
+// runs on the calling thread, with no parallel region.  set_min_parallel_work returns the
+// previous value; the initial one is 2^25 (minlora.ops sets MINLORA_CPU_MIN_PARALLEL_WORK's).
+int64_t get_min_parallel_work();
+int64_t set_min_parallel_work(int64_t multiply_adds);
+}  // namespace cpu
+
 // ---- the op front-end, shared by the backends
 
 // A backend provides five functions (shapes, dtypes and devices already checked; each backend

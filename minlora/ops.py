@@ -6,15 +6,17 @@ a_pages, b_pages [S, R] int32; ranks [S] int32; scales [S] float32; token_slot [
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.minlora.*)
+from . import _C  # registers torch.ops.minlora.*
 from .plan import BatchPlan
 
-__all__ = ["ModuleTables", "lora", "lora_add_", "lora_backward", "lora_backward_accumulate_"]
+__all__ = ["ModuleTables", "lora", "lora_add_", "lora_backward", "lora_backward_accumulate_",
+           "set_cpu_min_parallel_work"]
 
 _ops = torch.ops.minlora
 Tensor = torch.Tensor
@@ -105,6 +107,37 @@ def lora_backward_accumulate_(
         order, seg, positions, max_segment, grad_x,
     )
     return gx if grad_x else None
+
+
+def set_cpu_min_parallel_work(multiply_adds: int) -> int:
+    """Sets the work (multiply-adds) below which a CPU op call runs on the calling thread, with
+    no parallel region; returns the previous threshold.
+
+    The default, 2^25 (about 3 ms on one core; MINLORA_CPU_MIN_PARALLEL_WORK overrides it at
+    load), keeps the op's cost steady on a machine shared with other processes, where a
+    parallel region ends only when a thread on a busy core has been scheduled (milliseconds).
+    A process that owns its cores (vLLM's CPU worker binds its threads to them) can lower it,
+    so that decode-sized calls use every core.
+    """
+    if isinstance(multiply_adds, bool) or not isinstance(multiply_adds, int) or multiply_adds < 0:
+        raise ValueError(f"multiply_adds must be a non-negative integer, got {multiply_adds!r}")
+    return int(_C.set_cpu_min_parallel_work(multiply_adds))
+
+
+def _min_parallel_work_from_environment() -> None:
+    text = os.environ.get("MINLORA_CPU_MIN_PARALLEL_WORK", "").strip()
+    if not text:
+        return
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"MINLORA_CPU_MIN_PARALLEL_WORK must be a non-negative integer, got {text!r}")
+    set_cpu_min_parallel_work(value)
+
+
+_min_parallel_work_from_environment()
 
 
 # ---------------------------------------------------------------- fake kernels (shape only)

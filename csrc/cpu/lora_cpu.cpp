@@ -12,7 +12,7 @@
 // the call pays one hand-off per region instead of one per matrix product or copy.  A region
 // still ends when every thread of the team has joined it, which takes a scheduling quantum
 // (milliseconds) when a core is busy elsewhere; so a call with less work than that runs in
-// the calling thread, with no region at all (kInlineWork).
+// the calling thread, with no region at all (cpu_min_parallel_work).
 //
 // Short segments (decode: one or a few tokens per adapter) shrink and expand over blocks of
 // up to kTokenBlock tokens, reading each page once per block; long segments (prefill,
@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cstring>
 #include <vector>
 
@@ -47,8 +48,15 @@ constexpr int64_t kZeroRows = 256;
 // Columns of a pool gradient per item (items own their columns: no two workers add into one element).
 constexpr int64_t kGradColumns = 256;
 // Below this much work (multiply-adds, about 3 ms on one core) a call runs in the calling
-// thread, without a region.
-constexpr int64_t kInlineWork = int64_t{1} << 25;
+// thread, without a region: the default of cpu_min_parallel_work().  A region ends when every
+// thread of the team has joined it, so on a machine shared with other processes a region
+// costs a scheduling quantum; a process that owns its cores can lower the threshold.
+constexpr int64_t kDefaultMinParallelWork = int64_t{1} << 25;
+
+std::atomic<int64_t>& min_parallel_work_value() {
+  static std::atomic<int64_t> value{kDefaultMinParallelWork};
+  return value;
+}
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -63,11 +71,54 @@ using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 #define MINLORA_MULTIVERSION
 #endif
 
+// <v, page>: four independent accumulators, so the sum runs at the FMA units' throughput
+// rather than their latency (one dot per page and token is the decode shrink's whole work).
 MINLORA_MULTIVERSION float dot_f32(const float* v, const float* page, int64_t len) {
-  float acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t k = 0; k < len; ++k) acc += v[k] * page[k];
-  return acc;
+  float acc[4][8] = {};
+  int64_t k = 0;
+  for (; k + 32 <= len; k += 32)
+    for (int j = 0; j < 4; ++j)
+#pragma omp simd
+      for (int l = 0; l < 8; ++l) acc[j][l] += v[k + 8 * j + l] * page[k + 8 * j + l];
+  float sum = 0;
+  for (int j = 0; j < 4; ++j)
+    for (int l = 0; l < 8; ++l) sum += acc[j][l];
+  for (; k < len; ++k) sum += v[k] * page[k];
+  return sum;
+}
+
+// out[b] = <rows[b], page> for b < 4: each chunk of the page is loaded once for four tokens.
+MINLORA_MULTIVERSION void dot4_f32(const float* page, const float* const* rows, int64_t len, float* out) {
+  float a0[8] = {}, a1[8] = {}, a2[8] = {}, a3[8] = {};
+  const float *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];
+  int64_t k = 0;
+  for (; k + 8 <= len; k += 8) {
+#pragma omp simd
+    for (int l = 0; l < 8; ++l) {
+      const float p = page[k + l];
+      a0[l] += r0[k + l] * p;
+      a1[l] += r1[k + l] * p;
+      a2[l] += r2[k + l] * p;
+      a3[l] += r3[k + l] * p;
+    }
+  }
+  float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  for (int l = 0; l < 8; ++l) {
+    s0 += a0[l];
+    s1 += a1[l];
+    s2 += a2[l];
+    s3 += a3[l];
+  }
+  for (; k < len; ++k) {
+    s0 += r0[k] * page[k];
+    s1 += r1[k] * page[k];
+    s2 += r2[k] * page[k];
+    s3 += r3[k] * page[k];
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
 }
 
 MINLORA_MULTIVERSION void axpy_f32(float* y, float a, const float* x, int64_t len) {
@@ -75,10 +126,53 @@ MINLORA_MULTIVERSION void axpy_f32(float* y, float a, const float* x, int64_t le
   for (int64_t c = 0; c < len; ++c) y[c] += a * x[c];
 }
 
-// <v, page> over len elements, in acc precision.
+// 16-bit <-> float32 conversions of whole rows, vectorised (bfloat16 by its bits: the upper
+// half of a float32; rounding to nearest even, NaN kept quiet, as c10::BFloat16 rounds).
+MINLORA_MULTIVERSION void to_f32(const c10::BFloat16* src, float* dst, int64_t n) {
+  const auto* bits = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = std::bit_cast<float>(static_cast<uint32_t>(bits[i]) << 16);
+}
+
+MINLORA_MULTIVERSION void to_f32(const c10::Half* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+MINLORA_MULTIVERSION void from_f32(const float* src, c10::BFloat16* dst, int64_t n) {
+  auto* bits = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = std::bit_cast<uint32_t>(src[i]);
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    bits[i] = src[i] != src[i] ? uint16_t{0x7fc0} : rounded;
+  }
+}
+
+MINLORA_MULTIVERSION void from_f32(const float* src, c10::Half* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+
+// dst[0:n] = src[0:n] in dst's type: a copy when the types agree; 16-bit <-> float32 through
+// the vectorised conversions (operands to acc precision and results back).
+template <typename src_t, typename dst_t>
+void convert(const src_t* src, dst_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<src_t, dst_t>) {
+    std::memcpy(dst, src, sizeof(dst_t) * static_cast<size_t>(n));
+  } else if constexpr (std::is_same_v<dst_t, float> && sizeof(src_t) == 2) {
+    to_f32(src, dst, n);
+  } else if constexpr (std::is_same_v<src_t, float> && sizeof(dst_t) == 2) {
+    from_f32(src, dst, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<dst_t>(src[i]);
+  }
+}
+
+// <v, page> over len elements, in acc precision (the float64 token path; float32 accumulation
+// goes through shrink_tokens_f32).
 template <typename scalar_t>
 acc_type<scalar_t> dot(const scalar_t* v, const scalar_t* page, int64_t len) {
-  if constexpr (std::is_same_v<scalar_t, float>) return dot_f32(v, page, len);
   using acc_t = acc_type<scalar_t>;
   acc_t acc = 0;
   // simd reduction: without it the compiler keeps the float sum sequential (no reassociation).
@@ -137,7 +231,7 @@ void run_items(std::vector<ItemT>& items, const F& fn) {
   for (const ItemT& it : items) work += it.cost;
   const int64_t n = static_cast<int64_t>(items.size());
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
-  if (workers <= 1 || work < kInlineWork) {
+  if (workers <= 1 || work < min_parallel_work_value().load(std::memory_order_relaxed)) {
     const bool gemm_ok = at::get_num_threads() == 1 || at::in_parallel_region();
     Scratch<acc_t> scratch;
     for (const ItemT& it : items) fn(it, scratch, gemm_ok);
@@ -201,11 +295,7 @@ template <typename scalar_t, typename acc_t>
 void gather_rows(acc_t* rows, const scalar_t* v, int64_t len, const int32_t* tokens, int64_t n, int64_t c0 = 0,
                  int64_t width = -1) {
   const int64_t w = width < 0 ? len : width;
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* src = v + static_cast<int64_t>(tokens[i]) * len + c0;
-    acc_t* dst = rows + i * w;
-    for (int64_t c = 0; c < w; ++c) dst[c] = static_cast<acc_t>(src[c]);
-  }
+  for (int64_t i = 0; i < n; ++i) convert(v + static_cast<int64_t>(tokens[i]) * len + c0, rows + i * w, w);
 }
 
 template <typename acc_t>
@@ -216,13 +306,56 @@ at::Tensor view(acc_t* data, int64_t rows, int64_t cols) {
 
 // h [n, r] = scale * (S_s x_t) for the n tokens: per page and token (short segments) or as one
 // matrix product on gathered rows and pages (long ones).
+// The token path in float32 (float32, float16 and bfloat16 operands): 16-bit token rows are
+// converted once per item and each page once per item, not once per product; tokens go four
+// at a time against each page, so each chunk of it is loaded once for four dot products.
+template <typename scalar_t>
+void shrink_tokens_f32(const scalar_t* in, int64_t len, const scalar_t* pool, const int32_t* pages, int64_t r,
+                       const int32_t* tokens, int64_t n, float scale, float* h, Scratch<float>& scratch) {
+  constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+  float* rows = nullptr;
+  float* page_f32 = nullptr;
+  if constexpr (!kF32) {
+    rows = Scratch<float>::sized(scratch.rows, n * len);
+    page_f32 = Scratch<float>::sized(scratch.pages, len);
+    gather_rows(rows, in, len, tokens, n);
+  }
+  auto row = [&](int64_t b) -> const float* {
+    if constexpr (kF32) return in + static_cast<int64_t>(tokens[b]) * len;
+    else return rows + b * len;
+  };
+  for (int64_t j = 0; j < r; ++j) {
+    const scalar_t* src = pool + static_cast<int64_t>(pages[j]) * len;
+    const float* page;
+    if constexpr (kF32) {
+      page = src;
+    } else {
+      to_f32(src, page_f32, len);
+      page = page_f32;
+    }
+    int64_t b = 0;
+    for (; b + 4 <= n; b += 4) {
+      const float* group[4] = {row(b), row(b + 1), row(b + 2), row(b + 3)};
+      float d[4];
+      dot4_f32(page, group, len, d);
+      for (int q = 0; q < 4; ++q) h[(b + q) * r + j] = d[q] * scale;
+    }
+    for (; b < n; ++b) h[b * r + j] = dot_f32(row(b), page, len) * scale;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void shrink(const scalar_t* in, int64_t len, const scalar_t* pool, const int32_t* pages, int64_t r,
             const int32_t* tokens, int64_t n, acc_t scale, acc_t* h, bool as_gemm, Scratch<acc_t>& scratch) {
   if (!as_gemm) {
-    for (int64_t j = 0; j < r; ++j) {
-      const scalar_t* page = pool + static_cast<int64_t>(pages[j]) * len;
-      for (int64_t b = 0; b < n; ++b) h[b * r + j] = dot(in + static_cast<int64_t>(tokens[b]) * len, page, len) * scale;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      shrink_tokens_f32(in, len, pool, pages, r, tokens, n, scale, h, scratch);
+    } else {
+      for (int64_t j = 0; j < r; ++j) {
+        const scalar_t* page = pool + static_cast<int64_t>(pages[j]) * len;
+        for (int64_t b = 0; b < n; ++b)
+          h[b * r + j] = dot(in + static_cast<int64_t>(tokens[b]) * len, page, len) * scale;
+      }
     }
     return;
   }
@@ -244,16 +377,22 @@ void expand(const acc_t* h, int64_t r, const scalar_t* pool, const int32_t* page
     for (int64_t b = 0; b < n; ++b) {
       acc_t* o = out + b * len;
       if (accumulate) {
-        const scalar_t* y_row = y + static_cast<int64_t>(tokens[b]) * len;
-        for (int64_t c = 0; c < len; ++c) o[c] = static_cast<acc_t>(y_row[c]);
+        convert(y + static_cast<int64_t>(tokens[b]) * len, o, len);
       } else {
         std::fill(o, o + len, acc_t(0));
       }
     }
-    // Each page is read from memory once and then hit in cache for the block's other tokens.
+    // Each page is read from memory once (a 16-bit one converted once) and then hit in cache
+    // for the block's other tokens.
+    acc_t* page_acc = std::is_same_v<scalar_t, acc_t> ? nullptr : Scratch<acc_t>::sized(scratch.pages, len);
     for (int64_t j = 0; j < r; ++j) {
       const scalar_t* page = pool + static_cast<int64_t>(pages[j]) * len;
-      for (int64_t b = 0; b < n; ++b) axpy(out + b * len, h[b * r + j], page, len);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        for (int64_t b = 0; b < n; ++b) axpy(out + b * len, h[b * r + j], page, len);
+      } else {
+        convert(page, page_acc, len);
+        for (int64_t b = 0; b < n; ++b) axpy(out + b * len, h[b * r + j], page_acc, len);
+      }
     }
   } else {
     acc_t* pg = Scratch<acc_t>::sized(scratch.pages, r * len);
@@ -266,11 +405,7 @@ void expand(const acc_t* h, int64_t r, const scalar_t* pool, const int32_t* page
       at::mm_out(o, view(const_cast<acc_t*>(h), n, r), view(pg, r, len));
     }
   }
-  for (int64_t b = 0; b < n; ++b) {
-    scalar_t* y_row = y + static_cast<int64_t>(tokens[b]) * len;
-    const acc_t* o = out + b * len;
-    for (int64_t c = 0; c < len; ++c) y_row[c] = static_cast<scalar_t>(o[c]);
-  }
+  for (int64_t b = 0; b < n; ++b) convert(out + b * len, y + static_cast<int64_t>(tokens[b]) * len, len);
 }
 
 template <typename scalar_t>
@@ -361,8 +496,9 @@ void pool_grad_tile(out_t* grad, int64_t num_pages, int64_t len, int64_t c0, int
       }
     } else {
       std::fill(d, d + r * w, acc_t(0));
+      acc_t* vt = Scratch<acc_t>::sized(scratch.rows, w);  // the token's columns, converted once
       for (int64_t i = 0; i < n; ++i) {
-        const scalar_t* vt = v + static_cast<int64_t>(tokens[i]) * len + c0;
+        convert(v + static_cast<int64_t>(tokens[i]) * len + c0, vt, w);
         for (int64_t j = 0; j < r; ++j) axpy(d + j * w, cs[i * r + j], vt, w);
       }
     }
@@ -499,6 +635,13 @@ at::Tensor plan_positions(const at::Tensor& order) {
 }
 
 }  // namespace
+
+int64_t get_min_parallel_work() { return min_parallel_work_value().load(); }
+
+int64_t set_min_parallel_work(int64_t multiply_adds) {
+  TORCH_CHECK_VALUE(multiply_adds >= 0, "multiply_adds must be >= 0, got ", multiply_adds);
+  return min_parallel_work_value().exchange(multiply_adds);
+}
 
 TORCH_LIBRARY_IMPL(minlora, CPU, m) {
   register_lora_ops<&cpu::forward_into, &cpu::backward, &cpu::backward_accumulate, &cpu::build_plan,
