@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 from ..command import non_negative_int, output_file, positive_int
 from .llama import SHAPES, add_shape_arguments, shape_from_args
@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt-len", type=positive_int, default=32)
     group.add_argument("--e2e-repeats", type=positive_int, default=3, help="timed generate calls per engine (fastest kept)")
     group.add_argument("--modes", nargs="+", default=["base", "stock", "minlora"], choices=["base", "stock", "minlora"])
+    group.add_argument("--e2e-rounds", type=positive_int, default=2,
+                       help="rounds of the engines, one mode after another in each, the fastest generate of each "
+                            "mode kept (a shared machine's load drifts between engines); vLLM's own LoRA runs in "
+                            "the first round only (it is ten times slower)")
     parser.add_argument("--json-out", metavar="FILE", type=output_file,
                         help="write the results and machine information to FILE")
 
@@ -107,20 +111,36 @@ def _e2e_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     from .vllm_e2e import write_model
 
     shape = shape_from_args(args, E2E_SHAPE)
-    rows = []
+    best: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="minlora-bench-vllm-") as workdir:
         write_model(workdir, shape, ranks=args.ranks)
-        for mode in args.modes:
-            rows.append(_engine_run(workdir, mode, args))
+        for round_ in range(args.e2e_rounds):
+            for mode in args.modes:
+                if mode == "stock" and round_ > 0:
+                    continue
+                got = _engine_run(workdir, mode, args)
+                best[mode] = _faster_run(best.get(mode), got)
+    rows = [best[mode] for mode in args.modes]
     base = next((r["tokens_per_s"] for r in rows if r["mode"] == "base"), None)
     for r in rows:
         r["x_base"] = r["tokens_per_s"] / base if base else None
     print(f"vLLM generate, random {shape.describe()}, {args.requests} requests "
           f"x {args.new_tokens} new tokens (prompts of {args.prompt_len}), {len(args.ranks)} adapters + base rows, "
           f"{args.dtype}")
-    print(format_table(rows, ["mode", "tokens", "seconds", "tokens_per_s", "x_base", "startup_s"]))
+    print(format_table(rows, ["mode", "tokens", "seconds", "tokens_per_s", "x_base", "rounds", "startup_s"]))
     print("x_base = tokens/s / tokens/s without LoRA (target for minlora >= 0.85)")
     return rows
+
+
+def _faster_run(kept: Optional[dict[str, Any]], new: dict[str, Any]) -> dict[str, Any]:
+    """The faster of two engine runs of one mode, with every timed generate of both and the rounds."""
+    if kept is None:
+        return dict(new, rounds=1)
+    fastest = dict(new if new["seconds"] < kept["seconds"] else kept)
+    fastest["all_seconds"] = kept["all_seconds"] + new["all_seconds"]
+    fastest["startup_s"] = min(kept["startup_s"], new["startup_s"])
+    fastest["rounds"] = kept["rounds"] + 1
+    return fastest
 
 
 def _engine_run(workdir: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -36,7 +36,10 @@ def test_e2e_part_tiny(tmp_path, capsys):
     out = tmp_path / "e2e.json"
     assert main(["bench", "vllm", "--part", "e2e", "--modes", "minlora", "--ranks", "1", "8", "--max-rank", "8",
                  "--hidden", "128", "--intermediate", "256", "--model-layers", "1", "--heads", "4", "--vocab",
-                 "512", "--requests", "5", "--new-tokens", "3", "--prompt-len", "4", "--json-out", str(out)]) == 0
+                 "512", "--requests", "5", "--new-tokens", "3", "--prompt-len", "4", "--e2e-repeats", "2",
+                 "--e2e-rounds", "2", "--json-out", str(out)]) == 0
     assert "tokens_per_s" in capsys.readouterr().out
     (row,) = json.loads(out.read_text())["results"]["e2e"]
     assert row["mode"] == "minlora" and row["tokens"] == 5 * 3 and row["tokens_per_s"] > 0
+    # two engine rounds, each with two timed generates: the fastest of the four is the figure
+    assert row["rounds"] == 2 and len(row["all_seconds"]) == 4 and row["seconds"] == min(row["all_seconds"])
