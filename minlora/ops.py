@@ -116,8 +116,8 @@ def set_cpu_min_parallel_work(multiply_adds: int) -> int:
     The default, 2^25 (about 3 ms on one core; MINLORA_CPU_MIN_PARALLEL_WORK overrides it at
     load), keeps the op's cost steady on a machine shared with other processes, where a
     parallel region ends only when a thread on a busy core has been scheduled (milliseconds).
-    A process that owns its cores (vLLM's CPU worker binds its threads to them) can lower it,
-    so that decode-sized calls use every core.
+    A process that has its cores to itself can lower it, so that decode-sized calls use every
+    core (where another busy process shares them, lowering it makes those calls slower).
     """
     if isinstance(multiply_adds, bool) or not isinstance(multiply_adds, int) or multiply_adds < 0:
         raise ValueError(f"multiply_adds must be a non-negative integer, got {multiply_adds!r}")

@@ -218,7 +218,8 @@ class OptimStepRequest(Wire):
 
 
 class _SaveRequest(Wire):
-    """What both checkpoint saves send: the training client, an optional checkpoint name, a TTL."""
+    """What every checkpoint save sends: the training client, a checkpoint name (optional but for
+    the external save), a TTL and the client's metadata."""
 
     model_id: str
     path: Optional[str] = None
