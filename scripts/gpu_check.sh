@@ -10,7 +10,8 @@
 #   scripts/gpu_check.sh --plan STAGE     prints the stage's steps and limits, checks they fit
 # Each stage has a budget (GPU_CHECK_BUDGET_S, default below) and every step a limit; the
 # limits of a stage add up to at most its budget (checked before anything runs), and a step
-# gets min(its limit, what is left).  perf reuses the extension built by correct (the same
+# gets what is left of the budget less the limits of the steps after it: at least its own limit
+# while the steps before it kept to theirs, more when they finished early.  perf reuses the extension built by correct (the same
 # warm machine, or minlora/_C*.so carried back from correct's OUTDIR); without one it builds
 # first and its budget grows by the build steps' limits.
 # Everything is written under OUTDIR as it happens (each step's output is appended to its log
@@ -18,7 +19,8 @@
 # is rewritten after every step ("status": "running" until the stage ends) and
 # scripts/gpu_summary.py merges the stage files into summary.json / summary.md.
 # At most 8 files land in OUTDIR (a device call returns no more).
-# Environment: PYTHON (default python3), CUTLASS_DIR, MAX_JOBS, GPU_CHECK_COMMIT (the commit,
+# Environment: PYTHON (default python3), GPU_CARRY_DIR (what scripts/prepare_gpu_carry.sh packed;
+# default .gpu_carry), CUTLASS_DIR, MAX_JOBS, GPU_CHECK_COMMIT (the commit,
 # where the copy has no .git), GPU_CHECK_DRY_RUN=1 (print each step's command instead of running
 # it; GPU_CHECK_DRY_FAIL="step ..." makes those steps fail), GPU_CHECK_BUDGET_S.
 set -uo pipefail
@@ -26,11 +28,16 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 SUMMARY="$ROOT/scripts/gpu_summary.py"
+CARRY=${GPU_CARRY_DIR:-$ROOT/.gpu_carry}
+# What the CUDA tests and benchmarks import besides minlora; the device image has all but the
+# carried wheels (google-re2).
+DEVICE_IMPORTS="torch numpy transformers peft safetensors re2 hypothesis pytest_timeout tqdm"
 
 # ---- the plan: step:limit_seconds, in the order they run -----------------------------------
-BUILD_STEPS=(headers:10 build:170 import:15)
-PLAN_correct=(info:10 "${BUILD_STEPS[@]}" tests:85 keep_build:5 collect:5)
-PLAN_perf=(info:10 reuse:10 memcheck:60 racecheck:60 bench_decode:55 bench_prefill:35 bench_backward:35
+# The build is about 45 s with 16 cores (its longest unit, the CPU kernels, takes 40 s on one).
+BUILD_STEPS=(headers:10 build:120 import:15)
+PLAN_correct=(info:10 deps:15 "${BUILD_STEPS[@]}" tests:120 keep_build:5 collect:5)
+PLAN_perf=(info:10 deps:15 reuse:10 memcheck:55 racecheck:50 bench_decode:55 bench_prefill:35 bench_backward:35
   bench_model:30 collect:5)
 declare -A BUDGET=([correct]=300 [perf]=300)
 CALL_LIMIT_S=570  # a device call runs 600 s at most; what is left covers the start of the script
@@ -41,7 +48,7 @@ usage() { echo "usage: $0 OUTDIR correct|perf   or   $0 --plan correct|perf" >&2
 plan_of() {
   local -n plan="PLAN_$1"
   if [ "$1" = perf ] && [ "${2:-}" = with_build ]; then
-    echo "${plan[*]:0:2} ${BUILD_STEPS[*]} ${plan[*]:2}"
+    echo "${plan[*]:0:3} ${BUILD_STEPS[*]} ${plan[*]:3}"
   else
     echo "${plan[*]}"
   fi
@@ -104,6 +111,14 @@ LOG="$OUT/$STAGE.log"
 
 elapsed() { echo $(($(date +%s) - START)); }
 log() { echo "[gpu_check $STAGE +$(elapsed)s] $*" | tee -a "$LOG"; }
+limits_after() {  # limits_after STEP: the limits of the steps after it in the current plan
+  local item total=0 seen=0
+  for item in $(plan_of "$STAGE" $VARIANT); do
+    [ "$seen" = 1 ] && total=$((total + ${item##*:}))
+    [ "${item%%:*}" = "$1" ] && seen=1
+  done
+  echo "$total"
+}
 limit_of() {  # limit_of STEP: its limit in the current plan
   local item
   for item in $(plan_of "$STAGE" $VARIANT); do
@@ -121,15 +136,13 @@ record() {  # record STEP RC SECONDS STATUS
   printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$(limit_of "$1")" "$2" "$3" "$4" >>"$STEPS_TSV"
   write_stage running
 }
-# run_step STEP LOGFILE cmd...: runs cmd under the step's limit (or what is left of the budget),
+# run_step STEP LOGFILE cmd...: runs cmd under what is left of the budget less the later steps' limits,
 # appending its output to LOGFILE as it goes; sets STEP_RC and leaves the output in $WORK/STEP.out.
 run_step() {
   local name=$1 logf=$2
   shift 2
-  local limit left
-  limit=$(limit_of "$name")
-  left=$(($(budget_of "$STAGE" $VARIANT) - $(elapsed)))
-  [ "$limit" -gt "$left" ] && limit=$left
+  local limit
+  limit=$(($(budget_of "$STAGE" $VARIANT) - $(elapsed) - $(limits_after "$name")))
   if [ "$limit" -lt 1 ]; then
     log "$name: not started, the stage budget is spent"
     STEP_RC=no_time
@@ -179,18 +192,28 @@ step_info() {
   fi
 }
 
+# deps: the carried wheels into a folder of their own on PYTHONPATH, then every module the
+# tests import must import (scripts/gpu_deps.py).
+step_deps() {
+  local site="$WORK/site" wheel args=()
+  for wheel in "$CARRY"/wheels/*.whl; do [ -f "$wheel" ] && args+=(--wheel "$wheel"); done
+  export PYTHONPATH="$ROOT:$site${PYTHONPATH#"$ROOT"}"
+  # shellcheck disable=SC2086
+  run_step deps "$LOG" "$PY" "$ROOT/scripts/gpu_deps.py" --target "$site" "${args[@]}" $DEVICE_IMPORTS
+}
+
 build_steps() {  # headers, build, import; returns 0 when the extension imports with CUDA kernels
   local built=1
-  if [ -z "${CUTLASS_DIR:-}" ] && [ -f "$ROOT/.gpu_carry/cutlass-headers.tar.gz" ]; then
+  if [ -z "${CUTLASS_DIR:-}" ] && [ -f "$CARRY/cutlass-headers.tar.gz" ]; then
     mkdir -p "$WORK/cutlass"
-    run_step headers "$OUT/build.log" tar -xzf "$ROOT/.gpu_carry/cutlass-headers.tar.gz" -C "$WORK/cutlass"
+    run_step headers "$OUT/build.log" tar -xzf "$CARRY/cutlass-headers.tar.gz" -C "$WORK/cutlass"
     [ "$STEP_RC" = 0 ] && export CUTLASS_DIR="$WORK/cutlass"
   elif [ -n "${CUTLASS_DIR:-}" ]; then
     log "headers: CUTLASS_DIR=$CUTLASS_DIR"
     record headers 0 0 not_needed
   else
     # Without headers the grouped path is not built and its tests fail: the stage fails.
-    log "no CUTLASS headers: run scripts/prepare_gpu_carry.sh here and carry .gpu_carry"
+    log "no CUTLASS headers in $CARRY: run scripts/prepare_gpu_carry.sh here and carry .gpu_carry"
     record headers missing 0 fail
   fi
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -212,6 +235,7 @@ print("minlora._C imports; CUDA kernels built; GPU:", torch.cuda.get_device_name
 
 stage_correct() {
   step_info
+  step_deps
   if build_steps; then
     local files
     # Every test file that carries the cuda marker (the ops, patch and pool tests, and any added later).
@@ -276,6 +300,7 @@ reusable_build() {  # whether minlora/ holds an extension that imports with its 
 
 stage_perf() {
   step_info
+  step_deps
   if reusable_build; then
     log "reuse: the extension in minlora/ imports with its CUDA kernels"
     record reuse 0 0 pass

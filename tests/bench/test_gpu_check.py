@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,8 @@ from helpers import REPO
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 SUMMARY = REPO / "scripts" / "gpu_summary.py"
 STAGE_STEPS = {
-    "correct": ["info", "headers", "build", "import", "tests", "keep_build"],
-    "perf": ["info", "reuse", "memcheck", "racecheck", "bench_decode", "bench_prefill", "bench_backward", "bench_model"],
+    "correct": ["info", "deps", "headers", "build", "import", "tests", "keep_build"],
+    "perf": ["info", "deps", "reuse", "memcheck", "racecheck", "bench_decode", "bench_prefill", "bench_backward", "bench_model"],
 }
 
 
@@ -69,7 +70,7 @@ def test_step_limits_fit_each_stage_budget(stage):
     names = [name for name, _ in plans[0]["steps"]]
     assert names == STAGE_STEPS[stage] + ["collect"]
     if stage == "perf":
-        assert [n for n, _ in plans[1]["steps"]] == ["info", "reuse", "headers", "build", "import", *names[2:]]
+        assert [n for n, _ in plans[1]["steps"]] == ["info", "deps", "reuse", "headers", "build", "import", *names[3:]]
 
 
 def test_plan_over_budget_is_refused(tmp_path):
@@ -90,8 +91,72 @@ def test_bad_arguments_print_usage(tmp_path):
 
 def dry_run(tmp_path: Path, stage: str, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / stage
-    done = run_script(str(out), stage, env={"GPU_CHECK_DRY_RUN": "1", "CUTLASS_DIR": str(tmp_path), **env})
+    env = {"GPU_CHECK_DRY_RUN": "1", "CUTLASS_DIR": str(tmp_path), "GPU_CARRY_DIR": str(tmp_path / "carry"), **env}
+    done = run_script(str(out), stage, env=env)
     return done, out
+
+
+def test_carried_wheels_install_into_their_own_folder_and_every_import_is_checked(tmp_path):
+    wheels = tmp_path / "carry" / "wheels"
+    wheels.mkdir(parents=True)
+    (wheels / "google_re2-1.1-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"PK")
+    done, out = dry_run(tmp_path, "correct")
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (out / "correct.log").read_text()
+    deps = next(line for line in log.splitlines() if "] deps: start" in line)
+    assert "scripts/gpu_deps.py --target" in deps
+    assert f"--wheel {wheels / 'google_re2-1.1-cp312-cp312-manylinux_2_28_x86_64.whl'}" in deps
+    for module in ("torch", "transformers", "peft", "safetensors", "re2", "hypothesis", "pytest_timeout"):
+        assert f" {module}" in deps, module
+
+
+def test_deps_installs_wheels_into_the_target_and_names_what_does_not_import(tmp_path):
+    script = REPO / "scripts" / "gpu_deps.py"
+    wheel = make_wheel(tmp_path, "carried_probe", "VALUE = 42\n")
+    target = tmp_path / "site"
+    done = subprocess.run([sys.executable, str(script), "--target", str(target), "--wheel", str(wheel),
+                           "json", "carried_probe"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (target / "carried_probe" / "__init__.py").read_text() == "VALUE = 42\n"
+    assert "these import: json carried_probe" in done.stdout
+    done = subprocess.run([sys.executable, str(script), "--target", str(target), "json", "no_such_module_here"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "missing on this machine: no_such_module_here (ModuleNotFoundError" in done.stderr
+    (tmp_path / "broken.whl").write_bytes(b"not a zip")
+    done = subprocess.run([sys.executable, str(script), "--target", str(target), "--wheel", str(tmp_path / "broken.whl"),
+                           "json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "installing the carried wheels failed" in done.stderr
+
+
+def make_wheel(folder: Path, name: str, source: str) -> Path:
+    """A minimal pure-Python wheel holding the package `name` with __init__.py = source."""
+    import zipfile
+    info = f"{name}-1.0.dist-info"
+    files = {
+        f"{name}/__init__.py": source,
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{info}/RECORD"])
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, text in files.items():
+            archive.writestr(member, text)
+    return path
+
+
+def test_time_a_step_leaves_unused_goes_to_the_steps_after_it(tmp_path):
+    # In a dry run every step takes about no time, so the tests get the budget less what the
+    # steps after them need (keep_build 5 + collect 5), not only their own limit.
+    done, out = dry_run(tmp_path, "correct")
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (out / "correct.log").read_text()
+    limits = dict(re.findall(r"\] (\w+): start \(limit (\d+)s\)", log))
+    plan = dict(parse_plan(run_script("--plan", "correct").stdout)[0]["steps"])
+    assert int(limits["info"]) == plan["info"]
+    assert 280 <= int(limits["tests"]) <= 300 - plan["keep_build"] - plan["collect"]
+    assert int(limits["tests"]) > plan["tests"]
 
 
 @pytest.mark.parametrize("stage", ["correct", "perf"])
@@ -144,7 +209,7 @@ def test_dry_run_perf_without_a_build_builds_first(tmp_path):
     data = json.loads((out / "perf.json").read_text())
     steps = {s["name"]: s["status"] for s in data["steps"]}
     assert steps["reuse"] == "rebuilt" and steps["build"] == "pass" and steps["memcheck"] == "fail"
-    assert data["budget_s"] == 495 and data["limits_total_s"] <= data["budget_s"]
+    assert data["budget_s"] == 445 and data["limits_total_s"] <= data["budget_s"]
     assert "build.log" in {p.name for p in out.iterdir()}
 
 
