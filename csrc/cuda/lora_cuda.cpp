@@ -267,6 +267,12 @@ void forward_into(at::Tensor& y, const LoraArgs& args, const Plan* given, bool a
   if (check_indices(args.x.device())) (void)read_indices(args, given);
   if (args.out_features() == 0) return;
   const c10::cuda::CUDAGuard guard(args.x.device());
+  if (args.max_rank() == 0) {
+    // Page tables without a column: no slot has an adapter.  (The kernels' scratch would have
+    // no element, and the caching allocator gives such a tensor no address.)
+    if (!accumulate) y.zero_();
+    return;
+  }
   const k::OpShape shape = op_shape(args, given, {&args.x, &args.a_pool, &args.b_pool, &y});
   const k::Choice c = k::choose_forward(shape, kernel_mode(), !accumulate);
   const Plan plan = resolve_plan(args, given, c);
@@ -313,9 +319,15 @@ void backward_into(const at::Tensor& grad_y, const LoraArgs& args, const Plan* g
   if (check_indices(args.x.device())) (void)read_indices(args, given);
   const c10::cuda::CUDAGuard guard(args.x.device());
   const auto g = grad_y.contiguous();
-  const bool want_x = grad_x.defined(), want_a = grad_a.data.defined(), want_b = grad_b.data.defined();
+  // A grad_x without elements (x of [T, 0]) has nothing to write and no address.
+  const bool want_x = grad_x.defined() && grad_x.numel() > 0, want_a = grad_a.data.defined(),
+             want_b = grad_b.data.defined();
   const bool need_u = want_x || want_a, need_h = want_b;
   if (!want_x && !want_a && !want_b) return;
+  if (args.max_rank() == 0) {  // no slot has an adapter: grad_x is zero, the pool gradients get nothing
+    if (want_x) grad_x.zero_();
+    return;
+  }
   const bool grads_f32 = (!want_a || is_f32(grad_a.data)) && (!want_b || is_f32(grad_b.data));
   const k::OpShape shape = op_shape(args, given, {&args.x, &g, &args.a_pool, &args.b_pool, &grad_x, &grad_a.data,
                                                   &grad_b.data});

@@ -77,8 +77,22 @@ class DecodeStep:
         self.mask[:, self.context] = 1
         plan_tokens(self.model, 1)
 
+    def rewind(self) -> None:
+        """Puts the cache's write position back at `context`.  A StaticCache layer keeps that
+        position in a device counter which every forward advances (the model reads no
+        cache_position), so without this the warm-ups and each replay would write one column
+        further, past the mask and then past the cache."""
+        for layer in self.cache.layers:
+            written = getattr(layer, "cumulative_length", None)
+            if isinstance(written, torch.Tensor):
+                written.fill_(self.context)  # in place: the captured graph holds its address
+            elif written is not None:
+                layer.cumulative_length = self.context
+
     def decode(self) -> torch.Tensor:
-        """The decode forward, eagerly: logits [B, 1, vocab]."""
+        """The decode forward (the rewind first, so that a captured graph carries it): logits
+        [B, 1, vocab]."""
+        self.rewind()
         return self.model(self.token, **{self._cache_kw: self.cache}, cache_position=self.position,
                           attention_mask=self.mask).logits
 

@@ -7,7 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minlora
-from helpers.cases import TOLERANCE, check_autograd, run_forward, make_case, mixed_ranks, opcheck_cases, rel_error
+from helpers.cases import (
+    TOLERANCE, check_autograd, check_no_rank_columns_and_no_in_features, run_forward,
+    make_case, mixed_ranks, opcheck_cases, rel_error,
+)
 from minlora.reference import build_plan_ref, lora_backward_accumulate_ref, lora_backward_ref, lora_forward_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -121,6 +124,10 @@ def test_empty_batch_and_no_slots(variant):
             want = want + 1
         assert got.shape == (case.x.shape[0], 16)
         assert torch.equal(got.double(), want)
+
+
+def test_no_rank_columns_and_no_in_features():
+    check_no_rank_columns_and_no_in_features("cpu")
 
 
 def test_all_tokens_without_adapter_give_zero():

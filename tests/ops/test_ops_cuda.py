@@ -16,7 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minlora
-from helpers.cases import TOLERANCE, check_autograd, run_forward, LoraCase, make_case, mixed_ranks, opcheck_cases, rel_error
+from helpers.cases import (
+    TOLERANCE, check_autograd, check_no_rank_columns_and_no_in_features, run_forward,
+    LoraCase, make_case, mixed_ranks, opcheck_cases, rel_error,
+)
 from minlora.reference import build_plan_ref, lora_backward_accumulate_ref, lora_backward_ref, lora_forward_ref
 
 pytestmark = pytest.mark.cuda
@@ -126,6 +129,10 @@ def test_empty_batch_and_no_slots(variant, mode):
         want = lora_forward_ref(*case.args()) + (1 if variant.endswith("add") else 0)
         assert got.shape == (case.x.shape[0], 16)
         assert torch.equal(got.cpu().double(), want)
+
+
+def test_no_rank_columns_and_no_in_features(mode):
+    check_no_rank_columns_and_no_in_features("cuda")
 
 
 def test_all_tokens_without_adapter_give_zero(mode):
@@ -649,6 +656,8 @@ def test_zz_graph_replay_with_bad_indices_does_not_fault(monkeypatch):
         y = torch.zeros(T, 48, dtype=torch.float16, device="cuda")
         plan = minlora.build_plan(case.token_slot, S)
         minlora.ops.lora_add_(y, *args, plan=plan)
+        minlora.ops.lora_backward(y, *args, plan=plan)  # every kernel loaded before the capture
+        torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             plan.copy_(minlora.build_plan(case.token_slot, S))

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import minlora
-from minlora.patching import plan_tokens
 from helpers.cases import rel_error
 from helpers.patching import VOCAB, build_family, patched_copy, peft_reference
 
@@ -18,7 +17,6 @@ pytestmark = pytest.mark.cuda
 # Four requests; different adapters, ranks and slot counts per step, rows without an adapter.
 STEPS = [["a0", "a1", None, "a2"], ["a3", "a3", "a4", "a1"], [None, "a2", "a0", None], ["a1", "a4", "a2", "a0"]]
 PROMPT = 5
-MAX_LEN = 16
 TOL = 1e-4
 
 
@@ -34,47 +32,27 @@ def _tokens(shape, seed):
 
 
 def test_decode_step_captured_once_replays_new_assignments(tmp_path):
-    from transformers import StaticCache
+    # DecodeStep (the benchmark's) holds the graph's fixed inputs: a StaticCache, the token,
+    # position and mask tensors, refilled before each replay; its decode rewinds the cache's
+    # write position, so the warm-ups and every replay write the same column.
+    from minlora.bench.decode_graph import DecodeStep
 
     _, ref, model, pool = _setup(tmp_path)
-    B = len(STEPS[0])
-    prompt = _tokens((B, PROMPT), 0)
-    cache = StaticCache(config=model.config, max_cache_len=MAX_LEN)
-    # The graph's inputs: fixed tensors refilled before each replay.
-    tok = torch.zeros(B, 1, dtype=torch.long, device="cuda")
-    pos = torch.full((1,), PROMPT, dtype=torch.long, device="cuda")
-    mask = torch.zeros(B, MAX_LEN, dtype=torch.long, device="cuda")
-    graph, logits = None, None
-
-    def decode():
-        return model(tok, past_key_values=cache, cache_position=pos, attention_mask=mask).logits
-
+    dec = DecodeStep(model, len(STEPS[0]), PROMPT, VOCAB, seed=0)
     with torch.no_grad():
         for k, assign in enumerate(STEPS):
-            nxt = _tokens((B, 1), 10 + k)
+            nxt = _tokens((len(assign), 1), 10 + k)
             with minlora.adapters(model, assign):
-                # An eager prefill under this step's adapters fills the KV cache in place.
-                cache.reset()
-                mask.zero_()
-                mask[:, :PROMPT] = 1
-                model(prompt, past_key_values=cache, cache_position=torch.arange(PROMPT, device="cuda"),
-                      attention_mask=mask)
-                tok.copy_(nxt)
-                mask[:, PROMPT] = 1
-                plan_tokens(model, 1)  # the decode's token slots and plan, before the replay
-                if graph is None:
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        for _ in range(2):
-                            decode()
-                    torch.cuda.current_stream().wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        logits = decode()
-                graph.replay()
-                got = logits[:, -1].clone()
-            want = ref(torch.cat([prompt, nxt], 1), adapter_names=[a or "__base__" for a in assign]).logits[:, -1]
+                # An eager prefill under this step's adapters fills the KV cache in place, then
+                # plans the decode's token slots.
+                dec.token.copy_(nxt)
+                dec.prefill()
+                if dec.graph is None:
+                    dec.capture()
+                got = dec.replay()[:, -1].clone()
+                again = dec.replay()[:, -1].clone()
+            want = ref(torch.cat([dec.prompt, nxt], 1), adapter_names=[a or "__base__" for a in assign]).logits[:, -1]
+            assert torch.equal(got, again), k  # a replay leaves the cache where the next one expects it
             for row, a in enumerate(assign):
                 assert rel_error(got[row], want[row]) <= TOL, (k, row, a)
     pool.close()

@@ -262,6 +262,10 @@ def test_decode_graph_bench_runs_up_to_the_device_check(fam, ref):
     with torch.no_grad(), minlora.adapters(model, assign) as step:
         dec.prefill()
         got = dec.decode()[:, -1]
+        # Warm-ups, the capture and every replay run the decode again: each must write the
+        # same cache column and give the same logits (a StaticCache advances its own position).
+        for _ in range(3):
+            assert torch.equal(dec.decode()[:, -1], got)
         traffic = dec.traffic_bytes(step, dict(pool.modules))
         with pytest.raises(RuntimeError, match="CUDA device"):
             dec.capture()
