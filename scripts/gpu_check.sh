@@ -240,8 +240,9 @@ stage_correct() {
     local files
     # Every test file that carries the cuda marker (the ops, patch and pool tests, and any added later).
     files=$(grep -rl --include='test_*.py' "mark\.cuda" tests | sort | tr '\n' ' ')
-    # -x: a kernel fault poisons the CUDA context and fails every test after it.
-    run_step tests "$OUT/pytest.log" "$PY" -m pytest -m cuda -x -rfE -q -p no:cacheprovider --timeout 60 \
+    # No -x: one failing test must not hide the others' results.  A GPU fault, which would fail
+    # every later test of the process, skips them instead, naming the test (tests/helpers/cuda_guard.py).
+    run_step tests "$OUT/pytest.log" "$PY" -m pytest -m cuda -rfE -q -p no:cacheprovider --timeout 60 \
       --junitxml "$WORK/junit.xml" $files
     run_step keep_build "$LOG" bash -c "cp minlora/_C*.so '$OUT/' && ls -l '$OUT'/_C*.so"
   else

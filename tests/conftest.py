@@ -1,8 +1,11 @@
-"""Shared pytest set-up: GPU tests are marked `cuda` and skipped where no GPU is present."""
+"""Shared pytest set-up: GPU tests are marked `cuda` and skipped where no GPU is present; where
+one is, a GPU fault stops the session at the test that caused it (helpers/cuda_guard.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
+
+pytest_plugins = ["helpers.cuda_guard"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -182,7 +182,7 @@ def test_dry_run_writes_logs_and_a_valid_stage_file(tmp_path, stage):
     step_log = out / ("pytest.log" if stage == "correct" else "bench.log")
     assert "[dry run]" in step_log.read_text()
     if stage == "correct":
-        assert "-m pytest -m cuda -x -rfE" in (out / "pytest.log").read_text()
+        assert "-m pytest -m cuda -rfE" in (out / "pytest.log").read_text()
         assert "tests/ops/test_ops_cuda.py" in (out / "pytest.log").read_text()
     else:
         text = (out / "bench.log").read_text()

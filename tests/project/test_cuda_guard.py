@@ -1,0 +1,71 @@
+"""helpers/cuda_guard.py, on the CPU: a failing GPU test does not stop the run; a GPU fault
+(a synchronise that raises after the test) is that test's error, and every test after it is
+skipped naming it.
+The GPU is stood in for by replacing torch.cuda's is_initialized and synchronize in the
+inner session."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from helpers import REPO
+
+INNER_TESTS = '''
+import pytest
+import torch
+
+state = {"broken": False}
+torch.cuda.is_initialized = lambda: True
+
+
+def synchronize():
+    if state["broken"]:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+torch.cuda.synchronize = synchronize
+
+
+@pytest.mark.cuda
+def test_a_fails_plainly():
+    assert 1 == 2
+
+
+@pytest.mark.cuda
+def test_b_passes():
+    pass
+
+
+@pytest.mark.cuda
+def test_c_faults():
+    state["broken"] = True  # the kernel's fault surfaces at the next synchronise
+
+
+@pytest.mark.cuda
+def test_d_after_the_fault():
+    pass
+
+
+def test_e_after_the_fault_without_a_gpu():
+    pass
+'''
+
+
+def test_gpu_fault_stops_the_session_at_its_test_and_plain_failures_do_not(tmp_path):
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    cuda: needs a GPU\n")
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["helpers.cuda_guard"]\n')
+    (tmp_path / "test_inner.py").write_text(textwrap.dedent(INNER_TESTS))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", "-v", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "PATH": "/usr/bin:/bin"})
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "test_a_fails_plainly FAILED" in out and "assert 1 == 2" in out
+    assert "test_b_passes PASSED" in out
+    assert "ERROR at teardown of test_c_faults" in out and "illegal memory access" in out
+    for name in ("test_d_after_the_fault", "test_e_after_the_fault_without_a_gpu"):
+        assert f"test_inner.py::{name} SKIPPED" in out, name
+    summary = out.split("short test summary info")[1]
+    assert "SKIPPED [2]" in summary and "the CUDA context stopped working during test_inner.py::test_c_faults" in summary
+    assert "1 failed, 2 passed, 2 skipped, 1 error" in out
