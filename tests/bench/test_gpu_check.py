@@ -188,7 +188,9 @@ def test_dry_run_writes_logs_and_a_valid_stage_file(tmp_path, stage):
         text = (out / "bench.log").read_text()
         assert "--adapters 64 256 --tokens-per-adapter 1" in text and "--backward" in text
         assert "bench model --device cuda" in text
-        assert "compute-sanitizer --tool racecheck" in (out / "sanitizer.log").read_text()
+        sanitizer = (out / "sanitizer.log").read_text()
+        assert "compute-sanitizer --tool racecheck" in sanitizer and "gpu_sanitize_case.py cuda --light" in sanitizer
+        assert "env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck" in sanitizer
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"gpu_name", "commit", "date", "stages", "targets"}
     assert summary["stages"][stage] == "pass"
@@ -210,7 +212,10 @@ def test_dry_run_perf_without_a_build_builds_first(tmp_path):
     steps = {s["name"]: s["status"] for s in data["steps"]}
     assert steps["reuse"] == "rebuilt" and steps["build"] == "pass" and steps["memcheck"] == "fail"
     assert data["budget_s"] == 445 and data["limits_total_s"] <= data["budget_s"]
-    assert "build.log" in {p.name for p in out.iterdir()}
+    # The build logs into perf.log: with the two benchmark files a real run adds, at most 8.
+    files = {p.name for p in out.iterdir()}
+    assert "build.log" not in files and len(files | {"bench_ops.json", "bench_model.json"}) <= 8, files
+    assert "==== build: " in (out / "perf.log").read_text()
 
 
 def test_sanitizer_case_runs_on_the_cpu_kernels():
@@ -219,6 +224,12 @@ def test_sanitizer_case_runs_on_the_cpu_kernels():
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("cases pass") == 4 and "sanitize case done" in done.stdout
+    assert "mode grouped: 6 cases pass" in done.stdout
+    # racecheck's lighter run: the bfloat16 cases only, no one-token segments forced through the grouped GEMM.
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_sanitize_case.py"), "cpu", "--light"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "mode auto: 4 cases pass" in done.stdout and "mode grouped: 3 cases pass" in done.stdout
 
 
 # ---------------------------------------------------------------- the collector
