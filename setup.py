@@ -65,7 +65,7 @@ def cuda_arch_flags() -> list[str]:
     return flags
 
 
-# C++20: torch >= 2.13's headers need it.  -fopenmp: at::parallel_for is inline and runs
+# C++20: torch 2.13's headers and later need it.  -fopenmp: at::parallel_for is inline and runs
 # serially in code built without it.
 cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"]
 link_flags = ["-fopenmp"]

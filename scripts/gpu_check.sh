@@ -10,7 +10,7 @@
 #   scripts/gpu_check.sh --plan STAGE     prints the stage's steps and limits, checks they fit
 # Each stage has a budget (GPU_CHECK_BUDGET_S, default below) and every step a limit; the
 # limits of a stage add up to at most its budget (checked before anything runs), and a step
-# gets what is left of the budget less the limits of the steps after it: at least its own limit
+# gets what is left of the budget less the limits of the steps after it: about its own limit
 # while the steps before it kept to theirs, more when they finished early.  perf reuses the extension built by correct (the same
 # warm machine, or minlora/_C*.so carried back from correct's OUTDIR); without one it builds
 # first and its budget grows by the build steps' limits.
@@ -36,8 +36,8 @@ DEVICE_IMPORTS="torch numpy transformers peft safetensors re2 hypothesis pytest_
 # ---- the plan: step:limit_seconds, in the order they run -----------------------------------
 # The build is about 45 s with 16 cores (its longest unit, the CPU kernels, takes 40 s on one).
 BUILD_STEPS=(headers:10 build:120 import:15)
-PLAN_correct=(info:10 deps:15 "${BUILD_STEPS[@]}" tests:120 keep_build:5 collect:5)
-PLAN_perf=(info:10 deps:15 reuse:10 memcheck:55 racecheck:50 bench_decode:45 bench_prefill:35 bench_backward:35
+PLAN_correct=(info:10 deps:20 "${BUILD_STEPS[@]}" tests:115 keep_build:5 collect:5)
+PLAN_perf=(info:10 deps:20 reuse:10 memcheck:50 racecheck:50 bench_decode:45 bench_prefill:35 bench_backward:35
   bench_model:40 collect:5)
 declare -A BUDGET=([correct]=300 [perf]=300)
 CALL_LIMIT_S=570  # a device call runs 600 s at most; what is left covers the start of the script
@@ -246,7 +246,8 @@ stage_correct() {
     files=$(grep -rl --include='test_*.py' "mark\.cuda" tests | sort | tr '\n' ' ')
     # No -x: one failing test must not hide the others' results.  A GPU fault, which would fail
     # every later test of the process, skips them instead, naming the test (tests/helpers/cuda_guard.py).
-    run_step tests "$OUT/pytest.log" "$PY" -m pytest -m cuda -rfE -q -p no:cacheprovider --timeout 60 \
+    # -v: a test name per line as it finishes, so a run killed at its limit shows where it hung.
+    run_step tests "$OUT/pytest.log" "$PY" -m pytest -m cuda -rfE -v -p no:cacheprovider --timeout 60 \
       --junitxml "$WORK/junit.xml" $files
     run_step keep_build "$LOG" bash -c "cp minlora/_C*.so '$OUT/' && ls -l '$OUT'/_C*.so"
   else
@@ -278,8 +279,9 @@ sanitize() {
 # A sanitizer that refuses the device (gVisor: "Device not supported", then error 999) is
 # "unsupported", whatever its exit code (the refused first allocation may count as one of its
 # errors, exit code 9); a timeout, an error it found or any other failure is a failure.
+# (Only when no case ran: a run that got as far as a mode's cases found a real error.)
 classify_sanitizer() {  # classify_sanitizer TOOL RC STATUS
-  if [ "$2" != 0 ] && [ "$2" != 124 ] && [ "$2" != 137 ] &&
+  if [ "$2" != 0 ] && [ "$2" != 124 ] && [ "$2" != 137 ] && ! grep -q "cases pass" "$WORK/$1.out" &&
     grep -qiE "device not supported|not supported on this|error 999|CUDA_ERROR_UNKNOWN" "$WORK/$1.out"; then
     echo unsupported
   else

@@ -9,8 +9,9 @@
 // switch: it copies the index tensors to the host).
 //
 // Every output row is written once: the functional forward and grad_x are written only by the
-// kernels (rows no path owns get zeros), never zero-filled first; the accumulating forms add
-// only into the rows and pages the batch owns.
+// kernels (rows no path owns get zeros), never zero-filled first (except where page tables have
+// no column at all: no kernel runs, the output is zeroed); the accumulating forms add only into
+// the rows and pages the batch owns.
 // c10's CUDA headers only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE and
 // doubles this file's compile time).
 #include <c10/cuda/CUDAGraphsC10Utils.h>

@@ -83,11 +83,13 @@ class DecodeStep:
         cache_position), so without this the warm-ups and each replay would write one column
         further, past the mask and then past the cache."""
         for layer in self.cache.layers:
-            written = getattr(layer, "cumulative_length", None)
-            if isinstance(written, torch.Tensor):
-                written.fill_(self.context)  # in place: the captured graph holds its address
-            elif written is not None:
-                layer.cumulative_length = self.context
+            # Sliding-window and indexed layers keep more counters (a host copy, an index's).
+            for name in ("cumulative_length", "cumulative_length_int", "indexer_cumulative_length"):
+                written = getattr(layer, name, None)
+                if isinstance(written, torch.Tensor):
+                    written.fill_(self.context)  # in place: the captured graph holds its address
+                elif isinstance(written, int):
+                    setattr(layer, name, self.context)
 
     def decode(self) -> torch.Tensor:
         """The decode forward (the rewind first, so that a captured graph carries it): logits

@@ -154,7 +154,7 @@ def test_time_a_step_leaves_unused_goes_to_the_steps_after_it(tmp_path):
     log = (out / "correct.log").read_text()
     limits = dict(re.findall(r"\] (\w+): start \(limit (\d+)s\)", log))
     plan = dict(parse_plan(run_script("--plan", "correct").stdout)[0]["steps"])
-    assert int(limits["info"]) == plan["info"]
+    assert plan["info"] - 2 <= int(limits["info"]) <= plan["info"]  # the stage's start-up may cross a second
     assert 280 <= int(limits["tests"]) <= 300 - plan["keep_build"] - plan["collect"]
     assert int(limits["tests"]) > plan["tests"]
 
@@ -182,7 +182,7 @@ def test_dry_run_writes_logs_and_a_valid_stage_file(tmp_path, stage):
     step_log = out / ("pytest.log" if stage == "correct" else "bench.log")
     assert "[dry run]" in step_log.read_text()
     if stage == "correct":
-        assert "-m pytest -m cuda -rfE" in (out / "pytest.log").read_text()
+        assert "-m pytest -m cuda -rfE -v" in (out / "pytest.log").read_text()
         assert "tests/ops/test_ops_cuda.py" in (out / "pytest.log").read_text()
     else:
         text = (out / "bench.log").read_text()

@@ -82,24 +82,26 @@ def run_forward(case: LoraCase, variant: str, y0: Optional[torch.Tensor] = None)
 def check_no_rank_columns_and_no_in_features(device: str) -> None:
     """Page tables of R = 0 columns (every slot rank 0) and x of in_features = 0: the forward
     gives zeros / adds nothing, grad_x is zero and the pool gradients get nothing, in every
-    variant (on CUDA, scratch of such shapes has no element and no address)."""
+    variant and dtype (on CUDA, scratch of such shapes has no element and no address)."""
     import minlora
     from minlora.reference import lora_backward_ref, lora_forward_ref
 
-    for case in (make_case(12, 32, 16, [0, 0], extra_rank_columns=0), make_case(12, 0, 16, [3, 2])):
-        case = case.to(device)
-        y0 = torch.full((12, 16), 1.5, device=device)
-        for variant in ("functional", "add", "planned", "planned_add"):
-            want = lora_forward_ref(*case.args()) + (1.5 if variant.endswith("add") else 0)
-            got = run_forward(case, variant, y0)
-            assert torch.equal(got.cpu().double(), want), variant
-        grad_y = torch.randn(12, 16, device=device)
-        for got, want in zip(minlora.ops.lora_backward(grad_y, *case.args()), lora_backward_ref(grad_y, *case.args())):
-            assert got.shape == want.shape and rel_error(got, want) <= TOLERANCE[torch.float32]
-        grad_a = torch.full(case.a_pool.shape, 0.5, device=device)
-        grad_b = torch.full(case.b_pool.shape, 0.25, device=device)
-        grad_x = minlora.ops.lora_backward_accumulate_(grad_a, grad_b, grad_y, *case.args())
-        want_x = lora_backward_ref(grad_y, *case.args())[0]
-        assert grad_x.shape == case.x.shape and rel_error(grad_x, want_x) <= TOLERANCE[torch.float32]
-        if case.a_pages.shape[1] == 0:
+    for dtype in (torch.float32, torch.bfloat16):
+        for case in (make_case(12, 32, 16, [0, 0], dtype, extra_rank_columns=0), make_case(12, 0, 16, [3, 2], dtype)):
+            case = case.to(device)
+            y0 = torch.full((12, 16), 1.5, dtype=dtype, device=device)
+            for variant in ("functional", "add", "planned", "planned_add"):
+                want = lora_forward_ref(*case.args()) + (1.5 if variant.endswith("add") else 0)
+                got = run_forward(case, variant, y0)
+                assert got.dtype == dtype and torch.equal(got.cpu().double(), want), (dtype, variant)
+            grad_y = torch.randn(12, 16, device=device).to(dtype)
+            grads = minlora.ops.lora_backward(grad_y, *case.args())
+            for got, want in zip(grads, lora_backward_ref(grad_y, *case.args())):
+                assert got.shape == want.shape and rel_error(got, want) <= TOLERANCE[dtype]
+            grad_a = torch.full(case.a_pool.shape, 0.5, device=device)
+            grad_b = torch.full(case.b_pool.shape, 0.25, device=device)
+            grad_x = minlora.ops.lora_backward_accumulate_(grad_a, grad_b, grad_y, *case.args())
+            want_x = lora_backward_ref(grad_y, *case.args())[0]
+            assert grad_x.shape == case.x.shape and rel_error(grad_x, want_x) <= TOLERANCE[dtype]
+            # Nothing to add: with R = 0 no slot has a rank; with in_features = 0, A x is zero.
             assert bool((grad_a == 0.5).all()) and bool((grad_b == 0.25).all())

@@ -285,3 +285,25 @@ def test_decode_graph_bench_runs_up_to_the_device_check(fam, ref):
     with pytest.raises(RuntimeError, match="CUDA device"):
         bench_decode_graph(model, dict(pool.modules), [assign], context=6, vocab=VOCAB)
     pool.close()
+
+
+def test_decode_step_rewinds_every_counter_of_a_sliding_window_cache(monkeypatch):
+    """A sliding-window StaticCache keeps a host copy of its write position besides the device
+    counter: each repeated decode (warm-ups, replays) must still write the same column and give
+    the logits of the whole sequence.  (A plain model: the step's token plan is not needed.)"""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from minlora.bench import decode_graph
+
+    monkeypatch.setattr(decode_graph, "plan_tokens", lambda *args, **kwargs: None)
+    torch.manual_seed(0)
+    cfg = MistralConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=VOCAB, sliding_window=16)
+    model = MistralForCausalLM(cfg).eval()
+    dec = decode_graph.DecodeStep(model, 2, context=5, vocab=VOCAB, seed=3)
+    with torch.no_grad():
+        dec.prefill()
+        outs = [dec.decode()[:, -1] for _ in range(4)]
+        want = model(torch.cat([dec.prompt, dec.token], 1)).logits[:, -1]
+    for got in outs:
+        assert rel_error(got, want) <= TOL

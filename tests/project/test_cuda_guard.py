@@ -69,3 +69,21 @@ def test_gpu_fault_stops_the_session_at_its_test_and_plain_failures_do_not(tmp_p
     summary = out.split("short test summary info")[1]
     assert "SKIPPED [2]" in summary and "the CUDA context stopped working during test_inner.py::test_c_faults" in summary
     assert "1 failed, 2 passed, 2 skipped, 1 error" in out
+
+
+XFAIL_FAULT = INNER_TESTS.split("@pytest.mark.cuda")[0] + '''
+@pytest.mark.cuda
+@pytest.mark.xfail(reason="may fail")
+def test_faults_while_allowed_to_fail():
+    state["broken"] = True
+'''
+
+
+def test_gpu_fault_in_an_xfail_test_still_fails_the_run(tmp_path):
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    cuda: needs a GPU\n")
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["helpers.cuda_guard"]\n')
+    (tmp_path / "test_inner.py").write_text(textwrap.dedent(XFAIL_FAULT))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", "-v", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 1, done.stdout + done.stderr
