@@ -52,13 +52,18 @@ def test_e_after_the_fault_without_a_gpu():
 '''
 
 
-def test_gpu_fault_stops_the_session_at_its_test_and_plain_failures_do_not(tmp_path):
-    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    cuda: needs a GPU\n")
-    (tmp_path / "conftest.py").write_text('pytest_plugins = ["helpers.cuda_guard"]\n')
-    (tmp_path / "test_inner.py").write_text(textwrap.dedent(INNER_TESTS))
-    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", "-v", str(tmp_path)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+def run_inner(folder, tests: str) -> subprocess.CompletedProcess:
+    """An inner pytest session over `tests` (one file), with the guard as its plugin."""
+    (folder / "pytest.ini").write_text("[pytest]\nmarkers =\n    cuda: needs a GPU\n")
+    (folder / "conftest.py").write_text('pytest_plugins = ["helpers.cuda_guard"]\n')
+    (folder / "test_inner.py").write_text(textwrap.dedent(tests))
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", "-v", str(folder)],
+                          cwd=folder, capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "PATH": "/usr/bin:/bin"})
+
+
+def test_gpu_fault_stops_the_session_at_its_test_and_plain_failures_do_not(tmp_path):
+    done = run_inner(tmp_path, INNER_TESTS)
     out = done.stdout + done.stderr
     assert done.returncode == 1, out
     assert "test_a_fails_plainly FAILED" in out and "assert 1 == 2" in out
@@ -80,10 +85,5 @@ def test_faults_while_allowed_to_fail():
 
 
 def test_gpu_fault_in_an_xfail_test_still_fails_the_run(tmp_path):
-    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    cuda: needs a GPU\n")
-    (tmp_path / "conftest.py").write_text('pytest_plugins = ["helpers.cuda_guard"]\n')
-    (tmp_path / "test_inner.py").write_text(textwrap.dedent(XFAIL_FAULT))
-    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", "-v", str(tmp_path)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={"PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "PATH": "/usr/bin:/bin"})
+    done = run_inner(tmp_path, XFAIL_FAULT)
     assert done.returncode == 1, done.stdout + done.stderr
