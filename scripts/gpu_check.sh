@@ -11,9 +11,9 @@
 # Each stage has a budget (GPU_CHECK_BUDGET_S, default below) and every step a limit; the
 # limits of a stage add up to at most its budget (checked before anything runs), and a step
 # gets what is left of the budget less the limits of the steps after it: about its own limit
-# while the steps before it kept to theirs, more when they finished early.  perf reuses the extension built by correct (the same
-# warm machine, or minlora/_C*.so carried back from correct's OUTDIR); without one it builds
-# first and its budget grows by the build steps' limits.
+# while the steps before it kept to theirs, more when they finished early.  perf reuses the
+# extension built by correct (the same warm machine, or minlora/_C*.so carried back from
+# correct's OUTDIR); without one it builds first and its budget grows by the build steps' limits.
 # Everything is written under OUTDIR as it happens (each step's output is appended to its log
 # while it runs), so a run killed by the call's limit still returns its logs; OUTDIR/<stage>.json
 # is rewritten after every step ("status": "running" until the stage ends) and
@@ -265,21 +265,22 @@ sanitize() {
     record "$tool" missing 0 unsupported
     return 0
   fi
+  local env_vars=() case_args=(cuda)
   if [ "$tool" = memcheck ]; then
     # Without the caching allocator every tensor is its own allocation, so memcheck sees a read
     # past a tensor even where torch owns the memory next to it.
-    run_step "$tool" "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
-      --error-exitcode 9 --kernel-name kns=minlora "$PY" scripts/gpu_sanitize_case.py
+    env_vars=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
   else
     # racecheck tracks shared memory only (the allocator does not matter) and is the slowest tool.
-    run_step "$tool" "$OUT/sanitizer.log" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      --kernel-name kns=minlora "$PY" scripts/gpu_sanitize_case.py cuda --light
+    case_args+=(--light)
   fi
+  run_step "$tool" "$OUT/sanitizer.log" env "${env_vars[@]}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+    --kernel-name kns=minlora "$PY" scripts/gpu_sanitize_case.py "${case_args[@]}"
 }
-# A sanitizer that refuses the device (gVisor: "Device not supported", then error 999) is
-# "unsupported", whatever its exit code (the refused first allocation may count as one of its
-# errors, exit code 9); a timeout, an error it found or any other failure is a failure.
-# (Only when no case ran: a run that got as far as a mode's cases found a real error.)
+# A sanitizer that refuses the device (gVisor: "Device not supported", then error 999) before
+# any case ran is "unsupported", whatever its exit code (the refused first allocation may count
+# as one of its errors, exit code 9).  A timeout, an error found once cases ran, or any other
+# failure is a failure.
 classify_sanitizer() {  # classify_sanitizer TOOL RC STATUS
   if [ "$2" != 0 ] && [ "$2" != 124 ] && [ "$2" != 137 ] && ! grep -q "cases pass" "$WORK/$1.out" &&
     grep -qiE "device not supported|not supported on this|error 999|CUDA_ERROR_UNKNOWN" "$WORK/$1.out"; then

@@ -1,5 +1,5 @@
 """Shared pytest set-up: GPU tests are marked `cuda` and skipped where no GPU is present; where
-one is, a GPU fault stops the session at the test that caused it (helpers/cuda_guard.py)."""
+one is, a GPU fault is its test's error and skips the tests after it (helpers/cuda_guard.py)."""
 from __future__ import annotations
 
 import pytest
